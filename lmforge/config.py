@@ -1,0 +1,382 @@
+"""One typed config tree for a whole run, loaded from YAML with dotted command-line overrides.
+
+Every section rejects unknown keys and wrong types. Errors come out as one line naming the file
+and the dotted key (`configs/demo.yaml: model.num_heads: ...`), raised as `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lmforge.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RopeScaling(Section):
+    """Llama-3.1 style frequency scaling of RoPE (`rope_type: llama3` in HF configs)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+class MoEConfig(Section):
+    num_experts: int = Field(4, ge=1)
+    top_k: int = Field(2, ge=1)
+    num_shared_experts: int = Field(0, ge=0)
+    # Width of each routed (and shared) expert; None means the dense FFN width rule.
+    expert_intermediate_size: int | None = Field(None, ge=1)
+    norm_topk_prob: bool = True
+    aux_loss_coef: float = Field(0.01, ge=0.0)
+
+
+class ModelConfig(Section):
+    preset: str | None = None
+    vocab_size: int = Field(6400, ge=1)
+    hidden_size: int = Field(512, ge=1)
+    num_layers: int = Field(8, ge=1)
+    num_heads: int = Field(8, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    head_dim: int | None = Field(None, ge=1)
+    # Explicit FFN width wins; otherwise `ffn_rule` derives it from hidden_size:
+    #   minimind: ceil(hidden * 8/3 / 64) * 64   (MiniMind's rule)
+    #   llama:    Llama's multiple_of / ffn_dim_multiplier rule on 4*hidden*2/3
+    intermediate_size: int | None = Field(None, ge=1)
+    ffn_rule: Literal["minimind", "llama"] = "minimind"
+    multiple_of: int = Field(64, ge=1)
+    ffn_dim_multiplier: float | None = None
+    max_position_embeddings: int = Field(32768, ge=1)
+    rope_theta: float = Field(1e6, gt=0)
+    rope_scaling: RopeScaling | None = None
+    norm_eps: float = Field(1e-5, gt=0)
+    qk_norm: bool = False
+    tie_embeddings: bool = True
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    init_std: float = Field(0.02, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    moe: MoEConfig | None = None
+
+    @model_validator(mode="after")
+    def _shapes(self) -> ModelConfig:
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"@num_heads hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; "
+                "change one of them or set model.head_dim"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"@num_kv_heads {self.num_kv_heads} does not divide num_heads {self.num_heads}; "
+                "grouped-query attention needs num_heads to be a multiple of num_kv_heads"
+            )
+        if self.moe is not None and self.moe.top_k > self.moe.num_experts:
+            raise ValueError(
+                f"@moe.top_k {self.moe.top_k} is larger than moe.num_experts {self.moe.num_experts}"
+            )
+        return self
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+
+class TokenizerConfig(Section):
+    # A folder with tokenizer.json, a tokenizer.model (SentencePiece or tiktoken) or a .tiktoken file.
+    path: str | None = None
+
+
+class DatasetSpec(Section):
+    path: str
+    weight: float = Field(1.0, gt=0)
+
+
+class DataConfig(Section):
+    # Prepared dataset folders (output of `lmforge prepare`); several are mixed by weight.
+    train: list[DatasetSpec] = Field(default_factory=list)
+    # Validation data; None means the `val` split of the first training dataset.
+    valid: str | None = None
+    mode: Literal["packed", "padded"] = "packed"
+    seq_len: int = Field(512, ge=1)
+    shuffle: bool = True
+    prefetch: int = Field(2, ge=0)
+    pin_memory: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _train_shorthand(cls, value: Any) -> Any:
+        # `data.train: path` and `data.train: [p1, p2]` are shorthands for weight-1 specs.
+        if isinstance(value, dict) and "train" in value:
+            train = value["train"]
+            if isinstance(train, str):
+                train = [train]
+            if isinstance(train, list):
+                value = {**value, "train": [{"path": t} if isinstance(t, str) else t for t in train]}
+        return value
+
+
+class OptimConfig(Section):
+    lr: float = Field(5e-4, gt=0)
+    # Floor of the decay, as a fraction of lr (MiniMind's lr/10 + cosine is min_lr_ratio 0.1).
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = Field(100, ge=0)
+    # WSD: fraction of the run spent in the final decay.
+    decay_ratio: float = Field(0.2, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    decay_embeddings: bool = False
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0.0)  # 0 disables clipping
+    fused: Literal["auto", "fused", "foreach", "off"] = "auto"
+
+
+class TrainConfig(Section):
+    # Samples per optimizer step over all ranks; the per-rank micro batch is
+    # global_batch_size / (grad_accum_steps * data-parallel size).
+    global_batch_size: int = Field(32, ge=1)
+    grad_accum_steps: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    epochs: float | None = Field(None, gt=0)
+    eval_interval: int = Field(200, ge=0)  # 0: only at the end
+    eval_batches: int = Field(20, ge=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # auto: continue from runs/<name>/checkpoints/latest when it exists; never; or a checkpoint path.
+    resume: str = "auto"
+    # finetune: weights to start from (our checkpoint folder or a Hugging Face folder).
+    load_checkpoint: str | None = None
+    max_bad_steps: int = Field(5, ge=1)
+    sample_prompts: list[str] = Field(default_factory=lambda: ["The", "Once upon a time"])
+    sample_max_new_tokens: int = Field(48, ge=0)
+    deterministic: bool = False
+
+    @model_validator(mode="after")
+    def _budget(self) -> TrainConfig:
+        if self.global_batch_size % self.grad_accum_steps:
+            raise ValueError(
+                f"@global_batch_size {self.global_batch_size} is not divisible by grad_accum_steps "
+                f"{self.grad_accum_steps}"
+            )
+        return self
+
+
+class CheckpointConfig(Section):
+    interval: int = Field(1000, ge=0)  # 0: only at the end
+    keep: int = Field(3, ge=1)
+    dir: str | None = None  # default runs/<name>/checkpoints
+    export_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    async_save: bool = False
+
+
+class ParallelConfig(Section):
+    strategy: Literal["single", "ddp", "fsdp", "hsdp", "fsdp+tp"] = "single"
+    # -1 means "whatever is left of the world size".
+    dp_replicate: int = Field(1, ge=-1)
+    dp_shard: int = Field(-1, ge=-1)
+    tp: int = Field(1, ge=1)
+    activation_checkpoint: Literal["none", "full", "selective"] = "none"
+    ac_every: int = Field(1, ge=1)  # full AC on every N-th block
+    compile: bool = False
+    cpu_offload: bool = False
+    param_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    reduce_dtype: Literal["bfloat16", "float32"] = "float32"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+
+
+class LogConfig(Section):
+    interval: int = Field(10, ge=1)
+    progress: bool = True
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "lmforge"
+    wandb_mode: Literal["online", "offline"] = "offline"
+    plots: bool = True
+
+
+class RunConfig(Section):
+    name: str = "run"
+    out_dir: str = "runs"
+    seed: int = 1337
+
+
+class Config(Section):
+    run_mode: Literal["train", "finetune", "predict", "eval"] = "train"
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> Config:
+        if self.data.seq_len > self.model.max_position_embeddings:
+            raise ValueError(
+                f"@data.seq_len {self.data.seq_len} is beyond model.max_position_embeddings "
+                f"{self.model.max_position_embeddings}; shorten seq_len or raise max_position_embeddings"
+            )
+        dp = self.static_dp_size()
+        if dp is not None:
+            per_step = self.train.grad_accum_steps * dp
+            if self.train.global_batch_size % per_step:
+                raise ValueError(
+                    f"@train.global_batch_size {self.train.global_batch_size} is not divisible by "
+                    f"grad_accum_steps x data-parallel size = {self.train.grad_accum_steps} x {dp}"
+                )
+        return self
+
+    def static_dp_size(self, world_size: int | None = None) -> int | None:
+        """Data-parallel size when it is known without a process group (explicit sizes or WORLD_SIZE)."""
+        p = self.parallel
+        if world_size is None:
+            env = os.environ.get("WORLD_SIZE")
+            world_size = int(env) if env and env.isdigit() else None
+        if p.strategy == "single":
+            return 1
+        if p.dp_replicate > 0 and p.dp_shard > 0:
+            return p.dp_replicate * p.dp_shard
+        if world_size is None:
+            return None
+        if world_size % p.tp:
+            return None  # reported by the mesh builder, which knows the world size for sure
+        return world_size // p.tp
+
+    def micro_batch_size(self, dp_size: int) -> int:
+        per_step = self.train.grad_accum_steps * dp_size
+        if self.train.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size {self.train.global_batch_size} is not divisible by "
+                f"grad_accum_steps x data-parallel size = {self.train.grad_accum_steps} x {dp_size}"
+            )
+        return self.train.global_batch_size // per_step
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml(), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key; check the spelling against `lmforge train --help-config`"
+    elif msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+        # Validators that check several fields name the key they blame as "@key message".
+        if msg.startswith("@"):
+            rel, _, msg = msg[1:].partition(" ")
+            key = f"{key}.{rel}" if key else rel
+    where = f"{source}: {key}" if key else source
+    return f"{where}: {msg}"
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(tree: dict, dotted: str, value: Any, source: str) -> None:
+    """Set `a.b.c=value` in a nested dict, creating sections as needed."""
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"{source}: {dotted}: '{key}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    parsed = []
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}': expected key=value, for example train.max_steps=100")
+        key, _, text = item.partition("=")
+        parsed.append((key.strip(), _parse_value(text)))
+    return parsed
+
+
+def _expand_preset(tree: dict, source: str) -> None:
+    model = tree.get("model")
+    if not isinstance(model, dict) or not model.get("preset"):
+        return
+    from lmforge.model.presets import get_preset  # late: the model package imports this module
+
+    try:
+        base = copy.deepcopy(get_preset(model["preset"]))
+    except KeyError as exc:
+        raise ConfigError(f"{source}: model.preset: {exc.args[0]}") from None
+    for key, value in model.items():
+        if key == "moe" and isinstance(value, dict) and isinstance(base.get("moe"), dict):
+            base["moe"] = {**base["moe"], **value}
+        else:
+            base[key] = value
+    tree["model"] = base
+
+
+def config_from_dict(tree: dict, source: str = "<config>") -> Config:
+    tree = copy.deepcopy(tree)
+    _expand_preset(tree, source)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(source, err)) from None
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found; pass an existing YAML file with --config")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory; pass a YAML file with --config")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{line} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, ...)")
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML file (or defaults) and apply `key=value` overrides, then validate."""
+    tree = load_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "<defaults>"
+    parsed = parse_overrides(overrides or [])
+    for key, value in parsed:
+        apply_override(tree, key, value, source)
+    if parsed:
+        source = f"{source} (with overrides)"
+    return config_from_dict(tree, source)
