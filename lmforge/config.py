@@ -9,16 +9,41 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from lmforge.errors import ConfigError
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _bool_is_not_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # Pydantic's lax mode turns YAML `true` into 1 for int/float fields; a typo like
+        # `max_steps: true` must be reported instead of silently training for one step.
+        types = _leaf_types(cls.model_fields[info.field_name].annotation)
+        if isinstance(value, bool) and bool not in types and types & {int, float}:
+            raise ValueError(f"expected a number, got {str(value).lower()}")
+        return value
+
+
+def _leaf_types(annotation: Any) -> set:
+    args = get_args(annotation)
+    if not args:
+        return {annotation}
+    return set().union(*(_leaf_types(a) for a in args))
 
 
 class RopeScaling(Section):
