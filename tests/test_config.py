@@ -1,0 +1,201 @@
+"""The config tree: one-line errors for every kind of bad input, overrides, and YAML round trips."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmforge.config import Config, config_from_dict, load_config, parse_overrides
+from lmforge.errors import ConfigError, LmforgeError
+
+HAS_PRESETS = importlib.util.find_spec("lmforge.model.presets") is not None
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def error_of(tree: dict) -> str:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(tree, "bad.yaml")
+    message = str(info.value)
+    assert "\n" not in message, "config errors must be one line"
+    assert message.startswith("bad.yaml: "), message
+    return message
+
+
+@pytest.mark.parametrize(
+    "tree, expected",
+    [
+        ({"model": {"hiden_size": 64}}, "bad.yaml: model.hiden_size: unknown key"),
+        ({"trian": {}}, "bad.yaml: trian: unknown key"),
+        ({"model": {"hidden_size": "wide"}}, "model.hidden_size: Input should be a valid integer"),
+        ({"train": {"max_steps": True}}, "train.max_steps: expected a number, got true"),
+        ({"optim": {"lr": False}}, "optim.lr: expected a number, got false"),
+        ({"train": {"sample_prompts": "Once"}}, "train.sample_prompts: Input should be a valid list"),
+        ({"model": 5}, "bad.yaml: model: Input should be a valid dictionary"),
+        ({"run_mode": "serve"}, "run_mode: Input should be 'train', 'finetune', 'predict' or 'eval'"),
+        (
+            {"model": {"hidden_size": 100, "num_heads": 8}},
+            "model.num_heads: hidden_size 100 is not divisible by num_heads 8",
+        ),
+        (
+            {"model": {"num_heads": 8, "num_kv_heads": 3}},
+            "model.num_kv_heads: 3 does not divide num_heads 8",
+        ),
+        (
+            {"data": {"seq_len": 2048}, "model": {"max_position_embeddings": 1024}},
+            "data.seq_len: 2048 is beyond model.max_position_embeddings 1024",
+        ),
+        (
+            {"train": {"global_batch_size": 30, "grad_accum_steps": 4}},
+            "train.global_batch_size: 30 is not divisible by grad_accum_steps 4",
+        ),
+        (
+            {
+                "train": {"global_batch_size": 32, "grad_accum_steps": 4},
+                "parallel": {"strategy": "ddp", "dp_replicate": 1, "dp_shard": 3},
+            },
+            "train.global_batch_size: 32 is not divisible by grad_accum_steps x data-parallel size = 4 x 3",
+        ),
+        ({"model": {"moe": {"num_experts": 2, "top_k": 3}}}, "model.moe.top_k: 3 is larger than"),
+        ({"optim": {"min_lr_ratio": 1.5}}, "optim.min_lr_ratio: Input should be less than or equal to 1"),
+    ],
+)
+def test_bad_config_is_one_line_naming_the_key(tree, expected):
+    assert expected in error_of(tree)
+
+
+def test_data_parallel_size_comes_from_world_size(monkeypatch):
+    tree = {"train": {"global_batch_size": 32, "grad_accum_steps": 2}, "parallel": {"strategy": "ddp"}}
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert "2 x 3" in error_of(tree)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    cfg = config_from_dict(tree)
+    assert cfg.micro_batch_size(4) == 4
+    with pytest.raises(ConfigError, match="not divisible"):
+        cfg.micro_batch_size(5)
+
+
+@pytest.mark.skipif(not HAS_PRESETS, reason="lmforge.model.presets has not landed")
+def test_unknown_preset_names_the_key():
+    message = error_of({"model": {"preset": "gpt-17"}})
+    assert "model.preset" in message and "gpt-17" in message
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"nope\.yaml: config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+
+
+def test_invalid_yaml_reports_the_line(tmp_path):
+    path = write(tmp_path, "model:\n  hidden_size: 64\n  num_heads: [4\ntrain:\n  max_steps: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: line ") and "is not valid YAML" in message
+    line = int(message.split("line ")[1].split()[0])
+    assert 3 <= line <= 4  # the unclosed bracket opens on line 3; the parser notices on line 4
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(write(tmp_path, "- model\n- train\n"))
+
+
+def test_errors_from_a_file_name_the_file(tmp_path):
+    path = write(tmp_path, "model:\n  num_kv_heads: 3\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: model.num_kv_heads: 3 does not divide"):
+        load_config(path)
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    assert load_config(write(tmp_path, "")) == Config()
+
+
+def test_round_trip_yaml_tree_yaml_tree(tmp_path):
+    text = """
+run_mode: finetune
+run: {name: rt, seed: 7}
+model: {hidden_size: 96, num_layers: 3, num_heads: 6, num_kv_heads: 2, rope_theta: 500000.0,
+        tie_embeddings: false, rope_scaling: {factor: 4.0}, moe: {num_experts: 4, top_k: 2}}
+data: {train: [a, {path: b, weight: 3}], seq_len: 128, mode: padded}
+optim: {lr: 3.0e-4, schedule: wsd, betas: [0.9, 0.99]}
+train: {global_batch_size: 8, grad_accum_steps: 2, max_tokens: 100000, sample_prompts: [x, 你好]}
+checkpoint: {interval: 50, keep: 2}
+log: {wandb: true, wandb_mode: offline}
+"""
+    first = load_config(write(tmp_path, text))
+    assert first.data.train[1].weight == 3 and first.model.moe.top_k == 2
+    dumped = first.to_yaml()
+    second = load_config(write(tmp_path, dumped, "again.yaml"))
+    assert second == first
+    assert second.to_yaml() == dumped
+    saved = tmp_path / "saved.yaml"
+    second.save(saved)
+    assert load_config(saved) == first
+    assert yaml.safe_load(dumped)["model"]["rope_scaling"]["factor"] == 4.0
+
+
+@pytest.mark.skipif(not HAS_PRESETS, reason="lmforge.model.presets has not landed")
+def test_round_trip_with_a_preset(tmp_path):
+    from lmforge.model.presets import PRESETS
+
+    name = "minimind2-26m" if "minimind2-26m" in PRESETS else sorted(PRESETS)[0]
+    first = load_config(write(tmp_path, f"model: {{preset: {name}, num_layers: 2}}\n"))
+    assert first.model.preset == name and first.model.num_layers == 2
+    second = load_config(write(tmp_path, first.to_yaml(), "again.yaml"))
+    assert second == first
+
+
+def test_overrides_apply_with_yaml_types(tmp_path):
+    path = write(tmp_path, "train: {max_steps: 100}\nmodel: {hidden_size: 64, num_heads: 4}\n")
+    cfg = load_config(
+        path,
+        [
+            "train.max_steps=5",
+            "log.wandb=true",
+            "optim.lr=1e-3",
+            "train.sample_prompts=[Hello, 'Once upon']",
+            "data.train=[x, y]",
+            "model.moe.num_experts=2",
+            "model.moe.top_k=1",
+            "run.name=my run",
+        ],
+    )
+    assert cfg.train.max_steps == 5
+    assert cfg.log.wandb is True
+    assert cfg.optim.lr == pytest.approx(1e-3)
+    assert cfg.train.sample_prompts == ["Hello", "Once upon"]
+    assert [d.path for d in cfg.data.train] == ["x", "y"]
+    assert cfg.model.moe.num_experts == 2 and cfg.model.hidden_size == 64
+    assert cfg.run.name == "my run"
+
+
+def test_bad_overrides(tmp_path):
+    with pytest.raises(ConfigError, match="override 'train.max_steps': expected key=value"):
+        parse_overrides(["train.max_steps"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_overrides(["=5"])
+    with pytest.raises(ConfigError, match=r"train.max_steps.x: 'max_steps' is a value, not a section"):
+        load_config(None, ["train.max_steps=5", "train.max_steps.x=1"])
+    with pytest.raises(ConfigError, match=r"\(with overrides\): train.max_stepz: unknown key"):
+        load_config(write(tmp_path, "{}"), ["train.max_stepz=5"])
+    with pytest.raises(LmforgeError, match="train.max_steps: Input should be greater than or equal to 1"):
+        load_config(None, ["train.max_steps=0"])
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_shipped_configs_load(name):
+    if not HAS_PRESETS and "preset" in (REPO / "configs" / name).read_text():
+        pytest.skip("needs lmforge.model.presets")
+    cfg = load_config(REPO / "configs" / name)
+    assert config_from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
