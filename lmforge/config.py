@@ -74,10 +74,11 @@ class ModelConfig(Section):
     num_kv_heads: int = Field(2, ge=1)
     head_dim: int | None = Field(None, ge=1)
     # Explicit FFN width wins; otherwise `ffn_rule` derives it from hidden_size:
-    #   minimind: ceil(hidden * 8/3 / 64) * 64   (MiniMind's rule)
-    #   llama:    Llama's multiple_of / ffn_dim_multiplier rule on 4*hidden*2/3
+    #   minimind:  ceil(hidden * 8/3 / 64) * 64   (MiniMind2's rule)
+    #   minimind3: ceil(hidden * pi / 64) * 64    (MiniMind-3's rule)
+    #   llama:     Llama's multiple_of / ffn_dim_multiplier rule on 4*hidden*2/3
     intermediate_size: int | None = Field(None, ge=1)
-    ffn_rule: Literal["minimind", "llama"] = "minimind"
+    ffn_rule: Literal["minimind", "minimind3", "llama"] = "minimind"
     multiple_of: int = Field(64, ge=1)
     ffn_dim_multiplier: float | None = None
     max_position_embeddings: int = Field(32768, ge=1)
