@@ -1,0 +1,73 @@
+"""Learning-rate schedules as multipliers of `optim.lr`, used through LambdaLR.
+
+The multiplier is a pure function of the optimizer step, so resuming only needs the step count.
+
+cosine: linear warmup to 1, then half a cosine down to `min_lr_ratio`.
+    MiniMind's `lr/10 + 0.5*lr*(1 + cos(pi*t/T))` is this schedule with warmup_steps=0,
+    optim.lr = 1.1 * lr_minimind and min_lr_ratio = 1/11 (0.0909...): the peak is 1.1x and the
+    floor 0.1x MiniMind's nominal rate, exactly as in its formula.
+wsd: warmup, constant at 1, then a linear decay to `min_lr_ratio` over the last `decay_ratio`
+    of the run (warmup-stable-decay).
+constant: warmup, then 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from lmforge.config import Config, OptimConfig
+from lmforge.errors import ConfigError
+
+
+class LrMultiplier:
+    """Callable object (not a lambda) so LambdaLR can describe it in its state_dict."""
+
+    def __init__(self, kind: str, total_steps: int, warmup_steps: int, min_ratio: float, decay_ratio: float):
+        self.kind = kind
+        self.total_steps = max(1, int(total_steps))
+        self.warmup_steps = min(int(warmup_steps), self.total_steps)
+        self.min_ratio = float(min_ratio)
+        self.decay_ratio = float(decay_ratio)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.kind == "constant":
+            return 1.0
+        if self.kind == "cosine":
+            span = max(1, self.total_steps - self.warmup_steps)
+            progress = min(1.0, (step - self.warmup_steps) / span)
+            return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        if self.kind == "wsd":
+            decay_steps = self.decay_ratio * self.total_steps
+            decay_start = self.total_steps - decay_steps
+            if step < decay_start or decay_steps <= 0:
+                return 1.0
+            progress = min(1.0, (step - decay_start) / decay_steps)
+            return 1.0 - (1.0 - self.min_ratio) * progress
+        raise ValueError(f"unknown schedule {self.kind}")
+
+
+def lr_multiplier(cfg: OptimConfig, total_steps: int) -> LrMultiplier:
+    return LrMultiplier(cfg.schedule, total_steps, cfg.warmup_steps, cfg.min_lr_ratio, cfg.decay_ratio)
+
+
+def build_schedule(optimizer: Optimizer, cfg: OptimConfig, total_steps: int) -> LambdaLR:
+    return LambdaLR(optimizer, lr_multiplier(cfg, total_steps))
+
+
+def total_steps(cfg: Config, samples_per_epoch: int | None = None) -> int:
+    """Optimizer steps for the run: train.max_steps, else max_tokens, else epochs over the data."""
+    t = cfg.train
+    if t.max_steps is not None:
+        return t.max_steps
+    if t.max_tokens is not None:
+        return max(1, math.ceil(t.max_tokens / (t.global_batch_size * cfg.data.seq_len)))
+    if t.epochs is not None:
+        if not samples_per_epoch:
+            raise ConfigError("train.epochs: the training data has no samples; check data.train")
+        return max(1, math.ceil(t.epochs * samples_per_epoch / t.global_batch_size))
+    raise ConfigError("train: set one of train.max_steps, train.max_tokens or train.epochs")
