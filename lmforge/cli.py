@@ -1,0 +1,400 @@
+"""`lmforge <command>`: parses arguments and calls the stage entry points (docs/internals.md).
+
+User errors (`LmforgeError`) print `error: <message>` on stderr and exit 2 without a traceback;
+Ctrl-C exits 130. Every other exception is a bug and keeps its traceback. Stage modules are
+imported inside the handlers so `--help` stays fast and one stage's import cost is not paid by
+another's command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _sub(subparsers, name: str, help_text: str, description: str | None = None):
+    return subparsers.add_parser(
+        name, help=help_text, description=description or help_text, formatter_class=_Formatter
+    )
+
+
+def _bool_or_path(text: str) -> str:
+    """MindFormers' --resume_training takes True/False or a checkpoint name."""
+    low = text.strip().lower()
+    if low in ("true", "1", "yes"):
+        return "auto"
+    if low in ("false", "0", "no"):
+        return "never"
+    return text
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=None, help="keep only the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep the smallest set >= p")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmforge",
+        description="Pretrain Llama-family language models, from a laptop CPU to many GPUs.",
+        formatter_class=_Formatter,
+    )
+    from lmforge import __version__
+
+    parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = _sub(sub, "demo", "fetch a corpus, train a tokenizer and a small model, evaluate, generate, export")
+    p.add_argument("--out", default="runs/demo", help="folder for everything the demo writes")
+    p.add_argument("--corpus", default="demo", help="corpus name for `data fetch`")
+    p.add_argument("--input", nargs="+", default=None, help="use these local text files instead of fetching")
+    p.add_argument("--max-steps", type=int, default=None, help="override the demo config's train.max_steps")
+    p.add_argument("--workers", type=int, default=2, help="processes for data preparation")
+    p.add_argument("--quick", action="store_true", help="a tiny model and a few steps (for tests)")
+
+    p = _sub(sub, "data", "fetch public corpora")
+    data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    q = _sub(data_sub, "fetch", "download and clean a named corpus into a folder of text files")
+    q.add_argument("name", help="corpus name (see `lmforge data list`)")
+    q.add_argument("--out", default="data/raw", help="destination folder")
+    q.add_argument("--force", action="store_true", help="fetch again even when the folder is complete")
+    _sub(data_sub, "list", "list the corpora `data fetch` knows")
+
+    p = _sub(sub, "tokenizer", "train tokenizers")
+    tok_sub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+    q = _sub(tok_sub, "train", "train a byte-level BPE tokenizer on text files")
+    q.add_argument("--input", nargs="+", required=True, help="text files, folders or globs")
+    q.add_argument("--vocab-size", type=int, default=6400, help="vocabulary size (MiniMind uses 6400)")
+    q.add_argument("--out", required=True, help="folder to write tokenizer.json into")
+    q.add_argument("--format", default="auto", help="input format: auto, txt, jsonl, parquet, ...")
+    q.add_argument("--text-field", default="text", help="field holding the text in jsonl/parquet")
+    q.add_argument("--max-docs", type=int, default=None, help="train on at most this many documents")
+
+    p = _sub(sub, "prepare", "tokenize text into train/val token shards")
+    p.add_argument("--input", nargs="+", required=True, help="text files, folders or globs")
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder or file")
+    p.add_argument("--out", required=True, help="prepared dataset folder to write")
+    p.add_argument("--workers", type=int, default=1, help="tokenizing processes")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents for validation")
+    p.add_argument("--format", default="auto", help="input format: auto, txt, jsonl, parquet, ...")
+    p.add_argument("--text-field", default="text", help="field holding the text in jsonl/parquet")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping")
+    p.add_argument("--dtype", default=None, choices=["uint16", "uint32"], help="shard dtype (from vocab)")
+
+    p = _sub(
+        sub,
+        "train",
+        "train (or finetune, predict, eval) from a run config",
+        "Train from a YAML run config. Positional key=value pairs override config keys "
+        "(train.max_steps=100 model.num_layers=4).\nMindFormers' run_mindformer.py flags are accepted "
+        "as aliases.",
+    )
+    p.add_argument("overrides", nargs="*", default=[], help="config overrides as dotted key=value")
+    p.add_argument("--config", default=None, help="YAML run config (required unless --help-config)")
+    p.add_argument(
+        "--help-config",
+        action="store_true",
+        help="print the config tree with defaults (or --config's values)",
+    )
+    p.add_argument(
+        "--run_mode",
+        "--run-mode",
+        default=None,
+        choices=["train", "finetune", "predict", "eval"],
+        help="sets run_mode: predict generates from train.sample_prompts, eval reports val perplexity",
+    )
+    p.add_argument("--train_dataset_dir", "--train-dataset-dir", default=None, help="sets data.train")
+    p.add_argument("--load_checkpoint", "--load-checkpoint", default=None, help="sets train.load_checkpoint")
+    p.add_argument(
+        "--resume_training",
+        "--resume-training",
+        type=_bool_or_path,
+        default=None,
+        help="sets train.resume: True -> auto, False -> never, or a checkpoint path",
+    )
+    p.add_argument(
+        "--use_parallel",
+        "--use-parallel",
+        default=None,
+        help="accepted for MindFormers compatibility and ignored: parallelism comes from the config's "
+        "parallel section and torchrun's environment (WORLD_SIZE, RANK)",
+    )
+
+    p = _sub(sub, "eval", "validation loss and perplexity of a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, weights export or HF folder")
+    p.add_argument("--data", nargs="+", required=True, help="prepared dataset folder, or raw text files")
+    p.add_argument("--split", default="val", help="split of a prepared folder")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's seq_len)")
+    p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+
+    p = _sub(sub, "generate", "sample text from a checkpoint, streamed as it is produced")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, weights export or HF folder")
+    p.add_argument("--prompt", default="", help="prompt text")
+    _add_sampling(p)
+    p.add_argument("--interactive", action="store_true", help="read prompts from stdin in a loop")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+
+    p = _sub(sub, "export", "write a checkpoint as a Hugging Face folder or a safetensors weights file")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder or weights export")
+    p.add_argument("--format", default="hf", choices=["hf", "safetensors"], help="output format")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weight dtype")
+
+    p = _sub(sub, "import", "convert a Hugging Face model folder into lmforge weights")
+    p.add_argument("--hf", required=True, help="folder with config.json and *.safetensors")
+    p.add_argument("--out", required=True, help="output folder (usable as --checkpoint / load_checkpoint)")
+
+    p = _sub(sub, "model-info", "parameter counts and FLOPs per token of model presets")
+    p.add_argument("names", nargs="+", help="preset names")
+
+    p = _sub(sub, "plan", "memory and throughput plan for a config on N GPUs")
+    p.add_argument("--config", required=True, help="YAML run config")
+    p.add_argument("--gpus", type=int, required=True, help="number of GPUs")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="memory per GPU in GiB")
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation")
+
+    p = _sub(sub, "report", "redraw a run's plots and print its summary")
+    p.add_argument("run_dir", help="runs/<name> folder")
+
+    p = _sub(sub, "checkpoint", "checkpoint tools")
+    ck_sub = p.add_subparsers(dest="checkpoint_command", metavar="ACTION", required=True)
+    q = _sub(ck_sub, "consolidate", "merge a (sharded) checkpoint into one safetensors weights file")
+    q.add_argument("dir", help="checkpoint folder")
+    q.add_argument("--out", required=True, help="output .safetensors file")
+    q.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weight dtype")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# Handlers: each one calls a stage entry point and prints its result.
+
+
+def _train_config(args):
+    from lmforge.config import Config, apply_override, config_from_dict, load_yaml, parse_overrides
+
+    overrides = parse_overrides(args.overrides)
+    if args.config is None and not args.help_config:
+        raise LmforgeError("train: --config FILE is required (see configs/ for examples)")
+    tree = load_yaml(args.config) if args.config else {}
+    source = args.config or "<defaults>"
+    aliases = [
+        ("run_mode", args.run_mode),
+        ("data.train", [args.train_dataset_dir] if args.train_dataset_dir else None),
+        ("train.load_checkpoint", args.load_checkpoint),
+        ("train.resume", args.resume_training),
+    ]
+    for key, value in overrides + [(k, v) for k, v in aliases if v is not None]:
+        apply_override(tree, key, value, source)
+    if overrides:
+        source += " (with overrides)"
+    if not tree and args.help_config:
+        return Config()
+    return config_from_dict(tree, source)
+
+
+def cmd_train(args) -> None:
+    cfg = _train_config(args)
+    if args.help_config:
+        print("# lmforge run config (every key, with its value or default)")
+        print(cfg.to_yaml(), end="")
+        return
+    if cfg.run_mode == "predict":
+        from lmforge.infer import predict_from_config
+
+        predict_from_config(cfg)
+    elif cfg.run_mode == "eval":
+        from lmforge.infer import evaluate_from_config
+
+        evaluate_from_config(cfg)
+    else:
+        from lmforge.train.trainer import run_training
+
+        run_training(cfg)
+
+
+def cmd_demo(args) -> None:
+    from lmforge.demo import run_demo
+
+    run_demo(
+        out_dir=args.out,
+        corpus=args.corpus,
+        inputs=args.input,
+        max_steps=args.max_steps,
+        workers=args.workers,
+        quick=args.quick,
+    )
+
+
+def cmd_data(args) -> None:
+    from lmforge.data import fetch
+
+    if args.data_command == "list":
+        for name, description in fetch.list_corpora():
+            print(f"{name:24s} {description}")
+    else:
+        print(fetch.fetch_corpus(args.name, args.out, force=args.force))
+
+
+def cmd_tokenizer(args) -> None:
+    from lmforge.tokenizer import train_tokenizer
+
+    out = train_tokenizer(
+        args.input,
+        args.vocab_size,
+        args.out,
+        fmt=args.format,
+        text_field=args.text_field,
+        max_docs=args.max_docs,
+    )
+    print(out)
+
+
+def cmd_prepare(args) -> None:
+    from lmforge.data.prepare import prepare_dataset
+
+    summary = prepare_dataset(
+        args.input,
+        args.tokenizer,
+        args.out,
+        workers=args.workers,
+        val_fraction=args.val_fraction,
+        fmt=args.format,
+        text_field=args.text_field,
+        strict=args.strict,
+        dtype=args.dtype,
+    )
+    splits = summary.get("splits", {}) if isinstance(summary, dict) else {}
+    for split, info in splits.items():
+        print(f"{split}: {info.get('docs', '?')} docs, {info.get('tokens', '?')} tokens")
+    print(f"prepared dataset written to {args.out}")
+
+
+def cmd_eval(args) -> None:
+    from lmforge.infer import evaluate_checkpoint
+
+    result = evaluate_checkpoint(
+        args.checkpoint,
+        args.data,
+        split=args.split,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        max_batches=args.max_batches,
+        device=args.device,
+    )
+    print(f"loss {result['loss']:.4f}  perplexity {result['ppl']:.2f}  tokens {result['tokens']}")
+
+
+def cmd_generate(args) -> None:
+    from lmforge.infer import generate_from_checkpoint
+
+    generate_from_checkpoint(
+        args.checkpoint,
+        prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        interactive=args.interactive,
+        device=args.device,
+    )
+
+
+def cmd_export(args) -> None:
+    from lmforge.infer import export_checkpoint
+
+    print(export_checkpoint(args.checkpoint, args.out, fmt=args.format, dtype=args.dtype))
+
+
+def cmd_import(args) -> None:
+    from lmforge.infer import import_hf_folder
+
+    print(import_hf_folder(args.hf, args.out))
+
+
+def cmd_model_info(args) -> None:
+    from lmforge.model.info import model_info_table
+
+    print(model_info_table(args.names))
+
+
+def cmd_plan(args) -> None:
+    from lmforge.config import load_config
+    from lmforge.parallel.plan import plan_report
+
+    cfg = load_config(args.config)
+    print(plan_report(cfg, args.gpus, gpu_memory_gib=args.gpu_memory, mfu=args.mfu))
+
+
+def cmd_report(args) -> None:
+    from lmforge.train.report import report
+
+    if not Path(args.run_dir).is_dir():
+        raise LmforgeError(f"{args.run_dir}: run folder not found; pass runs/<name>")
+    print(report(args.run_dir))
+
+
+def cmd_checkpoint(args) -> None:
+    from lmforge.train.checkpoint import consolidate
+
+    print(consolidate(args.dir, args.out, dtype=args.dtype) or args.out)
+
+
+HANDLERS = {
+    "demo": cmd_demo,
+    "data": cmd_data,
+    "tokenizer": cmd_tokenizer,
+    "prepare": cmd_prepare,
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "generate": cmd_generate,
+    "export": cmd_export,
+    "import": cmd_import,
+    "model-info": cmd_model_info,
+    "plan": cmd_plan,
+    "report": cmd_report,
+    "checkpoint": cmd_checkpoint,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # Overrides may sit between options (`train a=1 --config X b=2`); argparse leaves the later
+    # ones unrecognised, so they are collected here and anything else is still an error.
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "train" and not any(e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        HANDLERS[args.command](args)
+    except LmforgeError as exc:
+        sys.stdout.flush()
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `lmforge generate ... | head` closed the pipe: not an error
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
