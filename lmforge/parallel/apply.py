@@ -1,0 +1,179 @@
+"""Turn a plain `lmforge.model.Transformer` into the parallel model for `cfg.parallel`, in one place.
+
+Order (each step needs the previous one): build on the meta device -> tensor parallel (DTensor
+plans) -> activation checkpointing -> torch.compile per block -> FSDP2 `fully_shard` per block and
+at the root -> materialise (`to_empty` + `init_weights`) -> DDP (which needs real weights).
+Because sharding happens before materialisation, a 70B model never exists whole on one rank.
+
+Initialisation rule: the weights equal
+    torch.manual_seed(cfg.run.seed); m = Transformer on meta; m.to_empty(device); m.init_weights()
+run in a forked RNG so the caller's random streams are untouched. For `single` and `ddp` that is
+exact. For sharded parameters `init_weights` runs on the local shards: on CUDA DTensor's RNG
+tracker gives every shard its own slice of one random stream; on CPU each shard repeats the same
+draws. Neither equals the unsharded init value for value, so parity tests (and anyone who needs a
+bit-exact start) load a full state dict with `load_full_state_dict` instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from lmforge.parallel.activation import apply_activation_checkpointing
+from lmforge.parallel.distributed import ParallelContext
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _init_weights(model: nn.Module, seed: int, device: torch.device) -> None:
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            model.init_weights()
+
+
+def build_parallel_model(cfg, ctx: ParallelContext) -> nn.Module:
+    """The model for training under `cfg.parallel`, materialised on `ctx.device` and initialised."""
+    from lmforge.model import Transformer
+
+    shape = ctx.shape
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    if shape.tp > 1:
+        from lmforge.parallel.tensor_parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, ctx.mesh["tp"], cfg)
+    apply_activation_checkpointing(model, cfg.parallel.activation_checkpoint, cfg.parallel.ac_every)
+    if cfg.parallel.compile:
+        for block in model.layers:
+            block.compile()  # in place: parameter names stay `layers.{i}....`
+    if shape.uses_fsdp:
+        apply_fsdp(model, ctx, cfg.parallel)
+    model.to_empty(device=ctx.device)
+    _init_weights(model, cfg.run.seed, ctx.device)
+    if shape.strategy == "ddp" and ctx.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        model = DistributedDataParallel(
+            model, device_ids=ids, process_group=ctx.mesh["dp_replicate"].get_group()
+        )
+    return model
+
+
+def fsdp_param_dtype(pcfg, device: torch.device) -> torch.dtype:
+    """FSDP2 compute dtype of the parameters. On CPU it is always fp32: gloo and the CPU kernels are
+    for tests, which compare against an fp32 single-process run; bf16 is for GPUs."""
+    return _DTYPES[pcfg.param_dtype] if device.type == "cuda" else torch.float32
+
+
+def apply_fsdp(model: nn.Module, ctx: ParallelContext, pcfg) -> None:
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    shape = ctx.shape
+    mesh = ctx.mesh["dp_replicate", "dp_shard"] if shape.dp_replicate > 1 else ctx.mesh["dp_shard"]
+    reduce_dtype = _DTYPES[pcfg.reduce_dtype] if ctx.device.type == "cuda" else torch.float32
+    kwargs = {
+        "mesh": mesh,
+        "mp_policy": MixedPrecisionPolicy(
+            param_dtype=fsdp_param_dtype(pcfg, ctx.device), reduce_dtype=reduce_dtype
+        ),
+    }
+    if pcfg.cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    last = len(model.layers) - 1
+    for i, block in enumerate(model.layers):
+        # The last block's parameters are needed again at the start of backward; keeping them
+        # gathered saves one all-gather per step.
+        fully_shard(block, reshard_after_forward=i < last, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+def _is_fsdp(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch < 2.6 is not supported
+        return False
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def grad_sync(model: nn.Module, enabled: bool = True):
+    """Skip the gradient reduction inside the block when `enabled` is False (early micro-steps of
+    gradient accumulation); the reduction of the last micro-step then covers all of them."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if enabled:
+        yield
+    elif isinstance(model, DistributedDataParallel):
+        with model.no_sync():
+            yield
+    elif _is_fsdp(model):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm to `max_norm` and return the norm before clipping as a plain
+    tensor; `max_norm <= 0` only measures. Sharded (DTensor) gradients are reduced across ranks."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    # max_norm=inf makes the clip coefficient exactly 1.0, so the gradients are unchanged.
+    limit = float(max_norm) if max_norm > 0 else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(params, limit, foreach=True)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return norm
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The Transformer inside DDP / torch.compile wrappers (FSDP2 and TP work in place, so a sharded
+    model stays sharded: use `full_state_dict` to gather its weights)."""
+    while True:
+        if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def full_state_dict(model: nn.Module, cpu_offload: bool = True) -> dict[str, torch.Tensor]:
+    """Unsharded model weights (collective: every rank must call it; with cpu_offload only rank 0
+    receives the tensors, the others get an empty dict)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    module = unwrap_model(model)
+    if not _has_dtensor(module):
+        return {k: v.detach().cpu() if cpu_offload else v.detach() for k, v in module.state_dict().items()}
+    return get_model_state_dict(
+        module, options=StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload)
+    )
+
+
+def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], from_rank0: bool = False) -> None:
+    """Load an unsharded state dict into a (possibly sharded) model. With from_rank0 only rank 0
+    needs `state` and it is broadcast shard by shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    module = unwrap_model(model)
+    if not _has_dtensor(module):
+        module.load_state_dict(state)
+        return
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=from_rank0)
+    set_model_state_dict(module, state, options=options)
+
+
+def _has_dtensor(module: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())

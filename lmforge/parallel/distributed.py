@@ -1,0 +1,189 @@
+"""Process groups, the device mesh and cross-rank reductions.
+
+`init_distributed(cfg)` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+MASTER_PORT). With WORLD_SIZE unset or 1 and `parallel.strategy: single` it creates no process
+group at all, so one-process training, tests and notebooks need no launcher. Any other strategy in
+one process (for example FSDP2 at world size 1, to measure its overheads) gets a one-rank group on
+a free loopback port.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from lmforge.errors import ConfigError
+from lmforge.parallel.mesh import MeshShape, resolve_mesh_shape
+
+
+@dataclass
+class ParallelContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    shape: MeshShape = field(default_factory=MeshShape)
+    mesh: object | None = None  # torch.distributed.device_mesh.DeviceMesh when a group exists
+    backend: str | None = None  # None: no process group
+    dp_group: object | None = None  # process group over data-parallel ranks (same tp rank)
+
+    @property
+    def dp_size(self) -> int:
+        return self.shape.dp_size
+
+    @property
+    def dp_rank(self) -> int:
+        # Mesh layout is (dp_replicate, dp_shard, tp) in row-major order, so ranks that share
+        # a tensor-parallel group are consecutive and the dp index is rank // tp.
+        return self.rank // self.shape.tp
+
+    @property
+    def tp_size(self) -> int:
+        return self.shape.tp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.shape.tp
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None and self.world_size > 1
+
+    # Reductions run over the data-parallel ranks: tensor-parallel ranks of one dp group hold the
+    # same batch, so their losses and token counts are already equal and must not be counted twice.
+    def _all_reduce(self, tensor: torch.Tensor, op) -> torch.Tensor:
+        if not self.distributed or self.dp_size == 1:
+            return tensor
+        out = tensor.detach().clone()
+        dist.all_reduce(out, op=op, group=self.dp_group)
+        return out
+
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self._all_reduce(tensor, dist.ReduceOp.SUM)
+
+    def reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not self.distributed or self.dp_size == 1:
+            return tensor
+        return self._all_reduce(tensor, dist.ReduceOp.SUM) / self.dp_size
+
+    def reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self._all_reduce(tensor, dist.ReduceOp.MAX)
+
+    def barrier(self) -> None:
+        if self.backend is not None and self.world_size > 1:
+            if self.backend == "nccl":
+                dist.barrier(device_ids=[self.device.index or 0])
+            else:
+                dist.barrier()
+
+    def shutdown(self) -> None:
+        if self.backend is not None and dist.is_initialized():
+            dist.destroy_process_group()
+        self.backend = None
+        self.mesh = None
+        self.dp_group = None
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(
+            f"environment variable {name}={value!r} is not an integer; launch with torchrun"
+        ) from None
+
+
+def select_device(cfg, local_rank: int) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "train.device: cuda was requested but no CUDA device is visible; use train.device=cpu"
+        )
+    if want != "cpu" and torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices are visible; "
+                "lower --nproc-per-node"
+            )
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dp_group(shape: MeshShape, rank: int, world_size: int):
+    """The group of ranks with the same tensor-parallel index (every rank must create every group)."""
+    if shape.tp == 1:
+        return dist.group.WORLD
+    mine = None
+    for t in range(shape.tp):
+        group = dist.new_group(ranks=list(range(t, world_size, shape.tp)))
+        if rank % shape.tp == t:
+            mine = group
+    return mine
+
+
+def init_distributed(cfg) -> ParallelContext:
+    """Set up the process group and mesh for `cfg.parallel` from torchrun's environment."""
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    shape = resolve_mesh_shape(cfg.parallel, world_size)
+    device = select_device(cfg, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if shape.strategy == "single" and world_size == 1:
+        return ParallelContext(rank=0, world_size=1, local_rank=local_rank, device=device, shape=shape)
+
+    backend = cfg.parallel.backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise ConfigError("parallel.backend: nccl needs CUDA devices; use parallel.backend=gloo on CPU")
+    if not dist.is_initialized():
+        if world_size == 1 and "MASTER_ADDR" not in os.environ:
+            os.environ["MASTER_ADDR"] = "127.0.0.1"
+            os.environ["MASTER_PORT"] = str(_free_port())
+        kwargs = {
+            "backend": backend,
+            "rank": rank,
+            "world_size": world_size,
+            "timeout": timedelta(minutes=30),
+        }
+        if backend == "nccl":
+            kwargs["device_id"] = device  # eager NCCL init binds each rank to its own GPU
+        dist.init_process_group(**kwargs)
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(
+        device.type,
+        (shape.dp_replicate, shape.dp_shard, shape.tp),
+        mesh_dim_names=("dp_replicate", "dp_shard", "tp"),
+    )
+    return ParallelContext(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        device=device,
+        shape=shape,
+        mesh=mesh,
+        backend=backend,
+        dp_group=_dp_group(shape, rank, world_size),
+    )

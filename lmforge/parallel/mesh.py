@@ -1,0 +1,107 @@
+"""Resolve `parallel.strategy` and the dp_replicate x dp_shard x tp sizes against the world size.
+
+The mesh is always three-dimensional, `("dp_replicate", "dp_shard", "tp")`, with size-1 axes for
+what a strategy does not use. Strategies:
+
+    single   one process, no process group                 1 x 1 x 1
+    ddp      replicate only (DistributedDataParallel)      W x 1 x 1   (dp_replicate defaults to W)
+    fsdp     shard only (FSDP2 fully_shard)                1 x W x 1
+    hsdp     replicate x shard (FSDP2 on a 2-D mesh)       R x S x 1
+    fsdp+tp  (replicate x) shard x tensor parallel         R x S x T   (tp alone: dp_shard=1)
+
+`-1` means "the rest of the world size"; at most one axis may be -1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lmforge.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class MeshShape:
+    strategy: str = "single"
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+
+    @property
+    def dp_size(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def world_size(self) -> int:
+        return self.dp_size * self.tp
+
+    @property
+    def uses_fsdp(self) -> bool:
+        # fsdp/hsdp shard even at world size 1 (to measure FSDP2 itself); fsdp+tp with a single
+        # data-parallel rank is plain tensor parallelism and skips the FSDP wrapper.
+        return self.strategy in ("fsdp", "hsdp") or (self.strategy == "fsdp+tp" and self.dp_size > 1)
+
+
+def _fill(sizes: dict[str, int], world_size: int) -> dict[str, int]:
+    unknown = [k for k, v in sizes.items() if v == -1]
+    if len(unknown) > 1:
+        keys = " and ".join(f"parallel.{k}" for k in unknown)
+        raise ConfigError(f"{keys} are both -1; at most one mesh axis may take the rest of the world size")
+    known = 1
+    for v in sizes.values():
+        if v != -1:
+            known *= v
+    if unknown:
+        if world_size % known:
+            raise ConfigError(
+                f"parallel: WORLD_SIZE {world_size} is not divisible by "
+                + " x ".join(f"parallel.{k}={v}" for k, v in sizes.items() if v != -1)
+                + f" = {known}; change those sizes or the number of processes"
+            )
+        sizes[unknown[0]] = world_size // known
+    product = 1
+    for v in sizes.values():
+        product *= v
+    if product != world_size:
+        desc = " x ".join(f"parallel.{k}={v}" for k, v in sizes.items())
+        raise ConfigError(
+            f"parallel: {desc} = {product} does not match WORLD_SIZE {world_size}; "
+            "make the product equal the number of processes or set one axis to -1"
+        )
+    return sizes
+
+
+def resolve_mesh_shape(pcfg, world_size: int) -> MeshShape:
+    """Mesh sizes for `pcfg` (ParallelConfig) at `world_size` processes; ConfigError when they disagree."""
+    s = pcfg.strategy
+    if pcfg.tp > 1 and s != "fsdp+tp":
+        raise ConfigError(
+            f"parallel.tp: {pcfg.tp} needs parallel.strategy fsdp+tp (strategy is {s}); "
+            "set parallel.strategy=fsdp+tp or parallel.tp=1"
+        )
+    if s == "single":
+        if world_size != 1:
+            raise ConfigError(
+                f"parallel.strategy: single but WORLD_SIZE is {world_size}; "
+                "set parallel.strategy to ddp, fsdp, hsdp or fsdp+tp for multi-process runs"
+            )
+        return MeshShape("single", 1, 1, 1)
+    if s == "ddp":
+        if pcfg.dp_shard not in (-1, 1):
+            raise ConfigError(
+                f"parallel.dp_shard: {pcfg.dp_shard} with strategy ddp; ddp only replicates, use hsdp"
+            )
+        rep = -1 if pcfg.dp_replicate in (-1, 1) else pcfg.dp_replicate
+        sizes = _fill({"dp_replicate": rep}, world_size)
+        return MeshShape("ddp", sizes["dp_replicate"], 1, 1)
+    if s == "fsdp":
+        if pcfg.dp_replicate not in (-1, 1):
+            raise ConfigError(
+                f"parallel.dp_replicate: {pcfg.dp_replicate} with strategy fsdp; use strategy hsdp to replicate"
+            )
+        sizes = _fill({"dp_shard": pcfg.dp_shard}, world_size)
+        return MeshShape("fsdp", 1, sizes["dp_shard"], 1)
+    if s == "hsdp":
+        sizes = _fill({"dp_replicate": pcfg.dp_replicate, "dp_shard": pcfg.dp_shard}, world_size)
+        return MeshShape("hsdp", sizes["dp_replicate"], sizes["dp_shard"], 1)
+    sizes = _fill({"dp_replicate": pcfg.dp_replicate, "dp_shard": pcfg.dp_shard, "tp": pcfg.tp}, world_size)
+    return MeshShape("fsdp+tp", sizes["dp_replicate"], sizes["dp_shard"], sizes["tp"])
