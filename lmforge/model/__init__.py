@@ -1,0 +1,7 @@
+"""The Llama-family decoder with optional MoE (pure PyTorch; no training or parallel code)."""
+
+from lmforge.model.attention import KVCache
+from lmforge.model.layers import resolve_intermediate_size
+from lmforge.model.transformer import ModelOutput, Transformer, build_model
+
+__all__ = ["KVCache", "ModelOutput", "Transformer", "build_model", "resolve_intermediate_size"]

@@ -1,0 +1,180 @@
+"""The decoder-only transformer: token embedding, pre-norm blocks (attention + SwiGLU or MoE
+feed-forward), final RMSNorm and the output projection.
+
+Tied embeddings: there is no `output` module at all (`model.output is None`); the logits are
+`F.linear(h, tok_embeddings.weight)`. So the tied matrix is one parameter in one place,
+`state_dict()` has no `output.weight`, `to_empty()` cannot untie it, and optimizers see it once.
+A sharding wrapper must keep `tok_embeddings` in the same unit as the final projection (the root).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.config import ModelConfig
+from lmforge.errors import LmforgeError
+from lmforge.model.attention import Attention, KVCache
+from lmforge.model.layers import (
+    FeedForward,
+    RMSNorm,
+    init_linear,
+    resolve_intermediate_size,
+    rope_tables,
+)
+from lmforge.model.moe import MoEFeedForward
+
+
+class ModelOutput(NamedTuple):
+    # [B, T, vocab] in the compute dtype (fp32 model -> fp32; bf16 params/autocast -> bf16).
+    # Upcast before the loss (F.cross_entropy(logits.float(), ...)); keeping bf16 here saves a
+    # full fp32 copy of the largest activation.
+    logits: torch.Tensor
+    # Load-balancing loss summed over the MoE layers (MiniMind sums too), fp32 scalar with
+    # gradients; a zero tensor for dense models. Add it to the LM loss when training.
+    aux_loss: torch.Tensor
+
+
+class TransformerBlock(nn.Module):
+    """h = x + attention(attention_norm(x)); out = h + feed_forward(ffn_norm(h))."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attention = Attention(cfg, layer_id)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        if cfg.moe is not None:
+            self.feed_forward = MoEFeedForward(cfg)
+        else:
+            width = resolve_intermediate_size(cfg)
+            self.feed_forward = FeedForward(cfg.hidden_size, width, cfg.mlp_bias, cfg.dropout)
+
+    def reset_parameters(self, std: float, residual_std: float) -> None:
+        self.attention_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+        self.attention.reset_parameters(std, residual_std)
+        self.feed_forward.reset_parameters(std, residual_std)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (hidden states, this block's MoE aux loss or None for a dense block)."""
+        h = x + self.attention(self.attention_norm(x), cos, sin, kv_cache, start_pos)
+        ff = self.feed_forward(self.ffn_norm(h))
+        if isinstance(ff, tuple):
+            ff, aux = ff
+            return h + ff, aux
+        return h + ff, None
+
+
+class Transformer(nn.Module):
+    """Llama-family decoder (Llama 2/3, Qwen3-style QK-norm, MiniMind2/3, optional MoE).
+
+    Initialised on construction unless built under `torch.device("meta")`; then
+    `m.to_empty(device=...); m.init_weights()` materialises it.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # RoPE tables are derived, not learned: non-persistent, so they stay out of checkpoints
+        # and are refilled by init_weights() after a meta build.
+        table = (cfg.max_position_embeddings, cfg.resolved_head_dim)
+        self.register_buffer("rope_cos", torch.empty(table), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(table), persistent=False)
+        if not self.tok_embeddings.weight.is_meta:
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter and the RoPE tables.
+
+        Linear and embedding weights ~ normal(0, init_std); the projections that write into the
+        residual stream (attention.wo, feed-forward w2 of dense, routed and shared experts) use
+        init_std / sqrt(2 * num_layers) so the residual variance does not grow with depth
+        (GPT-2); RMSNorm weights 1, biases 0.
+        """
+        std = self.cfg.init_std
+        residual_std = std / math.sqrt(2 * self.cfg.num_layers)
+        nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=std)
+        for layer in self.layers:
+            layer.reset_parameters(std, residual_std)
+        self.norm.reset_parameters()
+        if self.output is not None:
+            init_linear(self.output, std)
+        cos, sin = rope_tables(self.cfg)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def forward(
+        self, input_ids: torch.Tensor, kv_cache: KVCache | None = None, start_pos: int = 0
+    ) -> ModelOutput:
+        """input_ids [B, T] at positions start_pos..start_pos+T-1.
+
+        Training: kv_cache=None, start_pos=0 (causal attention over the T tokens). Generation:
+        prefill the prompt with a cache at start_pos=0, then feed one token (or a chunk) at a
+        time with start_pos = number of tokens already in the cache.
+        """
+        _, seq = input_ids.shape
+        end = start_pos + seq
+        if end > self.cfg.max_position_embeddings:
+            raise LmforgeError(
+                f"positions up to {end} exceed model.max_position_embeddings "
+                f"{self.cfg.max_position_embeddings}; shorten the input"
+            )
+        cos = self.rope_cos[start_pos:end]
+        sin = self.rope_sin[start_pos:end]
+        h = self.dropout(self.tok_embeddings(input_ids))
+        aux_loss = None
+        for layer in self.layers:
+            h, layer_aux = layer(h, cos, sin, kv_cache, start_pos)
+            if layer_aux is not None:
+                aux_loss = layer_aux if aux_loss is None else aux_loss + layer_aux
+        h = self.norm(h)
+        if self.output is None:
+            logits = F.linear(h, self.tok_embeddings.weight)
+        else:
+            logits = self.output(h)
+        if aux_loss is None:
+            aux_loss = torch.zeros((), device=logits.device, dtype=torch.float32)
+        return ModelOutput(logits, aux_loss)
+
+    def new_kv_cache(self, max_len: int | None = None) -> KVCache:
+        """A cache for up to max_len positions (default max_position_embeddings; pass
+        prompt + new tokens to keep memory small). Buffers are allocated per layer on first use."""
+        return KVCache(max_len or self.cfg.max_position_embeddings)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (a tied matrix counts once); exclude_embeddings drops the token
+        embedding table (an untied output projection still counts: it does compute)."""
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            total -= self.tok_embeddings.weight.numel()
+        return total
+
+    def num_active_params(self) -> int:
+        """Parameters used per token: all of them minus the routed experts a token skips."""
+        total = self.num_params()
+        for layer in self.layers:
+            ff = layer.feed_forward
+            if isinstance(ff, MoEFeedForward):
+                per_expert = sum(p.numel() for p in ff.experts[0].parameters())
+                total -= (ff.num_experts - ff.top_k) * per_expert
+        return total
+
+
+build_model = Transformer
