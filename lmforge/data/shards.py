@@ -58,8 +58,10 @@ def dtype_for_vocab(vocab_size: int) -> str:
     raise DataError(f"vocab_size {vocab_size} does not fit in uint32 token shards")
 
 
-def shard_name(split: str, k: int) -> str:
-    return f"{split}_{k:05d}"
+def _sync_close(f) -> None:
+    f.flush()
+    os.fsync(f.fileno())  # the data is on disk before the rename that makes it look complete
+    f.close()
 
 
 def file_sha256(path: str | Path) -> str:
@@ -112,14 +114,11 @@ class ShardWriter:
 
     # -- one shard in progress ----------------------------------------------------------------
     def _start_shard(self) -> None:
-        name = shard_name(self.split, len(self.shards))
-        self._name = name
+        self._name = name = f"{self.split}_{len(self.shards):05d}"
         self._bin_tmp = self.out_dir / f"{name}.bin.tmp"
         self._file = open(self._bin_tmp, "wb")  # noqa: SIM115  (kept open across add_document calls)
         self._hash = hashlib.sha256()
-        self._offsets = [0]
-        self._tokens = 0
-        self._max_id = -1
+        self._offsets, self._tokens, self._max_id = [0], 0, -1
         self._pending: list[np.ndarray] = []
         self._pending_tokens = 0
 
@@ -132,16 +131,13 @@ class ShardWriter:
 
     def _finish_shard(self) -> None:
         self._flush()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        _sync_close(self._file)
         self._file = None
         index = np.asarray(self._offsets, dtype=INDEX_DTYPE).tobytes()
         idx_tmp = self.out_dir / f"{self._name}.idx.tmp"
         with open(idx_tmp, "wb") as f:
             f.write(index)
-            f.flush()
-            os.fsync(f.fileno())
+            _sync_close(f)
         os.replace(idx_tmp, self.out_dir / f"{self._name}.idx")
         os.replace(self._bin_tmp, self.out_dir / f"{self._name}.bin")
         self.shards.append(
@@ -186,22 +182,15 @@ class ShardWriter:
         if self._tokens >= self.shard_tokens:
             self._finish_shard()
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(s["tokens"] for s in self.shards) + (self._tokens if self._file is not None else 0)
-
     def close(self) -> dict[str, Any]:
         """Finish the open shard and return the split summary for meta.json (see class doc)."""
         if not self._closed:
             if self._file is not None:
                 self._finish_shard()
             self._closed = True
-        return {
-            "shards": [dict(s) for s in self.shards],
-            "tokens": sum(s["tokens"] for s in self.shards),
-            "docs": sum(s["docs"] for s in self.shards),
-            "max_id": max((s["max_id"] for s in self.shards), default=-1),
-        }
+        totals = {k: sum(x[k] for x in self.shards) for k in ("tokens", "docs")}
+        max_id = max((x["max_id"] for x in self.shards), default=-1)
+        return {"shards": [dict(x) for x in self.shards], **totals, "max_id": max_id}
 
     def abort(self) -> None:
         """Drop the shard in progress (its temp files); finished shards stay until clear_prepared."""
@@ -237,10 +226,8 @@ def write_meta(out_dir: str | Path, meta: dict[str, Any]) -> Path:
     out = Path(out_dir)
     tmp = out / (META_NAME + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+        f.write(json.dumps(meta, indent=2) + "\n")
+        _sync_close(f)
     os.replace(tmp, out / META_NAME)
     return out / META_NAME
 
@@ -288,9 +275,7 @@ class TokenDataset:
         self._doc_starts = np.cumsum([0] + [len(i) - 1 for i in indexes], dtype=np.int64)
         self.num_tokens = int(self._token_starts[-1])
         self.num_docs = int(self._doc_starts[-1])
-        self.bos_id = meta.get("bos_id")
-        self.eos_id = meta.get("eos_id")
-        self.pad_id = meta.get("pad_id")
+        self.bos_id, self.eos_id, self.pad_id = (meta.get(k) for k in ("bos_id", "eos_id", "pad_id"))
 
     @classmethod
     def open(
