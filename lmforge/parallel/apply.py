@@ -170,7 +170,8 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], from_
         module.load_state_dict(state)
         return
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=from_rank0)
-    set_model_state_dict(module, state, options=options)
+    # set_model_state_dict replaces the dict's values with shards; keep the caller's dict intact.
+    set_model_state_dict(module, dict(state), options=options)
 
 
 def _has_dtensor(module: nn.Module) -> bool:
