@@ -1,0 +1,380 @@
+"""Deterministic, resumable, rank-aware batches from prepared token shards.
+
+The global sample stream is independent of the number of data-parallel ranks. Each dataset has
+`samples` samples per epoch (packed: windows of seq_len+1 tokens taken every seq_len tokens, so
+consecutive windows share one boundary token and every token after the first is a target exactly
+once; padded: one document per sample). Dataset d's k-th sample overall is sample
+perm(seed, d, k // samples)[k % samples]: epochs follow each other without a gap, so a global batch
+that crosses an epoch end is filled from the next epoch's permutation and nothing is dropped.
+With several datasets, global position p draws from the dataset that is furthest behind its
+weight share (argmax of w_d * (p + 1) - taken_d), a smooth deterministic interleave.
+
+Each micro step takes the next micro_batch_size * dp_size global samples; rank r keeps the slice
+[r * B, (r + 1) * B). The state (taken per dataset) therefore resumes at the exact next sample
+under any dp_size whose global batch is B' * dp_size'.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmforge.data.shards import TokenDataset
+from lmforge.errors import DataError
+
+IGNORE_INDEX = -100
+STATE_VERSION = 1
+
+
+class _Source:
+    """One prepared split seen as fixed-size samples of seq_len + 1 tokens (+ real length)."""
+
+    def __init__(self, ds: TokenDataset, mode: str, seq_len: int, weight: float):
+        self.ds, self.mode, self.seq_len, self.weight = ds, mode, seq_len, weight
+        self.path = str(ds.folder)
+        where = f"{ds.folder} (split '{ds.split}')"
+        if mode == "packed":
+            self.samples = max(ds.num_tokens - 1, 0) // seq_len
+            if self.samples == 0:
+                raise DataError(
+                    f"{where}: {ds.num_tokens} tokens, fewer than one window of data.seq_len + 1 = "
+                    f"{seq_len + 1}; lower data.seq_len or prepare more text"
+                )
+        else:
+            self.samples = ds.num_docs
+            longest = int(ds.doc_lengths().max()) if ds.num_docs else 0
+            if longest < seq_len:
+                raise DataError(
+                    f"{where}: data.seq_len {seq_len} is longer than every document (longest {longest} "
+                    "tokens), so padded mode would train mostly on padding; lower data.seq_len or use mode packed"
+                )
+            pad = ds.pad_id if ds.pad_id is not None else ds.eos_id
+            self.pad_id = int(pad) if pad is not None else 0
+        self._perms: dict[int, np.ndarray] = {}
+
+    def sample(self, i: int) -> tuple[np.ndarray, int]:
+        n = self.seq_len + 1
+        if self.mode == "packed":
+            start = i * self.seq_len
+            return self.ds.tokens(start, start + n), n
+        doc = self.ds.doc(i)[:n]
+        return doc, len(doc)
+
+    def order(self, epoch: int, seed: int, index: int, shuffle: bool) -> np.ndarray | None:
+        if not shuffle:
+            return None
+        if epoch not in self._perms:
+            if len(self._perms) > 2:  # keep the current and neighbouring epochs only
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = np.random.default_rng([seed, index, epoch]).permutation(self.samples)
+        return self._perms[epoch]
+
+    def indices(self, taken: int, count: int, seed: int, index: int, shuffle: bool) -> np.ndarray:
+        """Sample ids for this dataset's stream positions [taken, taken + count), across epochs."""
+        out, pos = [], taken
+        while pos < taken + count:
+            epoch, offset = divmod(pos, self.samples)
+            stop = min(self.samples, offset + taken + count - pos)
+            perm = self.order(epoch, seed, index, shuffle)
+            out.append(np.arange(offset, stop) if perm is None else perm[offset:stop])
+            pos += stop - offset
+        return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
+
+
+class _BatchMaker:
+    """Builds rank-local batches from global positions; shared with the prefetch thread (which
+    must not hold the DataLoader itself, so that a dropped loader is collected and closed)."""
+
+    def __init__(self, sources: list[_Source], micro_batch_size: int, dp_rank: int, dp_size: int, pin: bool):
+        self.sources, self.pin = sources, pin
+        self.micro_batch_size, self.dp_rank = micro_batch_size, dp_rank
+        self.global_batch_size = micro_batch_size * dp_size
+        self.seq_len = sources[0].seq_len
+        total = sum(s.weight for s in sources)
+        self.weights = np.array([s.weight / total for s in sources], dtype=np.float64)
+        self.seed, self.shuffle = 0, True
+
+    def choose(self, taken: list[int], count: int) -> np.ndarray:
+        """Dataset of each of the next `count` global samples (advances `taken` in place)."""
+        if len(self.sources) == 1:
+            taken[0] += count
+            return np.zeros(count, dtype=np.int64)
+        picks = np.empty(count, dtype=np.int64)
+        counts = np.array(taken, dtype=np.float64)
+        p = int(counts.sum())
+        for j in range(count):
+            d = int(np.argmax(self.weights * (p + j + 1) - counts))
+            picks[j] = d
+            counts[d] += 1
+            taken[d] += 1
+        return picks
+
+    def global_rows(self, taken: list[int]) -> list[tuple[int, int]]:
+        """(dataset, sample id) of the next global batch; advances `taken` in place."""
+        before = list(taken)
+        picks = self.choose(taken, self.global_batch_size)
+        rows: list[tuple[int, int]] = [(0, 0)] * self.global_batch_size
+        for d, src in enumerate(self.sources):
+            where = np.flatnonzero(picks == d)
+            if len(where):
+                ids = src.indices(before[d], len(where), self.seed, d, self.shuffle)
+                for w, i in zip(where.tolist(), ids.tolist()):
+                    rows[w] = (d, i)
+        return rows
+
+    def make(self, taken: list[int]) -> dict[str, torch.Tensor]:
+        rows = self.global_rows(taken)
+        lo = self.dp_rank * self.micro_batch_size
+        n = self.seq_len + 1
+        data = np.empty((self.micro_batch_size, n), dtype=np.int64)
+        no_loss = np.zeros((self.micro_batch_size, self.seq_len), dtype=bool)
+        for b, (d, i) in enumerate(rows[lo : lo + self.micro_batch_size]):
+            src = self.sources[d]
+            tokens, length = src.sample(i)
+            data[b, :length] = tokens
+            if length < n:  # padded mode: targets from position length-1 on are padding
+                data[b, length:] = src.pad_id
+                no_loss[b, max(length - 1, 0) :] = True
+        x = torch.from_numpy(data)
+        labels = x[:, 1:].clone()
+        labels[torch.from_numpy(no_loss)] = IGNORE_INDEX
+        batch = {"input_ids": x[:, :-1].contiguous(), "labels": labels}
+        if self.pin:
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        return batch
+
+    def produce(self, taken: list[int], out: queue.Queue, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                item = (self.make(taken), list(taken))
+            except BaseException as exc:  # handed to the consumer, which re-raises it
+                item = (exc, None)
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.05)
+                    break
+                except queue.Full:
+                    continue
+            if item[1] is None:
+                return
+
+
+class DataLoader:
+    """Iterator of {"input_ids", "labels"} LongTensors [B, seq_len] for one data-parallel rank.
+
+    Train loaders are endless. Val loaders (`max_batches` set) stop after one pass (the last
+    batch is completed from the start of the split) and `reset()` starts over.
+    """
+
+    def __init__(
+        self,
+        sources: list[_Source],
+        micro_batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        seed: int,
+        device: torch.device,
+        shuffle: bool,
+        prefetch: int,
+        pin_memory: bool,
+        max_batches: int | None = None,
+    ):
+        if not 0 <= dp_rank < dp_size or micro_batch_size < 1:
+            raise ValueError(f"bad rank layout: rank {dp_rank} of {dp_size}, micro batch {micro_batch_size}")
+        self.sources, self.device, self.prefetch, self.max_batches = sources, device, prefetch, max_batches
+        self.micro_batch_size, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
+        self.global_batch_size = micro_batch_size * dp_size
+        self.seq_len, self.mode = sources[0].seq_len, sources[0].mode
+        self.pin = pin_memory and device.type == "cuda" and torch.cuda.is_available()
+        self._maker = _BatchMaker(sources, micro_batch_size, dp_rank, dp_size, self.pin)
+        self._maker.seed, self._maker.shuffle = int(seed), shuffle
+        self.samples_per_epoch = sum(s.samples for s in sources)
+        self._taken = [0] * len(sources)  # state after the last batch handed out
+        self._yielded = 0
+        self._thread: threading.Thread | None = None
+
+    @property
+    def seed(self) -> int:
+        return self._maker.seed
+
+    @property
+    def shuffle(self) -> bool:
+        return self._maker.shuffle
+
+    # -- iteration with optional background prefetch ------------------------------------------
+    def _start(self) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        self._stop = threading.Event()
+        args = (list(self._taken), self._queue, self._stop)
+        self._thread = threading.Thread(
+            target=self._maker.produce, args=args, daemon=True, name="lmforge-prefetch"
+        )
+        self._thread.start()
+
+    def __iter__(self) -> DataLoader:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.max_batches is not None and self._yielded >= self.max_batches:
+            self.close()  # no idle read-ahead thread between evaluations
+            raise StopIteration
+        if self.prefetch > 0:
+            if self._thread is None:
+                self._start()
+            batch, taken = self._queue.get()
+            if taken is None:
+                self.close()
+                raise batch
+        else:
+            taken = list(self._taken)
+            batch = self._maker.make(taken)
+        self._taken = taken
+        self._yielded += 1
+        if self.device.type != "cpu":
+            batch = {k: v.to(self.device, non_blocking=self.pin) for k, v in batch.items()}
+        return batch
+
+    def close(self) -> None:
+        """Stop the prefetch thread (if any) and drop batches it read ahead."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    def reset(self) -> None:
+        """Start again from the first sample of epoch 0 (used before each evaluation)."""
+        self.close()
+        self._taken = [0] * len(self.sources)
+        self._yielded = 0
+
+    def __enter__(self) -> DataLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    # -- state -------------------------------------------------------------------------------
+    @property
+    def position(self) -> int:
+        return sum(self._taken)
+
+    @property
+    def epoch(self) -> int:
+        return self.position // self.samples_per_epoch
+
+    @property
+    def num_batches(self) -> int:
+        """Batches in one pass over an epoch (the last one completed from the next epoch)."""
+        return -(-self.samples_per_epoch // self.global_batch_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Exactly the batches handed out so far (not what the prefetcher has read ahead)."""
+        datasets = []
+        for src, taken in zip(self.sources, self._taken):
+            epoch, consumed = divmod(taken, src.samples)
+            datasets.append(
+                {
+                    "path": src.path,
+                    "samples": src.samples,
+                    "weight": src.weight,
+                    "taken": taken,
+                    "epoch": epoch,
+                    "consumed": consumed,
+                }
+            )
+        return {
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "consumed": self.position % self.samples_per_epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "mode": self.mode,
+            "seq_len": self.seq_len,
+            "shuffle": self.shuffle,
+            "datasets": datasets,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue right after the last sample of `state` (any dp_size); DataError if the data changed."""
+        saved = state.get("datasets")
+        if not isinstance(saved, list) or len(saved) != len(self.sources):
+            have = len(saved) if isinstance(saved, list) else "no"
+            raise DataError(
+                f"loader state: saved for {have} datasets but data.train now lists {len(self.sources)}; "
+                "resume with the same data.train or start a fresh run"
+            )
+        for src, s in zip(self.sources, saved):
+            if (
+                s.get("samples") != src.samples
+                or state.get("mode") != self.mode
+                or state.get("seq_len") != self.seq_len
+            ):
+                raise DataError(
+                    f"{src.path}: loader state holds {s.get('samples')} {state.get('mode')} samples of "
+                    f"seq_len {state.get('seq_len')}, the data now gives {src.samples} of {self.mode}/{self.seq_len}; "
+                    "resume with the same data and data.seq_len/mode or start a fresh run"
+                )
+        self.close()
+        self._maker.seed = int(state["seed"])
+        self._maker.shuffle = bool(state.get("shuffle", self.shuffle))
+        self._taken = [int(s["taken"]) for s in saved]
+        self._yielded = 0
+
+
+def build_loader(
+    data_cfg,
+    split: str,
+    micro_batch_size: int,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    tokenizer_fingerprint: str | None = None,
+    vocab_size: int | None = None,
+) -> DataLoader:
+    """Loader for `split` ("train": data_cfg.train mixed by weight, shuffled, endless; "val": the
+    val split of data_cfg.valid or of the first train dataset, in order, one pass per reset())."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if split == "train":
+        if not data_cfg.train:
+            raise DataError(
+                "data.train: no prepared dataset given; set it to a folder written by lmforge prepare"
+            )
+        specs = [(spec.path, spec.weight) for spec in data_cfg.train]
+    elif split == "val":
+        if data_cfg.valid is None and not data_cfg.train:
+            raise DataError("data.valid: no prepared dataset given; set data.valid or data.train")
+        specs = [(data_cfg.valid if data_cfg.valid is not None else data_cfg.train[0].path, 1.0)]
+    else:
+        raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+    sources = []
+    for path, weight in specs:
+        ds = TokenDataset.open(
+            Path(path), split, expect_fingerprint=tokenizer_fingerprint, vocab_size=vocab_size
+        )
+        sources.append(_Source(ds, data_cfg.mode, data_cfg.seq_len, weight))
+    train = split == "train"
+    loader = DataLoader(
+        sources,
+        micro_batch_size,
+        dp_rank,
+        dp_size,
+        seed,
+        device,
+        shuffle=data_cfg.shuffle and train,
+        prefetch=data_cfg.prefetch,
+        pin_memory=data_cfg.pin_memory,
+    )
+    if not train:
+        loader.max_batches = loader.num_batches
+    return loader
