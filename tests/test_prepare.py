@@ -1,0 +1,244 @@
+"""prepare_dataset: shards decode back to the sources, worker-count independence, splits, dtypes,
+interrupted and repeated prepares."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmforge.data.prepare import prepare_dataset
+from lmforge.data.shards import TokenDataset, file_sha256
+from lmforge.errors import DataError, LmforgeError
+from lmforge.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+
+
+def _install_sources_standin():
+    """Until lmforge.data.sources lands: a JSONL-only iter_documents with the contract's shape."""
+    try:
+        import lmforge.data.sources  # noqa: F401
+
+        return
+    except ImportError:
+        pass
+    mod = types.ModuleType("lmforge.data.sources")
+
+    class Document:
+        def __init__(self, text, source, line):
+            self.text, self.source, self.line = text, source, line
+
+    class SourceStats:
+        def __init__(self):
+            self.skipped = {}
+
+    def iter_documents(inputs, fmt="auto", text_field="text", strict=False, stats=None):
+        paths = [inputs] if isinstance(inputs, (str, Path)) else inputs
+        for p in paths:
+            for i, line in enumerate(Path(p).read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip():
+                    yield Document(json.loads(line)[text_field], str(p), i)
+
+    mod.Document, mod.SourceStats, mod.iter_documents = Document, SourceStats, iter_documents
+    sys.modules["lmforge.data.sources"] = mod
+
+
+_install_sources_standin()
+
+BASE = [
+    "The quick brown fox jumps over the lazy dog.",
+    "预训练是大语言模型开发的第一个关键阶段。",
+    "Emoji 🙂🚀 and accents café.\nSecond line,  double  spaces.",
+    "Numbers 1234567 and code: x = f(y)  # comment",
+]
+DOCS = [f"{BASE[i % 4]} Document {i}." + (" more words" * (i % 7)) for i in range(83)]
+
+
+def write_jsonl(path: Path, texts) -> Path:
+    path.write_text(
+        "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8"
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("preptok")
+    return train_tokenizer(write_jsonl(tmp / "c.jsonl", DOCS), 400, tmp / "tok")
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "corpus.jsonl", DOCS)
+
+
+def is_val(i: int, f: float) -> bool:
+    import math
+
+    return math.ceil((i + 1) * f) > math.ceil(i * f)
+
+
+def shard_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix in (".bin", ".idx")}
+
+
+def test_prepared_tokens_decode_to_source_documents(tok_dir, corpus, tmp_path):
+    tok = load_tokenizer(tok_dir)
+    summary = prepare_dataset(corpus, tok_dir, tmp_path / "out", val_fraction=0.1, progress=False)
+    assert summary["documents"] == len(DOCS)
+    train, val = TokenDataset.open(tmp_path / "out", "train"), TokenDataset.open(tmp_path / "out", "val")
+    assert train.dtype == np.uint16 and train.meta["dtype"] == "uint16"
+    expect_val = [d for i, d in enumerate(DOCS) if is_val(i, 0.1)]
+    expect_train = [d for i, d in enumerate(DOCS) if not is_val(i, 0.1)]
+    assert len(expect_val) == 9 and (val.num_docs, train.num_docs) == (9, 74)
+    for ds, texts in ((train, expect_train), (val, expect_val)):
+        for j, text in enumerate(texts):
+            ids = ds.doc(j).tolist()
+            assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
+            assert tok.bos_id not in ids[1:-1] and tok.eos_id not in ids[1:-1]
+            assert tok.decode(ids[1:-1]) == text
+    assert set(expect_val).isdisjoint(expect_train)
+    assert summary["tokens"] == train.num_tokens + val.num_tokens
+    assert summary["bytes_per_token"] > 1
+
+
+def test_meta_records_tokenizer_sources_and_counts(tok_dir, corpus, tmp_path):
+    tok = load_tokenizer(tok_dir)
+    prepare_dataset(corpus, tok, tmp_path / "out", progress=False)
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["format_version"] == 1
+    assert meta["tokenizer_fingerprint"] == tok.fingerprint
+    assert (meta["bos_id"], meta["eos_id"], meta["pad_id"], meta["vocab_size"]) == (1, 2, 0, 400)
+    [src] = meta["sources"]
+    assert src["sha256"] == hashlib.sha256(corpus.read_bytes()).hexdigest()
+    assert src["bytes"] == corpus.stat().st_size
+    assert meta["splits"]["val"]["docs"] == 1  # ceil(83 * 0.01)
+    assert meta["splits"]["train"]["docs"] + meta["splits"]["val"]["docs"] == len(DOCS)
+    for shard in meta["splits"]["train"]["shards"]:
+        assert file_sha256(tmp_path / "out" / shard["file"]) == shard["sha256"]
+    TokenDataset.open(tmp_path / "out", "train", expect_fingerprint=tok.fingerprint)
+
+
+def test_one_and_four_workers_write_identical_bytes(tok_dir, corpus, tmp_path):
+    # Small chunks and shards so that many chunks cross worker boundaries and shards roll over.
+    kw = dict(val_fraction=0.05, progress=False, chunk_bytes=300, shard_tokens=500)
+    one = prepare_dataset(corpus, tok_dir, tmp_path / "w1", workers=1, **kw)
+    four = prepare_dataset(corpus, tok_dir, tmp_path / "w4", workers=4, **kw)
+    a, b = shard_bytes(tmp_path / "w1"), shard_bytes(tmp_path / "w4")
+    assert len(a) > 4 and a == b
+    assert one["tokens"] == four["tokens"]
+    meta1 = json.loads((tmp_path / "w1" / "meta.json").read_text())
+    meta4 = json.loads((tmp_path / "w4" / "meta.json").read_text())
+    assert meta1["splits"] == meta4["splits"]
+
+
+def test_tiny_corpus_still_gets_a_val_document(tok_dir, tmp_path):
+    two = write_jsonl(tmp_path / "two.jsonl", ["first document", "second document"])
+    s = prepare_dataset(two, tok_dir, tmp_path / "two", val_fraction=0.01, progress=False)
+    assert (s["train_docs"], s["val_docs"]) == (1, 1)
+    one = write_jsonl(tmp_path / "one.jsonl", ["only one"])
+    with pytest.raises(DataError, match="only 1 document"):
+        prepare_dataset(one, tok_dir, tmp_path / "one", progress=False)
+    assert not (tmp_path / "one" / "meta.json").exists()
+    s = prepare_dataset(one, tok_dir, tmp_path / "one", val_fraction=0.0, progress=False)
+    assert (s["train_docs"], s["val_docs"]) == (1, 0)
+
+
+class WideTokenizer(Tokenizer):
+    """Stands in for a >65,536-id tokenizer (Llama-3 has 128,256) without building one."""
+
+    kind, name, path, fingerprint = "fake", "wide-128256", Path("/nowhere/wide"), "f" * 64
+    vocab_size, bos_id, eos_id, pad_id = 128256, 128000, 128001, None
+
+    def encode(self, text):
+        return [100_000 + b for b in text.encode()]
+
+    def decode(self, ids):
+        return bytes(i - 100_000 for i in ids).decode()
+
+
+def test_dtype_follows_vocab_and_too_small_dtype_is_refused(corpus, tmp_path):
+    wide = WideTokenizer()
+    with pytest.raises(DataError, match=r"wide-128256.*dtype uint16"):
+        prepare_dataset(corpus, wide, tmp_path / "bad", dtype="uint16", progress=False)
+    assert not (tmp_path / "bad" / "meta.json").exists()
+    s = prepare_dataset(corpus, wide, tmp_path / "wide", progress=False)
+    ds = TokenDataset.open(tmp_path / "wide", "train")
+    assert s["dtype"] == "uint32" and ds.dtype == np.uint32
+    assert ds.doc(0)[0] == 128000 and wide.decode(ds.doc(0)[1:-1].tolist()) == DOCS[1]
+
+
+def test_gpt2_style_tokenizer_has_no_bos(corpus, tmp_path):
+    ranks = [bytes([b]) for b in range(256)]
+    path = tmp_path / "bytes.tiktoken"
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {i}\n" for i, t in enumerate(ranks)))
+    prepare_dataset(corpus, path, tmp_path / "out", progress=False)
+    doc = TokenDataset.open(tmp_path / "out", "train").doc(0).tolist()
+    assert doc == list(DOCS[1].encode()) + [256]  # bytes then <|endoftext|>, no BOS
+
+
+def test_interrupted_prepare_looks_unfinished_and_rerun_redoes_it(tok_dir, corpus, tmp_path, monkeypatch):
+    import lmforge.data.sources as sources
+
+    reference = tmp_path / "ref"
+    prepare_dataset(corpus, tok_dir, reference, progress=False, shard_tokens=300, chunk_bytes=200)
+    real = sources.iter_documents
+
+    def dies_midway(*args, **kwargs):
+        for n, doc in enumerate(real(*args, **kwargs)):
+            if n == 50:
+                raise KeyboardInterrupt
+            yield doc
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(sources, "iter_documents", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(corpus, tok_dir, out, progress=False, shard_tokens=300, chunk_bytes=200)
+    assert not (out / "meta.json").exists()
+    assert not list(out.glob("*.tmp"))
+    assert list(out.glob("train_*.bin"))  # finished shards exist, but nothing says "complete"
+    with pytest.raises(DataError, match="meta.json"):
+        TokenDataset.open(out, "train")
+    monkeypatch.setattr(sources, "iter_documents", real)
+    prepare_dataset(corpus, tok_dir, out, progress=False, shard_tokens=300, chunk_bytes=200)
+    assert shard_bytes(out) == shard_bytes(reference)
+
+
+def test_complete_prepare_is_reused_or_refused(tok_dir, corpus, tmp_path):
+    out = tmp_path / "out"
+    first = prepare_dataset(corpus, tok_dir, out, progress=False)
+    again = prepare_dataset(corpus, tok_dir, out, progress=False)
+    assert again["reused"] and again["tokens"] == first["tokens"]
+    other = write_jsonl(tmp_path / "other.jsonl", DOCS[:10])
+    with pytest.raises(DataError, match="overwrite"):
+        prepare_dataset(other, tok_dir, out, progress=False)
+    assert TokenDataset.open(out, "train").num_docs == first["train_docs"]  # untouched
+    s = prepare_dataset(other, tok_dir, out, progress=False, overwrite=True)
+    assert s["documents"] == 10 and TokenDataset.open(out, "train").num_docs == 9
+
+
+def test_bad_arguments(tok_dir, corpus, tmp_path):
+    with pytest.raises(DataError, match="val_fraction"):
+        prepare_dataset(corpus, tok_dir, tmp_path / "o", val_fraction=1.0, progress=False)
+    with pytest.raises(DataError, match="not a shard dtype"):
+        prepare_dataset(corpus, tok_dir, tmp_path / "o", dtype="int8", progress=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="not a folder"):
+        prepare_dataset(corpus, tok_dir, tmp_path / "file", progress=False)
+
+
+def test_progress_prints_summary(tok_dir, corpus, tmp_path, capsys):
+    prepare_dataset(corpus, tok_dir, tmp_path / "o", progress=True)
+    out = capsys.readouterr().out
+    assert f"prepared {len(DOCS)} documents" in out and "bytes/token" in out and "tok/s" in out
+
+
+def test_in_memory_tokenizer_with_workers_fails_cleanly(corpus, tmp_path):
+    with pytest.raises(LmforgeError, match="tokenizer not found"):
+        prepare_dataset(corpus, WideTokenizer(), tmp_path / "o", workers=2, progress=False)
+    assert not (tmp_path / "o" / "meta.json").exists()
