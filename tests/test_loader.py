@@ -230,3 +230,9 @@ def test_cuda_batches_are_pinned_and_on_device(packed_dir):
         assert b["input_ids"].is_cuda and b["labels"].is_cuda and ld.pin
         ref = next(build_loader(cfg(packed_dir, prefetch=0), "train", 4, 0, 1, seed=3))
         assert torch.equal(b["input_ids"].cpu(), ref["input_ids"])
+
+
+def test_empty_val_split_says_how_to_fix(tmp_path):
+    path = prepare(tmp_path, counting_docs(SEQ * 10 + 1), val_docs=[])
+    with pytest.raises(DataError, match=r"split 'val'\): 0 tokens.*larger val_fraction or set data.valid"):
+        build_loader(cfg(path), "val", 1)

@@ -42,9 +42,10 @@ class _Source:
         if mode == "packed":
             self.samples = max(ds.num_tokens - 1, 0) // seq_len
             if self.samples == 0:
+                fix = "prepare with a larger val_fraction or set data.valid" if ds.split == "val" else ""
                 raise DataError(
                     f"{where}: {ds.num_tokens} tokens, fewer than one window of data.seq_len + 1 = "
-                    f"{seq_len + 1}; lower data.seq_len or prepare more text"
+                    f"{seq_len + 1}; lower data.seq_len or {fix or 'prepare more text'}"
                 )
         else:
             self.samples = ds.num_docs
