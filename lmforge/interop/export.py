@@ -115,6 +115,7 @@ def _copy_tokenizer(src: Path, dst: Path, ids: dict[str, int | None]) -> None:
         shutil.copy2(src, dst / src.name)
         return
     copied = [name for name in TOKENIZER_FILES if (src / name).is_file()]
+    copied += sorted(p.name for p in src.glob("*.tiktoken*") if p.is_file())
     for name in copied:
         shutil.copy2(src / name, dst / name)
     if "tokenizer.json" in copied and "tokenizer_config.json" not in copied:
