@@ -1,0 +1,195 @@
+"""What `lmforge eval|generate|export|import` and run modes predict/eval do, above the CLI's parsing."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lmforge.config import Config
+from lmforge.errors import LmforgeError
+from lmforge.infer.evaluate import evaluate, text_token_stream
+from lmforge.infer.generate import TextStreamer, encode_prompt, generate
+from lmforge.infer.loading import (
+    CONFIG_NAME,
+    build_model_from_state,
+    config_for_model,
+    find_tokenizer,
+    load_model_for_inference,
+    load_weights,
+    resolve_device,
+    save_weights,
+    tokenizer_source,
+)
+
+
+def _need_tokenizer(tokenizer, checkpoint) -> None:
+    if tokenizer is None:
+        raise LmforgeError(
+            f"{checkpoint}: no tokenizer found next to the checkpoint or at the run config's tokenizer.path; "
+            "copy tokenizer.json into the checkpoint folder"
+        )
+
+
+def open_eval_data(data: list[str] | str, split: str, tokenizer, vocab_size: int):
+    """A TokenDataset for a prepared folder, or a token stream for raw text files."""
+    paths = [data] if isinstance(data, (str, Path)) else list(data)
+    if len(paths) == 1 and Path(paths[0]).is_dir() and (Path(paths[0]) / "meta.json").exists():
+        from lmforge.data.shards import TokenDataset
+
+        fingerprint = tokenizer.fingerprint if tokenizer is not None else None
+        return TokenDataset.open(paths[0], split=split, expect_fingerprint=fingerprint, vocab_size=vocab_size)
+    for p in paths:
+        if Path(p).is_dir() and not any(Path(p).iterdir()):
+            raise LmforgeError(
+                f"{p}: empty folder; pass a prepared dataset folder (with meta.json) or text files"
+            )
+    _need_tokenizer(tokenizer, "--data is raw text")
+    return text_token_stream([str(p) for p in paths], tokenizer)
+
+
+def evaluate_checkpoint(
+    checkpoint, data, split="val", batch_size=8, seq_len=None, max_batches=None, device="auto"
+) -> dict:
+    for p in [data] if isinstance(data, (str, Path)) else data:
+        if not Path(p).exists():
+            raise LmforgeError(f"{p}: evaluation data not found; pass a prepared folder or text files")
+    state, cfg, folder = load_weights(checkpoint)
+    dev = resolve_device(device)
+    model = build_model_from_state(cfg.model, state, dev, checkpoint)
+    tokenizer = find_tokenizer(folder, cfg)
+    dataset = open_eval_data(data, split, tokenizer, cfg.model.vocab_size)
+    seq_len = seq_len or min(cfg.data.seq_len, cfg.model.max_position_embeddings - 1)
+    return evaluate(
+        model, dataset, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches, device=dev
+    )
+
+
+def _print_generation(model, tokenizer, prompt, out=sys.stdout, **sampling) -> str:
+    streamer = TextStreamer(tokenizer, lambda piece: (out.write(piece), out.flush()))
+    out.write(prompt)
+    out.flush()
+    generate(model, encode_prompt(tokenizer, prompt), eos_id=tokenizer.eos_id, stream=streamer, **sampling)
+    text = streamer.finish()
+    out.write("\n")
+    out.flush()
+    return text
+
+
+def generate_from_checkpoint(
+    checkpoint,
+    prompt="",
+    max_new_tokens=128,
+    temperature=0.8,
+    top_k=None,
+    top_p=None,
+    seed=None,
+    interactive=False,
+    device="auto",
+    out=None,
+) -> None:
+    out = out or sys.stdout
+    model, _, tokenizer = load_model_for_inference(checkpoint, resolve_device(device))
+    _need_tokenizer(tokenizer, checkpoint)
+    sampling = dict(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+    )
+    if not interactive:
+        _print_generation(model, tokenizer, prompt, out, **sampling)
+        return
+    print("enter a prompt (empty line or Ctrl-D to quit)", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            return
+        if not line.strip():
+            return
+        _print_generation(model, tokenizer, line, out, **sampling)
+
+
+def export_checkpoint(checkpoint, out, fmt="hf", dtype=None, overwrite=False) -> Path:
+    state, cfg, folder = load_weights(checkpoint)
+    tokenizer = find_tokenizer(folder, cfg)
+    dtype = dtype or cfg.checkpoint.export_dtype
+    if fmt == "safetensors":
+        return save_weights(state, cfg, out, dtype=dtype, tokenizer=tokenizer)
+    if fmt != "hf":
+        raise LmforgeError(f"export: unknown format '{fmt}'; use hf or safetensors")
+    from lmforge.interop import export_hf
+
+    return export_hf(
+        state, cfg.model, out, dtype=dtype, tokenizer=tokenizer_source(tokenizer), overwrite=overwrite
+    )
+
+
+def import_hf_folder(hf_dir, out) -> Path:
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise LmforgeError(f"{hf_dir}: no config.json; pass a Hugging Face model folder")
+    from lmforge.interop import import_hf
+
+    state, model_cfg = import_hf(hf_dir)
+    tokenizer = find_tokenizer(hf_dir, config_for_model(model_cfg))
+    return save_weights(state, config_for_model(model_cfg), out, dtype=None, tokenizer=tokenizer)
+
+
+def _checkpoint_of(cfg: Config) -> str:
+    """The weights a predict/eval run uses: train.load_checkpoint, a resume path, or the run's latest."""
+    if cfg.train.load_checkpoint:
+        return cfg.train.load_checkpoint
+    if cfg.train.resume not in ("auto", "never"):
+        return cfg.train.resume
+    ckpt_dir = Path(cfg.checkpoint.dir or Path(cfg.run.out_dir) / cfg.run.name / "checkpoints")
+    if not (ckpt_dir / "latest").is_file():
+        raise LmforgeError(
+            f"{ckpt_dir}: no checkpoint to {cfg.run_mode} with; train first or pass --load_checkpoint DIR"
+        )
+    return str(ckpt_dir)
+
+
+def predict_from_config(cfg: Config, out=None) -> list[str]:
+    """run_mode predict: generate from train.sample_prompts (MindFormers' predict)."""
+    out = out or sys.stdout
+    checkpoint = _checkpoint_of(cfg)
+    model, _, tokenizer = load_model_for_inference(checkpoint, resolve_device(cfg.train.device))
+    if tokenizer is None and cfg.tokenizer.path:
+        from lmforge.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.tokenizer.path)
+    _need_tokenizer(tokenizer, checkpoint)
+    texts = []
+    for i, prompt in enumerate(cfg.train.sample_prompts):
+        texts.append(
+            _print_generation(
+                model,
+                tokenizer,
+                prompt,
+                out,
+                max_new_tokens=cfg.train.sample_max_new_tokens,
+                temperature=0.8,
+                top_k=50,
+                seed=cfg.run.seed + i,
+            )
+        )
+    return texts
+
+
+def evaluate_from_config(cfg: Config, out=None) -> dict:
+    """run_mode eval: loss and perplexity on the run's validation data."""
+    out = out or sys.stdout
+    if cfg.data.valid:
+        data = cfg.data.valid
+    elif cfg.data.train:
+        data = cfg.data.train[0].path
+    else:
+        raise LmforgeError(f"{CONFIG_NAME}: data.train and data.valid are empty; nothing to evaluate on")
+    result = evaluate_checkpoint(
+        _checkpoint_of(cfg),
+        data,
+        split="val",
+        batch_size=cfg.micro_batch_size(1),
+        seq_len=cfg.data.seq_len,
+        device=cfg.train.device,
+    )
+    print(f"loss {result['loss']:.4f}  perplexity {result['ppl']:.2f}  tokens {result['tokens']}", file=out)
+    return result

@@ -1,0 +1,112 @@
+"""Validation loss and perplexity: a token-weighted mean of next-token cross-entropy.
+
+The token stream is cut into consecutive, non-overlapping windows of `seq_len + 1` tokens (the
+packed-mode layout of training: inputs `[:-1]`, targets `[1:]`); a shorter last window is
+evaluated too, so every token after a window start counts once. `ppl = exp(mean loss)`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmforge.errors import DataError
+
+IGNORE = -100
+
+
+def windows(num_tokens: int, seq_len: int) -> list[tuple[int, int]]:
+    """(start, stop) of each evaluation window over a stream of `num_tokens` tokens."""
+    span = seq_len + 1
+    out = [(s, min(s + span, num_tokens)) for s in range(0, num_tokens, span)]
+    return [(a, b) for a, b in out if b - a >= 2]
+
+
+def _token_source(data):
+    """A `tokens(start, stop) -> array` function and the stream length for a dataset-like object."""
+    if hasattr(data, "tokens") and hasattr(data, "num_tokens"):
+        return data.tokens, int(data.num_tokens)
+    arr = np.asarray(data, dtype=np.int64).reshape(-1)
+    return (lambda a, b: arr[a:b]), int(arr.size)
+
+
+@torch.no_grad()
+def _loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    logits = model(input_ids).logits
+    loss = F.cross_entropy(
+        logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
+    return float(loss), int((labels != IGNORE).sum())
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    data,
+    seq_len: int = 512,
+    batch_size: int = 8,
+    max_batches: int | None = None,
+    device: torch.device | str | None = None,
+) -> dict:
+    """Mean loss, perplexity and token count of `model` on `data`.
+
+    `data` is a TokenDataset (anything with `tokens(start, stop)` and `num_tokens`), a 1-D array
+    or list of token ids, or an iterable of batches (dicts with `input_ids` and `labels`, -100 =
+    no loss), as the training loader yields them."""
+    if device is None:
+        device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count, batches = 0.0, 0, 0
+    try:
+        if _is_batch_iterable(data):
+            for batch in data:
+                if max_batches is not None and batches >= max_batches:
+                    break
+                loss, n = _loss_sum(model, batch["input_ids"].to(device), batch["labels"].to(device))
+                total, count, batches = total + loss, count + n, batches + 1
+        else:
+            tokens, num_tokens = _token_source(data)
+            spans = windows(num_tokens, seq_len)
+            full = [s for s in spans if s[1] - s[0] == seq_len + 1]
+            groups = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
+            groups += [[s] for s in spans if s[1] - s[0] != seq_len + 1]
+            for group in groups:
+                if max_batches is not None and batches >= max_batches:
+                    break
+                block = torch.from_numpy(
+                    np.stack([np.asarray(tokens(a, b), dtype=np.int64) for a, b in group])
+                )
+                block = block.to(device)
+                loss, n = _loss_sum(model, block[:, :-1], block[:, 1:])
+                total, count, batches = total + loss, count + n, batches + 1
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise DataError(
+            "evaluate: no tokens to evaluate; the validation data is empty or shorter than 2 tokens"
+        )
+    mean = total / count
+    return {"loss": mean, "ppl": math.exp(min(mean, 700.0)), "tokens": count}
+
+
+def _is_batch_iterable(data) -> bool:
+    if hasattr(data, "tokens") or isinstance(data, (np.ndarray, torch.Tensor, Sequence)):
+        return False
+    return isinstance(data, Iterable)
+
+
+def text_token_stream(paths: list[str], tokenizer, fmt: str = "auto", text_field: str = "text") -> np.ndarray:
+    """Tokenize raw text files on the fly into one stream laid out like a prepared split:
+    each document is [bos] + tokens + [eos]."""
+    from lmforge.data.sources import iter_documents
+
+    ids: list[int] = []
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    for doc in iter_documents(paths, fmt=fmt, text_field=text_field):
+        ids += bos + tokenizer.encode(doc.text) + [tokenizer.eos_id]
+    return np.asarray(ids, dtype=np.int64)
