@@ -27,7 +27,9 @@ naming the file) for anything that is not a complete, consistent prepared datase
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import json
 import os
 from pathlib import Path
@@ -158,12 +160,10 @@ class ShardWriter:
         if self._closed:
             raise RuntimeError("ShardWriter is closed")
         arr = np.asarray(ids)
-        if arr.ndim != 1:
-            raise ValueError(f"add_document expects a 1-D array of token ids, got shape {arr.shape}")
+        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+            raise ValueError(f"add_document expects a 1-D integer array, got {arr.dtype} {arr.shape}")
         if arr.size == 0:
             return
-        if arr.dtype.kind not in "iu":
-            raise ValueError(f"add_document expects integer token ids, got {arr.dtype}")
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or hi > self.max_value:
             raise DataError(
@@ -271,10 +271,10 @@ class TokenDataset:
         self.folder, self.split, self.meta = folder, split, meta
         self.dtype = DTYPES[meta["dtype"]]
         self._bins, self._indexes = bins, indexes
-        self._token_starts = np.cumsum([0] + [len(b) for b in bins], dtype=np.int64)
-        self._doc_starts = np.cumsum([0] + [len(i) - 1 for i in indexes], dtype=np.int64)
-        self.num_tokens = int(self._token_starts[-1])
-        self.num_docs = int(self._doc_starts[-1])
+        # Python ints and bisect: per-sample lookups are hot in the loader, numpy scalars are slow.
+        self._token_starts = list(itertools.accumulate([len(b) for b in bins], initial=0))
+        self._doc_starts = list(itertools.accumulate([len(i) - 1 for i in indexes], initial=0))
+        self.num_tokens, self.num_docs = self._token_starts[-1], self._doc_starts[-1]
         self.bos_id, self.eos_id, self.pad_id = (meta.get(k) for k in ("bos_id", "eos_id", "pad_id"))
 
     @classmethod
@@ -324,10 +324,10 @@ class TokenDataset:
                 indexes.append(i)
         return cls(folder, split, meta, bins, indexes)
 
-    def _locate(self, starts: np.ndarray, i: int, n: int, what: str) -> int:
+    def _locate(self, starts: list[int], i: int, n: int, what: str) -> int:
         if not 0 <= i < n:
             raise IndexError(f"{what} {i} out of range [0, {n})")
-        return int(np.searchsorted(starts, i, side="right")) - 1
+        return bisect.bisect_right(starts, i) - 1
 
     def tokens(self, start: int, stop: int) -> np.ndarray:
         """Tokens at global positions [start, stop) of the split's stream (documents back to back)."""
@@ -336,12 +336,12 @@ class TokenDataset:
         if start == stop:
             return np.empty(0, dtype=self.dtype)
         k = self._locate(self._token_starts, start, self.num_tokens, "token")
-        base = int(self._token_starts[k])
-        if stop <= int(self._token_starts[k + 1]):
+        base = self._token_starts[k]
+        if stop <= self._token_starts[k + 1]:
             return np.array(self._bins[k][start - base : stop - base])
         parts = []
         while start < stop:
-            base, end = int(self._token_starts[k]), int(self._token_starts[k + 1])
+            base, end = self._token_starts[k], self._token_starts[k + 1]
             take = min(stop, end)
             parts.append(self._bins[k][start - base : take - base])
             start, k = take, k + 1
@@ -350,7 +350,7 @@ class TokenDataset:
     def doc(self, i: int) -> np.ndarray:
         """Document i (a read-only view, bos/eos included)."""
         k = self._locate(self._doc_starts, i, self.num_docs, "document")
-        j = i - int(self._doc_starts[k])
+        j = i - self._doc_starts[k]
         idx = self._indexes[k]
         return self._bins[k][int(idx[j]) : int(idx[j + 1])]
 
@@ -394,4 +394,5 @@ def _open_shard(folder: Path, s: dict[str, Any], dtype: np.dtype, hash_bin: bool
         raise DataError(f"{bin_path}: sha256 differs from meta.json; {redo}")
     if tokens == 0:
         return np.empty(0, dtype=dtype), offsets
-    return np.memmap(bin_path, dtype=dtype, mode="r", shape=(tokens,)), offsets
+    # A plain ndarray view of the map: slicing a np.memmap subclass costs more than the copy.
+    return np.asarray(np.memmap(bin_path, dtype=dtype, mode="r", shape=(tokens,))), offsets
