@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import re
+from collections.abc import Iterator
 
 # --- Project Gutenberg -----------------------------------------------------------------------
 
@@ -263,3 +264,33 @@ def section_heading(line: str) -> tuple[int, str] | None:
     if not match:
         return None
     return match.group(1).count("="), match.group(2).strip()
+
+
+def split_wikitext_articles(lines) -> Iterator[tuple[int, str | None, str]]:
+    """WikiText `(line number, line)` pairs -> `(first line, title, text)` per article.
+
+    Articles start at top-level ` = Title = ` headings (not ` = = Section = = `), as in
+    MindFormers' wiki preprocessing. The text reads `Title`, a blank line, then one detokenised
+    paragraph per line; a section title becomes its own line after a blank line. Text before
+    the first title (a file without headings) is one untitled article. Empty text is "".
+    """
+    title, start, body = None, None, []
+    for lineno, line in lines:
+        new_title = top_level_title(line)
+        if new_title is not None:
+            if title is not None or body:
+                yield start, title, _article_text(title, body)
+            title, start, body = detokenize_wikitext(new_title), lineno, []
+        elif line.strip():
+            start = lineno if start is None else start
+            section = section_heading(line)
+            body += ["", detokenize_wikitext(section[1])] if section else [detokenize_wikitext(line)]
+    if title is not None or body:
+        yield start, title, _article_text(title, body)
+
+
+def _article_text(title: str | None, body: list[str]) -> str:
+    text = "\n".join(body).strip()
+    if not text:
+        return ""
+    return f"{title}\n\n{text}" if title else text
