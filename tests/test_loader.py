@@ -236,3 +236,10 @@ def test_empty_val_split_says_how_to_fix(tmp_path):
     path = prepare(tmp_path, counting_docs(SEQ * 10 + 1), val_docs=[])
     with pytest.raises(DataError, match=r"split 'val'\): 0 tokens.*larger val_fraction or set data.valid"):
         build_loader(cfg(path), "val", 1)
+
+
+def test_global_batch_larger_than_an_epoch_and_negative_seed(tmp_path):
+    path = prepare(tmp_path, counting_docs(SEQ * 5 + 1))  # 5 samples, global batch 12
+    ids, state = global_ids(cfg(path), 3, 4, 1, seed=-3)
+    assert sorted(ids[:5]) == sorted(ids[5:10]) == list(range(5)) and ids[:5] != ids[5:10]
+    assert (state["epoch"], state["consumed"]) == (2, 2)

@@ -73,7 +73,7 @@ class _Source:
         if epoch not in self._perms:
             if len(self._perms) > 2:  # keep the current and neighbouring epochs only
                 self._perms.pop(min(self._perms))
-            self._perms[epoch] = np.random.default_rng([seed, index, epoch]).permutation(self.samples)
+            self._perms[epoch] = np.random.default_rng([seed % 2**64, index, epoch]).permutation(self.samples)
         return self._perms[epoch]
 
     def indices(self, taken: int, count: int, seed: int, index: int, shuffle: bool) -> np.ndarray:
