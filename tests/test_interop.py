@@ -28,7 +28,7 @@ def parity_table():
     """After the module: the figures of every parity test in one table (visible with -s)."""
     yield
     if PARITY:
-        print("\n\nparity table (max abs fp32 logit difference vs transformers)")
+        print("\n\nparity table (max abs logit difference vs transformers; fp32 unless bf16_)")
         for name, diff in PARITY.items():
             print(f"  {name:30s} {diff:.3e}")
 
@@ -160,6 +160,27 @@ def test_config_json_is_readable_by_4x_and_5x(tmp_path):
     assert hf["use_sliding_window"] is False and hf["head_dim"] == 16
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "qwen3_moe", "mixtral"])
+def test_missing_keys_default_like_transformers(model_type, tmp_path):
+    """A config.json that leaves out optional keys means what transformers says it means."""
+    from lmforge.interop.hf_config import FAMILIES, from_hf_config
+
+    hf = dict(
+        architectures=[FAMILIES[model_type][0]], model_type=model_type, vocab_size=VOCAB,
+        hidden_size=256, intermediate_size=96, num_hidden_layers=2, num_attention_heads=32,
+        max_position_embeddings=128, moe_intermediate_size=32, num_experts=4,
+        num_local_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path)
+    _, ours = from_hf_config(hf)
+    assert ours.rope_theta == theirs.rope_parameters["rope_theta"]
+    assert ours.norm_eps == theirs.rms_norm_eps
+    assert ours.resolved_head_dim == (getattr(theirs, "head_dim", None) or 256 // 32)
+    assert ours.num_kv_heads == theirs.num_key_value_heads
+    assert ours.tie_embeddings == theirs.tie_word_embeddings
+
+
 def test_tied_weights_written_once(tmp_path):
     from safetensors import safe_open
 
@@ -188,6 +209,22 @@ def test_bf16_export_writes_bf16(tmp_path):
     loaded, _ = load_hf_model(out)
     assert loaded.tok_embeddings.weight.dtype == torch.bfloat16
     assert loaded.rope_cos.dtype == torch.float32
+
+
+@pytest.mark.parametrize("case", ["llama_gqa2_untied_theta5e5", "qwen3_tied", "qwen3_moe", "mixtral"])
+def test_bf16_logits_match_transformers_bf16(case, tmp_path):
+    """Both sides in bf16 with SDPA: our norm/RoPE numerics follow HF's, so the logits agree to
+    about one bf16 rounding step (Mixtral keeps routing weights in fp32 where we cast)."""
+    model, cfg = make_model(**CASES[case][0])
+    out = export_hf(model, cfg, tmp_path / "hf", dtype="bfloat16")
+    ours, _ = load_hf_model(out)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.bfloat16, attn_implementation="sdpa"
+    ).eval()
+    diff = max_logit_diff(ours, theirs)
+    PARITY[f"bf16_{case}"] = diff
+    print(f"\nparity bf16_{case:23s} {type(theirs).__name__:22s} max|dlogit| = {diff:.3e}")
+    assert diff <= 1e-2
 
 
 def test_sharded_export_loads_everywhere(tmp_path):

@@ -67,6 +67,10 @@ def _plain_state(model_or_state: nn.Module | dict[str, torch.Tensor]) -> dict[st
             key = key.replace(prefix, "")
         if hasattr(value, "full_tensor"):  # DTensor from FSDP2 / tensor parallel
             value = value.full_tensor()
+        if value.is_meta:
+            raise LmforgeError(
+                f"'{key}' is on the meta device (no values); materialise the model before exporting"
+            )
         state[key] = value.detach()
     return state
 

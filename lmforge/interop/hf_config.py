@@ -27,8 +27,10 @@ FAMILIES = {
     "mixtral": ("MixtralForCausalLM", "mixtral"),
 }
 DTYPE_NAMES = {"float32", "bfloat16", "float16"}
-# transformers' default RoPE base when a config names none.
-HF_DEFAULT_THETA = 10000.0
+# What transformers assumes when a config.json leaves these out (they differ for Mixtral).
+HF_DEFAULT_THETA = {"mixtral": 1e6}
+HF_DEFAULT_EPS = {"mixtral": 1e-5}
+HF_DEFAULT_KV_HEADS = {"qwen3": 32, "qwen3_moe": 4, "mixtral": 8}  # llama: as many as query heads
 
 
 def choose_family(cfg: ModelConfig) -> str:
@@ -186,14 +188,15 @@ def _require(hf: dict[str, Any], key: str, source: str) -> Any:
     return hf[key]
 
 
-def _rope_from_hf(hf: dict[str, Any], source: str) -> tuple[float, RopeScaling | None]:
+def _rope_from_hf(hf: dict[str, Any], family: str, source: str) -> tuple[float, RopeScaling | None]:
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
     if not isinstance(params, dict) or not isinstance(scaling, dict):
         raise LmforgeError(f"{source}: rope_parameters / rope_scaling must be JSON objects")
     if any(isinstance(v, dict) for v in params.values()):
         raise LmforgeError(f"{source}: per-layer-type rope_parameters are not supported; use one global RoPE")
-    theta = params.get("rope_theta", hf.get("rope_theta", scaling.get("rope_theta", HF_DEFAULT_THETA)))
+    default = HF_DEFAULT_THETA.get(family, 10000.0)
+    theta = params.get("rope_theta", hf.get("rope_theta", scaling.get("rope_theta", default)))
     spec = scaling or params
     kind = spec.get("rope_type", spec.get("type", "default"))
     if kind == "default":
@@ -244,19 +247,19 @@ def from_hf_config(hf: dict[str, Any], source: str = "config.json") -> tuple[str
     heads = _require(hf, "num_attention_heads", source)
     default_head_dim = 128 if family == "qwen3" else hidden // heads
     head_dim = hf.get("head_dim") or default_head_dim
-    theta, rope_scaling = _rope_from_hf(hf, source)
+    theta, rope_scaling = _rope_from_hf(hf, family, source)
     fields: dict[str, Any] = dict(
         vocab_size=_require(hf, "vocab_size", source),
         hidden_size=hidden,
         num_layers=_require(hf, "num_hidden_layers", source),
         num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        num_kv_heads=hf.get("num_key_value_heads") or HF_DEFAULT_KV_HEADS.get(family, heads),
         # Explicit only when it differs from what lmforge would derive.
         head_dim=None if hidden % heads == 0 and head_dim == hidden // heads else head_dim,
         max_position_embeddings=_require(hf, "max_position_embeddings", source),
         rope_theta=theta,
         rope_scaling=rope_scaling,
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        norm_eps=hf.get("rms_norm_eps", HF_DEFAULT_EPS.get(family, 1e-6)),
         qk_norm=family in ("qwen3", "qwen3_moe"),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         attention_bias=bool(hf.get("attention_bias", False)),
