@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.config import ModelConfig
+from lmforge.config import ModelConfig, config_from_dict
 from lmforge.errors import LmforgeError
 from lmforge.model import KVCache, ModelOutput, Transformer, build_model, resolve_intermediate_size
 from lmforge.model.flops import count_params, flops_per_token
@@ -224,6 +224,15 @@ def test_presets_and_info_table():
         model_info_table(["nope"])
 
 
+def test_run_config_preset_with_overrides_builds():
+    tree = {"model": {"preset": "tiny-moe", "num_layers": 1, "moe": {"top_k": 1}}, "data": {"seq_len": 64}}
+    cfg = config_from_dict(tree)
+    model = Transformer(cfg.model)
+    assert len(model.layers) == 1 and model.layers[0].feed_forward.top_k == 1
+    assert model.layers[0].feed_forward.num_experts == 4  # the rest of the preset's moe block stays
+    assert model(torch.randint(0, 512, (1, 3))).logits.shape == (1, 3, 512)
+
+
 def test_tied_embeddings_are_one_parameter_and_state_dict_round_trips():
     torch.manual_seed(0)
     tied = Transformer(tiny())
@@ -254,7 +263,7 @@ def test_parameter_names_follow_the_contract():
 
 
 def test_llama3_rope_scaling_matches_transformers():
-    transformers = pytest.importorskip("transformers")
+    import transformers
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     hf = transformers.LlamaConfig(
