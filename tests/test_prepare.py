@@ -6,8 +6,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -17,38 +15,6 @@ from lmforge.data.prepare import prepare_dataset
 from lmforge.data.shards import TokenDataset, file_sha256
 from lmforge.errors import DataError, LmforgeError
 from lmforge.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
-
-
-def _install_sources_standin():
-    """Until lmforge.data.sources lands: a JSONL-only iter_documents with the contract's shape."""
-    try:
-        import lmforge.data.sources  # noqa: F401
-
-        return
-    except ImportError:
-        pass
-    mod = types.ModuleType("lmforge.data.sources")
-
-    class Document:
-        def __init__(self, text, source, line):
-            self.text, self.source, self.line = text, source, line
-
-    class SourceStats:
-        def __init__(self):
-            self.skipped = {}
-
-    def iter_documents(inputs, fmt="auto", text_field="text", strict=False, stats=None):
-        paths = [inputs] if isinstance(inputs, (str, Path)) else inputs
-        for p in paths:
-            for i, line in enumerate(Path(p).read_text(encoding="utf-8").splitlines(), 1):
-                if line.strip():
-                    yield Document(json.loads(line)[text_field], str(p), i)
-
-    mod.Document, mod.SourceStats, mod.iter_documents = Document, SourceStats, iter_documents
-    sys.modules["lmforge.data.sources"] = mod
-
-
-_install_sources_standin()
 
 BASE = [
     "The quick brown fox jumps over the lazy dog.",
@@ -242,3 +208,17 @@ def test_in_memory_tokenizer_with_workers_fails_cleanly(corpus, tmp_path):
     with pytest.raises(LmforgeError, match="tokenizer not found"):
         prepare_dataset(corpus, WideTokenizer(), tmp_path / "o", workers=2, progress=False)
     assert not (tmp_path / "o" / "meta.json").exists()
+
+
+def test_bad_lines_are_counted_skips_or_strict_errors(tok_dir, tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    good = [json.dumps({"text": t}) for t in DOCS[:5]]
+    path.write_text("\n".join(good[:2] + ["{broken json"] + good[2:] + ['{"title": "no text"}']) + "\n")
+    s = prepare_dataset(path, tok_dir, tmp_path / "o", progress=False)
+    assert s["documents"] == 5 and sum(s["skipped"].values()) == 2
+    assert any("mixed.jsonl:3" in e for e in s["skip_examples"])
+    with pytest.raises(DataError, match="mixed.jsonl:3"):
+        prepare_dataset(path, tok_dir, tmp_path / "strict", strict=True, progress=False)
+    assert not (tmp_path / "strict" / "meta.json").exists()
+    with pytest.raises(DataError, match="no such file"):
+        prepare_dataset(tmp_path / "nope.jsonl", tok_dir, tmp_path / "o2", progress=False)

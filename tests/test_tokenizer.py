@@ -6,8 +6,6 @@ import base64
 import gzip
 import json
 import shutil
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -33,38 +31,6 @@ VARIED = [
     "unseen words: zyxwvut qqqq 𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
     "",
 ]
-
-
-def _install_sources_standin():
-    """Until lmforge.data.sources lands: a JSONL-only iter_documents with the contract's shape."""
-    try:
-        import lmforge.data.sources  # noqa: F401
-
-        return
-    except ImportError:
-        pass
-    mod = types.ModuleType("lmforge.data.sources")
-
-    class Document:
-        def __init__(self, text, source, line):
-            self.text, self.source, self.line = text, source, line
-
-    class SourceStats:
-        def __init__(self):
-            self.skipped = {}
-
-    def iter_documents(inputs, fmt="auto", text_field="text", strict=False, stats=None):
-        paths = [inputs] if isinstance(inputs, (str, Path)) else inputs
-        for p in paths:
-            for i, line in enumerate(Path(p).read_text(encoding="utf-8").splitlines(), 1):
-                if line.strip():
-                    yield Document(json.loads(line)[text_field], str(p), i)
-
-    mod.Document, mod.SourceStats, mod.iter_documents = Document, SourceStats, iter_documents
-    sys.modules["lmforge.data.sources"] = mod
-
-
-_install_sources_standin()
 
 
 def write_jsonl(path: Path, texts) -> Path:

@@ -14,7 +14,6 @@ spread, ceil(n*f) of n, so any non-empty corpus has a val document when f > 0).
 
 from __future__ import annotations
 
-import glob
 import itertools
 import multiprocessing as mp
 import os
@@ -91,35 +90,28 @@ def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 # -- main process ------------------------------------------------------------------------------
 def _source_files(inputs) -> list[dict[str, Any]]:
-    """Every input file with its sha256 and size (names that are not files, e.g. hub datasets,
-    are recorded by name). Sorted per input, like the readers expand globs and folders."""
-    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    """Every input file (expanded exactly as the readers expand it) with its sha256 and size;
+    `hf:` dataset specs are recorded by name. Raises DataError for missing inputs."""
+    from lmforge.data.sources import expand_inputs
+
     sources = []
-    for item in items:
-        p = Path(item).expanduser()
-        if p.is_file():
-            paths = [p]
-        elif p.is_dir():
-            paths = sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith("."))
+    for item in expand_inputs(inputs):
+        if isinstance(item, str):
+            sources.append({"path": item, "sha256": None, "bytes": None})
         else:
-            paths = [Path(q) for q in sorted(glob.glob(str(p), recursive=True)) if Path(q).is_file()]
-        if not paths:
-            sources.append({"path": str(item), "sha256": None, "bytes": None})
-        for q in paths:
-            sources.append({"path": str(q.resolve()), "sha256": file_sha256(q), "bytes": q.stat().st_size})
+            sources.append(
+                {"path": str(item.resolve()), "sha256": file_sha256(item), "bytes": item.stat().st_size}
+            )
     return sources
 
 
-def _stats_dict(stats) -> dict[str, Any]:
-    if stats is None:
-        return {}
-    if hasattr(stats, "to_dict"):
-        return dict(stats.to_dict())
-    if hasattr(stats, "__dataclass_fields__"):
-        import dataclasses
-
-        return dataclasses.asdict(stats)
-    return {k: v for k, v in vars(stats).items() if not k.startswith("_")}
+def _skips(stats, counters: dict[str, int]) -> dict[str, int]:
+    """Skipped records by reason (from the readers' SourceStats) plus prepare's own counts."""
+    found = {str(k): int(v) for k, v in sorted(getattr(stats, "skipped", {}).items())}
+    if getattr(stats, "empty_files", 0):
+        found["empty_files"] = int(stats.empty_files)
+    found.update({k: v for k, v in counters.items() if v})
+    return found
 
 
 class _Gate:
@@ -325,11 +317,13 @@ def prepare_dataset(
         "val_docs": splits["val"]["docs"],
         "text_bytes": text_bytes,
         "bytes_per_token": round(text_bytes / max(n_tokens - specials, 1), 4),
-        "skipped": {**_stats_dict(stats), **counters},
+        "skipped": _skips(stats, counters),
+        "skip_examples": list(getattr(stats, "examples", [])),
         "seconds": round(seconds, 3),
         "tokens_per_s": round(n_tokens / max(seconds, 1e-9), 1),
         "workers": workers,
         "dtype": dtype,
+        "splits": {k: {"docs": v["docs"], "tokens": v["tokens"]} for k, v in splits.items()},
     }
     meta = {
         "dtype": dtype,
@@ -353,11 +347,12 @@ def prepare_dataset(
 
 
 def format_summary(s: dict[str, Any]) -> str:
-    skipped = ", ".join(f"{k} {v}" for k, v in s["skipped"].items() if isinstance(v, int) and v) or "none"
+    skipped = ", ".join(f"{v:,} {k}" for k, v in s["skipped"].items()) or "none"
     return (
         f"prepared {s['documents']:,} documents -> {s['tokens']:,} tokens "
         f"(train {s['train_docs']:,} docs / {s['train_tokens']:,} tok, val {s['val_docs']:,} docs / "
         f"{s['val_tokens']:,} tok), {s['text_bytes'] / 1e6:.1f} MB text, {s['bytes_per_token']:.2f} bytes/token, "
         f"{s['dtype']}, skipped: {skipped}, {s['seconds']:.1f} s ({s['tokens_per_s']:,.0f} tok/s, "
         f"{s['workers']} worker{'s' if s['workers'] > 1 else ''})"
+        + "".join(f"\n  e.g. {example}" for example in s.get("skip_examples", []))
     )
