@@ -80,7 +80,15 @@ def download_package(pkg: Package, dest: Path) -> Path:
             cmd += ["--only-binary", ":all:"]
         else:
             cmd += ["--no-binary", ":all:"]
-        _run(cmd, pkg.spec)
+            # pip prepares sdist metadata even with --no-deps; reusing this environment's
+            # build backend halves the time, and an isolated build is the fallback.
+            try:
+                _run([*cmd, "--no-build-isolation"], pkg.spec)
+            except DataError:
+                _run(cmd, pkg.spec)
+            cmd = []
+        if cmd:
+            _run(cmd, pkg.spec)
     elif pkg.registry == "npm":
         if shutil.which("npm") is None:
             raise DataError(f"{pkg.spec}: this corpus comes from npm and `npm` is not on PATH")
