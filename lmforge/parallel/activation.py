@@ -49,6 +49,7 @@ def _checkpointed_forward(forward, selective: bool):
         extra = {"context_fn": _selective_context} if selective else {}
         return checkpoint(forward, *args, use_reentrant=False, **extra, **kwargs)
 
+    run.checkpoint_mode = "selective" if selective else "full"  # lets tests and tools see what is applied
     return run
 
 
