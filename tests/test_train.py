@@ -108,3 +108,181 @@ def test_adamw_step_changes_matrices_only_via_decay_group():
     opt.step()  # zero gradients: only decoupled weight decay moves anything
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert moved == {"proj.weight", "output.weight"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop on the `tiny` preset and a synthetic shard folder
+
+
+def _records(run_dir):
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_grad_accumulation_equals_one_big_batch_with_unequal_masks():
+    from lmforge.model import Transformer
+    from lmforge.parallel import ParallelContext
+    from lmforge.train.step import accumulate_gradients, autocast_context
+
+    cfg = config_from_dict({"model": {"preset": "tiny"}, "data": {"seq_len": 16}})
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    ids = torch.randint(3, 512, (4, 16))
+    labels = ids.clone()
+    labels[0, 3:] = -100  # padded samples with very different numbers of target tokens
+    labels[1, 12:] = -100
+    labels[3, :1] = -100
+    ctx, amp = ParallelContext(), autocast_context(torch.device("cpu"), torch.float32)
+
+    def grads(batches):
+        model.zero_grad(set_to_none=True)
+        loss, n = accumulate_gradients(model, batches, ctx, amp)
+        return loss, n, {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    big_loss, big_n, big = grads([{"input_ids": ids, "labels": labels}])
+    split = [{"input_ids": ids[i : i + 1], "labels": labels[i : i + 1]} for i in range(4)]
+    acc_loss, acc_n, acc = grads(split)
+    assert big_n.item() == acc_n.item() == (labels != -100).sum().item()
+    assert acc_loss.item() == pytest.approx(big_loss.item(), abs=1e-6)
+    for name in big:
+        assert torch.allclose(big[name], acc[name], atol=1e-6, rtol=0), name
+    # the same tokens as a plain token-mean cross-entropy
+    ref = torch.nn.functional.cross_entropy(
+        model(ids).logits.view(-1, 512), labels.view(-1), ignore_index=-100
+    )
+    assert big_loss.item() == pytest.approx(ref.item(), abs=1e-6)
+
+
+def test_training_reduces_loss_and_writes_metrics_checkpoints_plots(tmp_path):
+    from test_train_utils import make_dataset, tiny_config
+
+    from lmforge.train.report import report
+    from lmforge.train.trainer import run_training
+
+    data = make_dataset(tmp_path / "data")
+    cfg = tiny_config(
+        tmp_path, data, train__max_steps=8, train__eval_interval=4, log__plots=True, log__tensorboard=True
+    )
+    summary = run_training(cfg)
+    run = tmp_path / "runs" / "t"
+    recs = _records(run)
+    train = [r for r in recs if "loss" in r]
+    evals = [r for r in recs if "val_loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 9))
+    for key in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "mem", "elapsed"):
+        assert key in train[0], key
+    assert train[0]["mfu"] is None and train[-1]["tokens"] == 8 * 4 * 32 and train[0]["mem"] > 0
+    assert [r["step"] for r in evals] == [4, 8]
+    assert evals[-1]["val_ppl"] == pytest.approx(math.exp(evals[-1]["val_loss"]))
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] and train[-1]["loss"] < train[0]["loss"] - 0.2
+    assert summary["steps"] == 8 and summary["val_loss"] == evals[-1]["val_loss"] and not summary["preempted"]
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "latest",
+        "step_6",
+        "step_8",
+    ]  # interval 3 + end, keep 2
+    assert (ckpts / "latest").read_text().strip() == "step_8"
+    assert (run / "config.yaml").is_file() and any((run / "tb").iterdir())
+    for name in ("loss.png", "lr.png", "throughput.png"):
+        assert (run / "plots" / name).stat().st_size > 1000
+    (run / "plots" / "loss.png").unlink()
+    text = report(run)
+    assert "steps          8" in text and (run / "plots" / "loss.png").is_file()
+
+
+def test_fp16_grad_scaler_path_on_cpu(tmp_path):
+    from test_train_utils import make_dataset, tiny_config
+
+    from lmforge.train.checkpoint import read_state
+    from lmforge.train.trainer import run_training
+
+    data = make_dataset(tmp_path / "data")
+    cfg = tiny_config(tmp_path, data, train__max_steps=2, train__dtype="float16", train__eval_interval=0)
+    summary = run_training(cfg)
+    assert math.isfinite(summary["loss"])
+    scaler = read_state(tmp_path / "runs" / "t" / "checkpoints" / "step_2")["scaler"]
+    assert scaler is not None and scaler["scale"] > 0
+
+
+def test_non_finite_loss_skips_steps_then_stops_without_overwriting(tmp_path, monkeypatch):
+    from test_train_utils import make_dataset, tiny_config
+
+    from lmforge.errors import LmforgeError
+    from lmforge.train import trainer
+
+    real = trainer.accumulate_gradients
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss, n = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] >= 3 else loss), n
+
+    monkeypatch.setattr(trainer, "accumulate_gradients", poisoned)
+    data = make_dataset(tmp_path / "data")
+    cfg = tiny_config(tmp_path, data, train__max_steps=8, train__max_bad_steps=2, checkpoint__interval=2)
+    with pytest.raises(LmforgeError) as err:
+        trainer.run_training(cfg)
+    msg = str(err.value)
+    assert "2 steps in a row at step 4" in msg and "step_2" in msg and "lower optim.lr" in msg
+    ckpts = tmp_path / "runs" / "t" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_2"]
+    assert (ckpts / "latest").read_text().strip() == "step_2"
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path):
+    from test_train_utils import make_dataset, tiny_config
+
+    from lmforge.errors import CheckpointError, DataError, LmforgeError
+    from lmforge.train.trainer import run_training
+
+    missing = tiny_config(tmp_path, tmp_path / "nope")
+    with pytest.raises(ConfigError, match=r"data\.train: .*nope is not a folder"):
+        run_training(missing)
+    big_vocab = make_dataset(tmp_path / "big", vocab_size=1000)
+    with pytest.raises(DataError, match=r"model\.vocab_size 512 is smaller"):
+        run_training(tiny_config(tmp_path, big_vocab))
+    data = make_dataset(tmp_path / "data")
+    run_training(tiny_config(tmp_path, data, train__max_steps=1, train__eval_interval=0))
+    changed = tiny_config(tmp_path, data, train__max_steps=2, model__hidden_size=32)
+    with pytest.raises(CheckpointError, match=r"model\.hidden_size \(64 in checkpoint, 32 now\)") as err:
+        run_training(changed)
+    assert "\n" not in str(err.value)
+    with pytest.raises(LmforgeError, match="load_checkpoint"):
+        run_training(tiny_config(tmp_path, data, run_mode="finetune", run__name="ft"))
+
+
+def test_finetune_starts_from_weights_with_fresh_optimizer(tmp_path):
+    from test_train_utils import make_dataset, tiny_config
+
+    from lmforge.train.trainer import run_training
+
+    data = make_dataset(tmp_path / "data")
+    base = run_training(tiny_config(tmp_path, data, train__max_steps=2, train__eval_interval=0))
+    cfg = tiny_config(
+        tmp_path,
+        data,
+        run_mode="finetune",
+        run__name="ft",
+        train__load_checkpoint=base["checkpoint"],
+        train__max_steps=1,
+        train__eval_interval=0,
+        data__mode="padded",
+        data__seq_len=16,
+    )
+    summary = run_training(cfg)
+    assert summary["steps"] == 1 and summary["resumed_from"] is None
+    scratch = run_training(
+        tiny_config(
+            tmp_path,
+            data,
+            run__name="scratch",
+            train__max_steps=1,
+            train__eval_interval=0,
+            data__mode="padded",
+            data__seq_len=16,
+        )
+    )
+    assert summary["loss"] < scratch["loss"]  # it started from the pretrained weights

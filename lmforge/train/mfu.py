@@ -1,0 +1,60 @@
+"""Model FLOPs utilisation: achieved model FLOP/s over the device's dense peak.
+
+Peaks are the vendors' dense (no sparsity) tensor-core figures per GPU, by training dtype;
+float32 training on these GPUs runs matmuls as TF32. CPUs have no meaningful single peak, so MFU
+is reported as n/a there (None).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# name fragment -> (bf16/fp16 dense TFLOP/s, tf32 dense TFLOP/s); first match wins, so the more
+# specific names come first.
+_PEAKS_TFLOPS = [
+    ("H200", 989.0, 494.5),
+    ("H100 PCIe", 756.0, 378.0),
+    ("H100", 989.0, 494.5),  # SXM
+    ("H800", 989.0, 494.5),
+    ("GH200", 989.0, 494.5),
+    ("B200", 2250.0, 1100.0),
+    ("A100", 312.0, 156.0),
+    ("A800", 312.0, 156.0),
+    ("L40S", 362.0, 183.0),
+    ("L4", 121.0, 60.0),
+    ("A10G", 70.0, 35.0),
+    ("RTX 4090", 165.2, 82.6),
+    ("RTX 3090", 71.0, 35.6),
+    ("V100", 125.0, 15.7),
+    ("T4", 65.0, 8.1),
+]
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Dense peak FLOP/s of one device for `dtype` training, or None when unknown / CPU."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    for fragment, half, tf32 in _PEAKS_TFLOPS:
+        if fragment in name:
+            return (tf32 if dtype == torch.float32 else half) * 1e12
+    return None
+
+
+def model_flops_per_token(model_cfg, seq_len: int, model: torch.nn.Module | None = None) -> float:
+    """Training FLOPs per token (forward + backward) from the model config; 6 x parameters when
+    the model package's estimate is unavailable."""
+    try:
+        from lmforge.model.flops import flops_per_token
+
+        return float(flops_per_token(model_cfg, seq_len))
+    except ImportError:
+        if model is None:
+            return 0.0
+        return 6.0 * sum(p.numel() for p in model.parameters())
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak: float | None, world_size: int) -> float | None:
+    if not peak or not flops_per_token:
+        return None
+    return flops_per_token * tokens_per_s / (peak * world_size)

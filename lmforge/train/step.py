@@ -1,0 +1,120 @@
+"""One optimizer step's worth of forward/backward, precision set-up, and RNG state capture.
+
+Loss normalisation: each micro step contributes sum(token cross-entropy) / N, where N is the
+number of target tokens (labels != -100) in the WHOLE global batch: all micro steps of this rank,
+summed over data-parallel ranks. N is counted before the first forward, so accumulating k micro
+batches of b equals one batch of k*b exactly, also when padded samples carry unequal numbers of
+target tokens. DDP/FSDP average gradients over ranks, so each rank's term is scaled by dp_size to
+turn that average back into the global token mean. MoE auxiliary losses are averaged over micro
+steps (and, through the gradient average, over ranks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmforge.parallel import grad_sync
+
+IGNORE_INDEX = -100
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """train.dtype auto: bf16 on a CUDA device that supports it, else fp32 (CPU included)."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return DTYPES[name]
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_scaler(device: torch.device, dtype: torch.dtype):
+    """A GradScaler for fp16 only (bf16 has fp32's range and needs none)."""
+    if dtype != torch.float16:
+        return None
+    return torch.amp.GradScaler(device.type)
+
+
+def count_targets(batches: list[dict], ctx) -> torch.Tensor:
+    """Target tokens in the global batch, on device, summed over data-parallel ranks (no host sync)."""
+    local = sum((b["labels"] != IGNORE_INDEX).sum() for b in batches)
+    return ctx.reduce_sum(local.to(torch.float32))
+
+
+def accumulate_gradients(
+    model, batches: list[dict], ctx, amp, scaler=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward/backward over the micro batches of one step. Returns (this rank's share of the
+    step loss as a device tensor, global target-token count). Gradients are reduced across ranks
+    only on the last micro step."""
+    n_targets = count_targets(batches, ctx)
+    denom = n_targets.clamp(min=1.0)
+    scale = float(ctx.dp_size)
+    total = torch.zeros((), device=batches[0]["input_ids"].device, dtype=torch.float32)
+    last = len(batches) - 1
+    for i, batch in enumerate(batches):
+        with grad_sync(model, enabled=i == last):
+            with amp:
+                out = model(batch["input_ids"])
+            logits = out.logits.float()
+            ce_sum = F.cross_entropy(
+                logits.view(-1, logits.size(-1)),
+                batch["labels"].view(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+            loss = ce_sum * scale / denom + out.aux_loss.float() / len(batches)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += loss.detach()
+    return total, n_targets
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG state (saved per rank in checkpoints; dropout and any sampling depend on it)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [
+            np_state[0],
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
