@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -222,3 +223,18 @@ def test_bad_lines_are_counted_skips_or_strict_errors(tok_dir, tmp_path):
     assert not (tmp_path / "strict" / "meta.json").exists()
     with pytest.raises(DataError, match="no such file"):
         prepare_dataset(tmp_path / "nope.jsonl", tok_dir, tmp_path / "o2", progress=False)
+
+
+def test_workers_from_a_script_without_main_guard(tok_dir, corpus, tmp_path):
+    import subprocess
+
+    script = tmp_path / "no_guard.py"
+    script.write_text(
+        "from lmforge.data.prepare import prepare_dataset\n"
+        f"s = prepare_dataset({str(corpus)!r}, {str(tok_dir)!r}, {str(tmp_path / 'o')!r}, workers=2, progress=False)\n"
+        "print('TOKENS', s['tokens'])\n"
+    )
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("TOKENS") == 1  # the script ran once, not once per worker
+    assert TokenDataset.open(tmp_path / "o", "train").num_docs == len(DOCS) - 1

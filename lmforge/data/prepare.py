@@ -2,9 +2,8 @@
 
 Pipeline: the main process streams documents (`iter_documents`) into chunks of about
 `chunk_bytes` of text; worker processes (each loading the tokenizer once) turn a chunk into one
-flat array of [bos] + ids + [eos] per document plus the document lengths; `Pool.imap` hands the
-results back in input order, and the main process routes each document to the train or val
-`ShardWriter`. At most `2 * workers + 2` chunks are in flight, so memory does not depend on the
+flat array of [bos] + ids + [eos] per document plus the document lengths; results come back in
+input order, and the main process routes each document to the train or val `ShardWriter`. At most `2 * workers + 2` chunks are in flight, so memory does not depend on the
 corpus size. Output bytes depend only on the inputs and the tokenizer, never on `workers`.
 
 Split rule: documents are numbered 0, 1, 2, ... in input order (after skips); document i goes to
@@ -14,11 +13,13 @@ spread, ceil(n*f) of n, so any non-empty corpus has a val document when f > 0).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing as mp
 import os
-import threading
+import sys
 import time
+import types
 from collections import deque
 from fractions import Fraction
 from pathlib import Path
@@ -51,7 +52,7 @@ def _init_worker(tok_path: str, fingerprint: str, dtype: str) -> None:
     # Processes, not threads, give the parallelism; keep each worker's encoder single-threaded.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ["RAYON_NUM_THREADS"] = "1"
-    # An exception here would make Pool respawn the worker forever; report it with the first chunk.
+    # An initializer exception only shows as a broken pool; report the real one with the first chunk.
     try:
         tok = load_tokenizer(tok_path)
         if tok.fingerprint != fingerprint:
@@ -114,30 +115,8 @@ def _skips(stats, counters: dict[str, int]) -> dict[str, int]:
     return found
 
 
-class _Gate:
-    """Lets the pool's feeder thread run at most `ahead` chunks ahead of the writer (Pool.imap
-    would otherwise read the whole corpus into its task queue). `close()` wakes the feeder for
-    good so that Pool.terminate(), which joins that thread, cannot hang after an error."""
-
-    def __init__(self, ahead: int):
-        self._sem = threading.Semaphore(ahead)
-        self._closed = False
-
-    def enter(self) -> bool:
-        self._sem.acquire()
-        return not self._closed
-
-    def leave(self) -> None:
-        self._sem.release()
-
-    def close(self) -> None:
-        self._closed = True
-        self._sem.release()
-
-
-def _chunks(documents, chunk_bytes: int, counters: dict[str, int], sizes: deque, gate: _Gate | None):
-    """Lists of document texts of about `chunk_bytes` UTF-8 bytes each (sizes recorded in
-    `sizes`, in order), passing through `gate` when the chunks go to worker processes."""
+def _chunks(documents, chunk_bytes: int, counters: dict[str, int]):
+    """(texts, UTF-8 bytes) of about `chunk_bytes` each, in document order."""
     texts, size = [], 0
     for doc in documents:
         text = doc.text
@@ -147,16 +126,74 @@ def _chunks(documents, chunk_bytes: int, counters: dict[str, int], sizes: deque,
         texts.append(text)
         size += len(text.encode("utf-8"))
         if size >= chunk_bytes:
-            if gate is not None and not gate.enter():
-                return
-            sizes.append(size)
-            yield texts
+            yield texts, size
             texts, size = [], 0
     if texts:
-        if gate is not None and not gate.enter():
-            return
-        sizes.append(size)
-        yield texts
+        yield texts, size
+
+
+@contextlib.contextmanager
+def _caller_main_hidden():
+    """Start spawn workers without re-running the caller's `__main__` in them: workers need only
+    this module, and hiding it lets scripts without an `if __name__ == "__main__"` guard, stdin
+    and notebooks use workers > 1 (spawn would otherwise re-execute the script in every worker)."""
+    real = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = real
+
+
+def _worker_ready() -> None:
+    if "error" in _W:
+        raise _W["error"]
+
+
+def _encode_in_workers(chunks, workers: int, tok: Tokenizer, dtype: str):
+    """Yield (flat, lengths, nbytes) per chunk in input order, encoded by `workers` processes.
+
+    At most 2 * workers + 2 chunks are in flight, so memory stays bounded whatever the corpus
+    size. (Pool.imap would read the whole corpus into its task queue, and Pool respawns workers
+    that die at start-up forever; a ProcessPoolExecutor reports them as BrokenProcessPool.)"""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    ahead = 2 * workers + 2
+    executor = ProcessPoolExecutor(
+        workers,
+        mp_context=mp.get_context("spawn"),  # no inherited locks or thread pools from the caller
+        initializer=_init_worker,
+        initargs=(str(tok.path), tok.fingerprint, dtype),
+    )
+    pending: deque = deque()
+    try:
+        with _caller_main_hidden():  # each submit starts one worker until all are running
+            started = [executor.submit(_worker_ready) for _ in range(workers)]
+        for future in started:
+            future.result()
+        for texts, nbytes in chunks:
+            pending.append((executor.submit(_encode_chunk, texts), nbytes))
+            while len(pending) >= ahead:
+                future, size = pending.popleft()
+                yield (*future.result(), size)
+        while pending:
+            future, size = pending.popleft()
+            yield (*future.result(), size)
+    except BrokenProcessPool as exc:
+        raise DataError(
+            f"{tok.path}: a tokenizer worker process died ({exc}); run with workers=1 to see why"
+        ) from None
+    finally:
+        for future, _ in pending:
+            future.cancel()
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _encode_here(chunks, tok: Tokenizer, dtype: str):
+    _set_encoder(tok, dtype)
+    for texts, nbytes in chunks:
+        yield (*_encode_chunk(texts), nbytes)
 
 
 def _resolve_dtype(tok: Tokenizer, dtype: str | None) -> str:
@@ -245,34 +282,25 @@ def prepare_dataset(
     p, q = frac.numerator, frac.denominator
     stats = SourceStats()
     counters = {"empty_documents": 0}
-    chunk_sizes: deque[int] = deque()  # UTF-8 bytes per chunk, in flight order
-    gate = _Gate(2 * workers + 2) if workers > 1 else None
     documents = iter_documents(inputs, fmt=fmt, text_field=text_field, strict=strict, stats=stats)
-    chunks = _chunks(documents, chunk_bytes, counters, chunk_sizes, gate)
+    chunks = _chunks(documents, chunk_bytes, counters)
+    if workers > 1:
+        results = _encode_in_workers(chunks, workers, tok, dtype)
+    else:
+        results = _encode_here(chunks, tok, dtype)
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(unit="B", unit_scale=True, unit_divisor=1000, desc=f"prepare {out.name}", smoothing=0.1)
-    pool = None
     n_docs = n_tokens = text_bytes = 0
     splits: dict[str, Any] = {}
     try:
-        if workers > 1:
-            pool = mp.get_context("spawn").Pool(
-                workers, initializer=_init_worker, initargs=(str(tok.path), tok.fingerprint, dtype)
-            )
-            results = pool.imap(_encode_chunk, chunks, chunksize=1)
-        else:
-            _set_encoder(tok, dtype)
-            results = map(_encode_chunk, chunks)
         with (
             ShardWriter(out, "train", dtype, shard_tokens) as train_w,
             ShardWriter(out, "val", dtype, shard_tokens) as val_w,
         ):
-            for flat, lengths in results:
-                if gate is not None:
-                    gate.leave()
+            for flat, lengths, nbytes in results:
                 offsets = np.concatenate(([0], np.cumsum(lengths)))
                 for j in range(len(lengths)):
                     i = n_docs + j
@@ -280,20 +308,14 @@ def prepare_dataset(
                     (val_w if is_val else train_w).add_document(flat[offsets[j] : offsets[j + 1]])
                 n_docs += len(lengths)
                 n_tokens += int(offsets[-1])
-                nbytes = chunk_sizes.popleft()
                 text_bytes += nbytes
                 if bar is not None:
                     bar.update(nbytes)
-                    bar.set_postfix_str(
-                        f"{n_tokens / max(bar.format_dict['elapsed'], 1e-9):,.0f} tok/s", refresh=False
-                    )
+                    rate = n_tokens / max(bar.format_dict["elapsed"], 1e-9)
+                    bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
             splits = {"train": train_w.close(), "val": val_w.close()}
     finally:
-        if gate is not None:
-            gate.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        results.close()  # stops the workers now, also on errors and Ctrl-C
         if bar is not None:
             bar.close()
     if n_docs == 0:
