@@ -286,3 +286,51 @@ def test_finetune_starts_from_weights_with_fresh_optimizer(tmp_path):
         )
     )
     assert summary["loss"] < scratch["loss"]  # it started from the pretrained weights
+
+
+def test_samples_are_generated_with_the_run_tokenizer(tmp_path):
+    import json
+
+    from test_train_utils import make_dataset, tiny_config
+
+    from lmforge.tokenizer import load_tokenizer, train_tokenizer
+    from lmforge.train.trainer import run_training
+
+    text = tmp_path / "corpus.txt"
+    text.write_text(
+        "\n".join(f"The cat number {i} sat on the mat and looked at the sky." for i in range(200))
+    )
+    tok_dir = train_tokenizer([str(text)], 300, tmp_path / "tok")
+    tok = load_tokenizer(tok_dir)
+    data = make_dataset(tmp_path / "data", vocab_size=300, fingerprint=tok.fingerprint)
+    cfg = tiny_config(
+        tmp_path,
+        data,
+        train__max_steps=2,
+        train__eval_interval=0,
+        tokenizer__path=str(tok_dir),
+        train__sample_prompts=["The cat", "Once"],
+        train__sample_max_new_tokens=4,
+    )
+    run_training(cfg)
+    samples = [json.loads(x) for x in (tmp_path / "runs" / "t" / "samples.jsonl").read_text().splitlines()]
+    assert [(s["step"], s["prompt"]) for s in samples] == [(2, "The cat"), (2, "Once")]
+    assert all(isinstance(s["text"], str) and s["text"] for s in samples)
+    # a tokenizer other than the one the data was prepared with is refused
+    other = make_dataset(tmp_path / "other", vocab_size=300, fingerprint="someone-else")
+    with pytest.raises(Exception, match="prepared with tokenizer someone-else"):
+        run_training(tiny_config(tmp_path, other, run__name="o", tokenizer__path=str(tok_dir)))
+
+
+def test_wandb_missing_is_a_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    from test_train_utils import make_dataset, tiny_config
+
+    from lmforge.errors import LmforgeError
+    from lmforge.train.trainer import run_training
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    data = make_dataset(tmp_path / "data")
+    with pytest.raises(LmforgeError, match="wandb package is not installed"):
+        run_training(tiny_config(tmp_path, data, log__wandb=True))

@@ -13,7 +13,7 @@ from lmforge.data.shards import ShardWriter, write_meta
 BOS, EOS, PAD = 1, 2, 0
 
 
-def make_dataset(folder, vocab_size=512, docs=120, seed=0, min_len=20, max_len=60):
+def make_dataset(folder, vocab_size=512, docs=120, seed=0, min_len=20, max_len=60, fingerprint="test"):
     """Documents are arithmetic progressions mod (vocab-3), shifted past the special ids: easy to learn."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -31,7 +31,7 @@ def make_dataset(folder, vocab_size=512, docs=120, seed=0, min_len=20, max_len=6
         {
             "dtype": "uint16",
             "vocab_size": vocab_size,
-            "tokenizer_fingerprint": "test",
+            "tokenizer_fingerprint": fingerprint,
             "bos_id": BOS,
             "eos_id": EOS,
             "pad_id": PAD,

@@ -39,8 +39,8 @@ def validate(model, val_loader, ctx, amp, max_batches: int) -> dict:
                     logits = model(batch["input_ids"]).logits
                 labels = batch["labels"]
                 loss_sum += F.cross_entropy(
-                    logits.float().view(-1, logits.size(-1)),
-                    labels.view(-1),
+                    logits.float().reshape(-1, logits.size(-1)),
+                    labels.reshape(-1),
                     ignore_index=IGNORE_INDEX,
                     reduction="sum",
                 ).double()

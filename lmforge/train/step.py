@@ -69,8 +69,8 @@ def accumulate_gradients(
                 out = model(batch["input_ids"])
             logits = out.logits.float()
             ce_sum = F.cross_entropy(
-                logits.view(-1, logits.size(-1)),
-                batch["labels"].view(-1),
+                logits.reshape(-1, logits.size(-1)),
+                batch["labels"].reshape(-1),
                 ignore_index=IGNORE_INDEX,
                 reduction="sum",
             )
