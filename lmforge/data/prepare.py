@@ -41,7 +41,7 @@ from lmforge.data.shards import (
 from lmforge.errors import DataError
 from lmforge.tokenizer import Tokenizer, load_tokenizer
 
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 1 << 18  # 256 KiB: enough chunks to keep every worker busy on small corpora
 SPLIT_RULE = "document i (input order) is val when ceil((i+1)*val_fraction) > ceil(i*val_fraction)"
 
 # -- worker side -------------------------------------------------------------------------------
