@@ -97,7 +97,7 @@ def test_stop_at_step_and_resume_is_bitwise_identical(tmp_path, reference, monke
 
 def test_sigkill_while_writing_a_checkpoint_then_resume_is_bitwise_identical(tmp_path, reference, one_thread):
     data, ref = reference
-    cfg = _cfg(tmp_path, data, "k")
+    cfg = _cfg(tmp_path, data, "k", data__prefetch=2)  # read-ahead must not leak into the resume point
     ckpts = tmp_path / "runs" / "k" / "checkpoints"
     proc = _subprocess(cfg, tmp_path, {"LMFORGE_TEST_CKPT_PAUSE": "4:120"})
     _wait_for(lambda: ckpts.is_dir() and any(p.name.startswith("step_4.tmp-") for p in ckpts.iterdir()), proc)

@@ -334,3 +334,36 @@ def test_wandb_missing_is_a_clear_error(tmp_path, monkeypatch):
     data = make_dataset(tmp_path / "data")
     with pytest.raises(LmforgeError, match="wandb package is not installed"):
         run_training(tiny_config(tmp_path, data, log__wandb=True))
+
+
+def test_moe_aux_loss_is_part_of_the_step_loss():
+    from lmforge.model import Transformer
+    from lmforge.parallel import ParallelContext
+    from lmforge.train.step import accumulate_gradients, autocast_context
+
+    cfg = config_from_dict({"model": {"preset": "tiny-moe"}, "data": {"seq_len": 16}})
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    ids = torch.randint(3, 512, (2, 16))
+    batch = {"input_ids": ids, "labels": ids}
+    loss, _ = accumulate_gradients(
+        model, [batch], ParallelContext(), autocast_context(torch.device("cpu"), torch.float32)
+    )
+    with torch.no_grad():
+        out = model(ids)
+    ce = torch.nn.functional.cross_entropy(out.logits.view(-1, 512), ids.view(-1))
+    assert out.aux_loss.item() > 0
+    assert loss.item() == pytest.approx((ce + out.aux_loss).item(), abs=1e-6)
+
+
+def test_training_without_validation_split_and_checkpoint_reads_for_inference(tmp_path, capsys):
+    from test_train_utils import make_dataset, tiny_config
+
+    from lmforge.infer.loading import load_weights
+    from lmforge.train.trainer import run_training
+
+    data = make_dataset(tmp_path / "data", val=False)
+    summary = run_training(tiny_config(tmp_path, data, train__max_steps=1))
+    assert summary["val_loss"] is None and "note: no validation" in capsys.readouterr().out
+    state, cfg, _ = load_weights(summary["checkpoint"])
+    assert cfg.model.hidden_size == 64 and state["tok_embeddings.weight"].shape == (512, 64)

@@ -13,12 +13,14 @@ from lmforge.data.shards import ShardWriter, write_meta
 BOS, EOS, PAD = 1, 2, 0
 
 
-def make_dataset(folder, vocab_size=512, docs=120, seed=0, min_len=20, max_len=60, fingerprint="test"):
+def make_dataset(
+    folder, vocab_size=512, docs=120, seed=0, min_len=20, max_len=60, fingerprint="test", val=True
+):
     """Documents are arithmetic progressions mod (vocab-3), shifted past the special ids: easy to learn."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     splits = {}
-    for split, n in (("train", docs), ("val", max(8, docs // 8))):
+    for split, n in (("train", docs), ("val", max(8, docs // 8)))[: 2 if val else 1]:
         with ShardWriter(folder, split, "uint16") as w:
             for _ in range(n):
                 start, step = int(rng.integers(0, 50)), int(rng.integers(1, 4))

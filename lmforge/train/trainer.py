@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.errors import ConfigError, LmforgeError
+from lmforge.errors import ConfigError, DataError, LmforgeError
 from lmforge.parallel import build_parallel_model, clip_grad_norm, init_distributed, unwrap_model
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.evaluation import load_sample_tokenizer, validate, write_samples
@@ -131,7 +131,13 @@ class _Trainer:
             vocab_size=cfg.model.vocab_size,
         )
         self.train_loader = build_loader(cfg.data, "train", micro, **loader_args)
-        self.val_loader = build_loader(cfg.data, "val", micro, **loader_args)
+        self.val_loader = None
+        try:
+            self.val_loader = build_loader(cfg.data, "val", micro, **loader_args)
+        except DataError as exc:
+            if cfg.data.valid is not None:  # asked for explicitly: its problems are errors
+                raise
+            self.no_val_reason = str(exc)
         self.model = build_parallel_model(cfg, ctx)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.total = total_steps(cfg, self.train_loader.samples_per_epoch)
@@ -216,6 +222,8 @@ class _Trainer:
         self.logger.start_progress(self.total, self.step, cfg.log.progress)
         if self.resumed_from:
             self.logger.print(f"resumed from {self.resumed_from} at step {self.step}")
+        if self.val_loader is None:
+            self.logger.print(f"note: no validation ({self.no_val_reason}); set data.valid to evaluate")
         if self.tokenizer is None and cfg.train.sample_prompts and cfg.train.sample_max_new_tokens:
             self.logger.print(f"note: no sample generations ({self.no_samples_reason})")
         self.t_start = t_start = time.perf_counter()
@@ -323,8 +331,10 @@ class _Trainer:
             "then resume"
         )
 
-    def _evaluate(self) -> dict:
+    def _evaluate(self) -> dict | None:
         cfg, ctx = self.cfg, self.ctx
+        if self.val_loader is None:
+            return None
         result = validate(self.model, self.val_loader, ctx, self.amp, cfg.train.eval_batches)
         self.logger.log({"step": self.step, **result})
         self.logger.print(
