@@ -58,7 +58,8 @@ def _subprocess(cfg, tmp, env_extra):
     path = tmp / "cfg.yaml"
     cfg.save(path)
     code = (
-        "import json, sys; from lmforge.config import load_config; from lmforge.train.trainer import run_training; "
+        "import json, sys; from lmforge.config import load_config; "
+        "from lmforge.train.trainer import run_training; "
         "print('SUMMARY ' + json.dumps(run_training(load_config(sys.argv[1]))), flush=True)"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", **env_extra}

@@ -252,6 +252,9 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(LmforgeError, match="load_checkpoint"):
         run_training(tiny_config(tmp_path, data, run_mode="finetune", run__name="ft"))
+    with pytest.raises(CheckpointError, match="earlier run and train.resume=never"):
+        run_training(tiny_config(tmp_path, data, train__resume="never"))
+    assert (tmp_path / "runs" / "t" / "checkpoints" / "step_1" / "state.json").is_file()
 
 
 def test_finetune_starts_from_weights_with_fresh_optimizer(tmp_path):

@@ -145,6 +145,7 @@ class MetricsLogger:
     def close(self) -> None:
         if not self.enabled:
             return
+        self.enabled = False  # idempotent: the trainer closes on errors too
         if self.bar is not None:
             self.bar.close()
             self.bar = None

@@ -15,8 +15,6 @@ the uninterrupted run bit for bit on CPU (train.deterministic also pins determin
 from __future__ import annotations
 
 import os
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from lmforge.train.metrics import MetricsLogger, console_line, peak_memory_bytes
 from lmforge.train.mfu import mfu, model_flops_per_token, peak_flops
 from lmforge.train.optim import build_optimizer
 from lmforge.train.schedule import build_schedule, total_steps
+from lmforge.train.signals import StopFlag
 from lmforge.train.step import (
     accumulate_gradients,
     autocast_context,
@@ -39,28 +38,6 @@ from lmforge.train.step import (
     seed_everything,
     set_rng_state,
 )
-
-
-class _StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints and returns at the next step boundary."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._old = {}
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._old[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.signal = signum
-
-    def restore(self) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-        self._old.clear()
 
 
 def run_dir_of(cfg) -> Path:
@@ -94,7 +71,7 @@ def run_training(cfg) -> dict:
         torch.use_deterministic_algorithms(True)
     ctx = init_distributed(cfg)
     seed_everything(cfg.run.seed + ctx.rank)
-    stop = _StopFlag()
+    stop = StopFlag()
     stop.install()
     try:
         return _Trainer(cfg, ctx, stop).fit()
@@ -105,7 +82,7 @@ def run_training(cfg) -> dict:
 
 
 class _Trainer:
-    def __init__(self, cfg, ctx, stop: _StopFlag):
+    def __init__(self, cfg, ctx, stop: StopFlag):
         from lmforge.data.loader import build_loader
 
         self.cfg, self.ctx, self.stop = cfg, ctx, stop
@@ -166,6 +143,11 @@ class _Trainer:
         cfg, ctx = self.cfg, self.ctx
         ckpt.clean_temporaries(self.ckpt_root)
         found = ckpt.resolve_resume(cfg.train.resume, self.ckpt_root)
+        if cfg.train.resume == "never" and ckpt.complete_checkpoints(self.ckpt_root):
+            raise ckpt.CheckpointError(
+                f"{self.ckpt_root}: holds checkpoints of an earlier run and train.resume=never would mix them "
+                "with this one; pick another run.name or checkpoint.dir, delete them, or resume with train.resume=auto"
+            )
         if found is not None:
             state, rank_state = ckpt.load_checkpoint(
                 found, self.model, self.optimizer, cfg.model.model_dump(mode="json")
@@ -177,6 +159,7 @@ class _Trainer:
                 self.scaler.load_state_dict(state["scaler"])
             self.step, self.tokens = int(state["step"]), int(state["tokens"])
             self.bad_steps = int(state.get("bad_steps", 0))
+            self.bad_streak = int(state.get("bad_streak", 0))
             self.elapsed_before = float(state.get("elapsed", 0.0))
             loader_state = (rank_state or {}).get("loader") or state["loader"]
             self.train_loader.load_state_dict(loader_state)
@@ -217,8 +200,6 @@ class _Trainer:
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg, ctx = self.cfg, self.ctx
-        accum = cfg.train.grad_accum_steps
-        log_every, eval_every, ckpt_every = cfg.log.interval, cfg.train.eval_interval, cfg.checkpoint.interval
         self.logger.start_progress(self.total, self.step, cfg.log.progress)
         if self.resumed_from:
             self.logger.print(f"resumed from {self.resumed_from} at step {self.step}")
@@ -228,10 +209,40 @@ class _Trainer:
             self.logger.print(f"note: no sample generations ({self.no_samples_reason})")
         self.t_start = t_start = time.perf_counter()
         start_step, start_tokens = self.step, self.tokens
+        self.model.train()
+        try:
+            preempted, first_loss, last_loss, last_eval = self._loop(start_step, t_start)
+        finally:
+            self.logger.close()
+        elapsed = self.elapsed_before + time.perf_counter() - t_start
+        if ctx.is_main and cfg.log.plots and self.logger.path.is_file():
+            from lmforge.train.report import draw_plots
+
+            draw_plots(self.run_dir)
+        return {
+            "run_dir": str(self.run_dir),
+            "steps": self.step,
+            "total_steps": self.total,
+            "tokens": self.tokens,
+            "first_loss": first_loss,
+            "loss": last_loss,
+            "val_loss": last_eval["val_loss"] if last_eval else None,
+            "val_ppl": last_eval["val_ppl"] if last_eval else None,
+            "tokens_per_s": (self.tokens - start_tokens) / max(elapsed - self.elapsed_before, 1e-9),
+            "elapsed": elapsed,
+            "bad_steps": self.bad_steps,
+            "preempted": preempted,
+            "checkpoint": str(self.last_saved) if self.last_saved else None,
+            "resumed_from": self.resumed_from,
+        }
+
+    def _loop(self, start_step: int, t_start: float):
+        cfg, ctx = self.cfg, self.ctx
+        accum = cfg.train.grad_accum_steps
+        log_every, eval_every, ckpt_every = cfg.log.interval, cfg.train.eval_interval, cfg.checkpoint.interval
         window_t, window_tokens = t_start, self.tokens
         first_loss = last_loss = last_eval = None
         preempted = False
-        self.model.train()
         while self.step < self.total:
             batches = [next(self.train_loader) for _ in range(accum)]
             loss, _ = accumulate_gradients(self.model, batches, ctx, self.amp, self.scaler)
@@ -262,8 +273,6 @@ class _Trainer:
             self.step += 1
             self.tokens += self.tokens_per_step
             self.logger.advance()
-            if self.bad_streak >= cfg.train.max_bad_steps:
-                self._fail_non_finite()
             if self.step % log_every == 0 or self.step == self.total:
                 now = time.perf_counter()
                 rate = (self.tokens - window_tokens) / max(now - window_t, 1e-9)
@@ -286,6 +295,8 @@ class _Trainer:
                 first_loss = last_loss if first_loss is None else first_loss
                 self.logger.print(console_line(rec, self.total))
                 self.logger.log({k: v for k, v in rec.items() if k != "eta"})
+            if self.bad_streak >= cfg.train.max_bad_steps:
+                self._fail_non_finite()  # before any eval or checkpoint of this step
             if (eval_every and self.step % eval_every == 0) or self.step == self.total:
                 last_eval = self._evaluate()
             if self._should_stop():
@@ -295,28 +306,7 @@ class _Trainer:
                 break
             if (ckpt_every and self.step % ckpt_every == 0) or self.step == self.total:
                 self._save()
-        elapsed = self.elapsed_before + time.perf_counter() - t_start
-        self.logger.close()
-        if ctx.is_main and cfg.log.plots and self.logger.path.is_file():
-            from lmforge.train.report import draw_plots
-
-            draw_plots(self.run_dir)
-        return {
-            "run_dir": str(self.run_dir),
-            "steps": self.step,
-            "total_steps": self.total,
-            "tokens": self.tokens,
-            "first_loss": first_loss,
-            "loss": last_loss,
-            "val_loss": last_eval["val_loss"] if last_eval else None,
-            "val_ppl": last_eval["val_ppl"] if last_eval else None,
-            "tokens_per_s": (self.tokens - start_tokens) / max(elapsed - self.elapsed_before, 1e-9),
-            "elapsed": elapsed,
-            "bad_steps": self.bad_steps,
-            "preempted": preempted,
-            "checkpoint": str(self.last_saved) if self.last_saved else None,
-            "resumed_from": self.resumed_from,
-        }
+        return preempted, first_loss, last_loss, last_eval
 
     def _should_stop(self) -> bool:
         flag = torch.tensor(1.0 if self.stop.signal is not None else 0.0, device=self.ctx.device)
@@ -324,7 +314,6 @@ class _Trainer:
 
     def _fail_non_finite(self) -> None:
         last = self.last_saved or "none (no checkpoint was written yet)"
-        self.logger.close()
         raise LmforgeError(
             f"train: non-finite loss or gradient norm for {self.bad_streak} steps in a row at step {self.step}; "
             f"last good checkpoint is {last}; lower optim.lr, keep optim.grad_clip > 0 or use train.dtype=bfloat16/float32, "
@@ -365,6 +354,7 @@ class _Trainer:
             "step": self.step,
             "tokens": self.tokens,
             "bad_steps": self.bad_steps,
+            "bad_streak": self.bad_streak,
             "total_steps": self.total,
             "elapsed": self.elapsed_before + time.perf_counter() - self.t_start,
             "scheduler": self.scheduler.state_dict(),
