@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text", help="field holding the text in jsonl/parquet")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping")
     p.add_argument("--dtype", default=None, choices=["uint16", "uint32"], help="shard dtype (from vocab)")
+    p.add_argument("--overwrite", action="store_true", help="replace a complete prepare of other inputs")
 
     p = _sub(
         sub,
@@ -267,7 +268,7 @@ def cmd_tokenizer(args) -> None:
 def cmd_prepare(args) -> None:
     from lmforge.data.prepare import prepare_dataset
 
-    summary = prepare_dataset(
+    prepare_dataset(
         args.input,
         args.tokenizer,
         args.out,
@@ -277,10 +278,8 @@ def cmd_prepare(args) -> None:
         text_field=args.text_field,
         strict=args.strict,
         dtype=args.dtype,
-    )
-    splits = summary.get("splits", {}) if isinstance(summary, dict) else {}
-    for split, info in splits.items():
-        print(f"{split}: {info.get('docs', '?')} docs, {info.get('tokens', '?')} tokens")
+        overwrite=args.overwrite,
+    )  # prints its own summary
     print(f"prepared dataset written to {args.out}")
 
 
@@ -355,21 +354,8 @@ def cmd_checkpoint(args) -> None:
     print(consolidate(args.dir, args.out, dtype=args.dtype) or args.out)
 
 
-HANDLERS = {
-    "demo": cmd_demo,
-    "data": cmd_data,
-    "tokenizer": cmd_tokenizer,
-    "prepare": cmd_prepare,
-    "train": cmd_train,
-    "eval": cmd_eval,
-    "generate": cmd_generate,
-    "export": cmd_export,
-    "import": cmd_import,
-    "model-info": cmd_model_info,
-    "plan": cmd_plan,
-    "report": cmd_report,
-    "checkpoint": cmd_checkpoint,
-}
+def _handler(command: str):
+    return globals()["cmd_" + command.replace("-", "_")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -382,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        HANDLERS[args.command](args)
+        _handler(args.command)(args)
     except LmforgeError as exc:
         sys.stdout.flush()
         print(f"error: {exc}", file=sys.stderr)
