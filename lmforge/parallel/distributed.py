@@ -127,6 +127,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _restart_safe_store(world_size: int):
+    """Under torchrun's agent store, the workers of a restarted attempt can read the addresses the
+    previous (dead) attempt published there and fail to connect (seen with gloo on torch 2.13).
+    Namespacing every key by the restart count makes each attempt rendezvous on its own keys."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    tcp = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=False,
+        timeout=timedelta(minutes=30),
+    )
+    return dist.PrefixStore(f"lmforge/attempt_{attempt}", tcp)
+
+
 def _dp_group(shape: MeshShape, rank: int, world_size: int):
     """The group of ranks with the same tensor-parallel index (every rank must create every group)."""
     if shape.tp == 1:
@@ -168,6 +185,9 @@ def init_distributed(cfg) -> ParallelContext:
         }
         if backend == "nccl":
             kwargs["device_id"] = device  # eager NCCL init binds each rank to its own GPU
+        store = _restart_safe_store(world_size)
+        if store is not None:
+            kwargs["store"] = store
         dist.init_process_group(**kwargs)
 
     from torch.distributed.device_mesh import init_device_mesh

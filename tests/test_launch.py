@@ -1,0 +1,120 @@
+"""scripts/launch.sh with MindFormers' msrun_launcher.sh arguments, run on loopback with gloo:
+one node of 2 workers, two "nodes" of 2 workers each (two launches, c10d rendezvous), and a worker
+killed mid-run that torchrun restarts and that resumes from its checkpoint. Each run's losses must
+equal the same job run uninterrupted in one process (relative 1e-5)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.parallel.toyjob import reference_losses
+
+LAUNCH = Path(__file__).resolve().parents[1] / "scripts" / "launch.sh"
+STEPS = 5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return reference_losses(STEPS)
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, **extra}
+
+
+def _job(tmp: Path, *flags: str) -> str:
+    return (
+        f"python -m lmforge.parallel.toyjob --out {tmp}/out.json --ckpt {tmp}/ckpt --steps {STEPS} "
+        + " ".join(flags)
+    )
+
+
+def _launch(command: str, *args, env=None) -> subprocess.Popen:
+    argv = ["bash", str(LAUNCH), command, *map(str, args)]
+    return subprocess.Popen(
+        argv, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def _check(tmp: Path, reference, world: int, restarts: int = 0) -> None:
+    result = json.loads((tmp / "out.json").read_text())
+    assert result["world_size"] == world and result["restarts"] == restarts
+    assert len(result["losses"]) == STEPS
+    for got, want in zip(result["losses"], reference):
+        assert abs(got - want) / want < 1e-5, (result["losses"], reference)
+
+
+def test_nine_msrun_arguments_one_node(tmp_path, reference):
+    logs = tmp_path / "msrun_log"
+    out = _finish(_launch(_job(tmp_path), 2, 2, "127.0.0.1", _port(), 0, logs, "True", 120))
+    assert "--nnodes=1 --node-rank=0 --nproc-per-node=2" in out
+    _check(tmp_path, reference, world=2)
+    per_rank = sorted(p.relative_to(logs).parts[-2] for p in logs.glob("*/attempt_0/*/stdout.log"))
+    assert per_rank == ["0", "1"]  # one log folder per local rank
+
+
+def test_two_nodes_on_loopback(tmp_path, reference):
+    port = _port()
+    job = _job(tmp_path, "--strategy fsdp")
+    nodes = [
+        _launch(job, 4, 2, "127.0.0.1", port, rank, tmp_path / f"log{rank}", "True", 120) for rank in (0, 1)
+    ]
+    for proc in nodes:
+        _finish(proc)
+    _check(tmp_path, reference, world=4)
+    assert (tmp_path / "ckpt" / f"step_{STEPS}").is_dir()
+
+
+def test_killed_worker_is_restarted_and_resumes(tmp_path, reference):
+    job = _job(tmp_path, "--kill-at 3")
+    out = _finish(
+        _launch(
+            job, 2, 2, "127.0.0.1", _port(), 0, tmp_path / "logs", "True", 120, env=_env(MAX_RESTARTS="1")
+        )
+    )
+    assert "--max-restarts=1" in out
+    _check(tmp_path, reference, world=2, restarts=1)
+    assert list((tmp_path / "logs").glob("*/attempt_1"))  # torchrun really ran a second attempt
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["8", "3"], "worker_num 8 is not a multiple of local_worker 3"),
+        (["4", "2", "127.0.0.1", "8118", "2"], "node_rank 2 must be below the number of nodes 2 (worker_num/local_worker)"),
+        (["2", "2", "127.0.0.1", "x"], "master_port 'x' is not a non-negative integer"),
+        (["2", "2", "127.0.0.1", "8118", "0", "logs", "maybe"], "join 'maybe' must be True or False"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(tmp_path, args, message):
+    proc = subprocess.run(["bash", str(LAUNCH), "true", *args], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: launch.sh: {message}"
