@@ -61,7 +61,7 @@ NON_SHAPE_KEYS = {
 
 
 @contextlib.contextmanager
-def _quiet_single_process():
+def quiet_single_process():
     """DCP warns on every single-process save/load that it assumes one process; that is intended."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -196,7 +196,7 @@ def save_checkpoint(
             tmp.mkdir()
         _barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        with _quiet_single_process():
+        with quiet_single_process():
             dcp.save({"model": model_sd, "optim": {"state": optim_sd["state"]}}, checkpoint_id=str(tmp))
         _test_pause(step)
         torch.save(rank_state, tmp / f"rank_{_rank()}.pt")
@@ -364,12 +364,12 @@ def load_checkpoint(
     try:
         if optimizer is None:
             model_sd = get_model_state_dict(model)
-            with _quiet_single_process():
+            with quiet_single_process():
                 dcp.load({"model": model_sd}, checkpoint_id=str(path))
             set_model_state_dict(model, model_sd)
         else:
             model_sd, optim_sd = get_state_dict(model, optimizer)
-            with _quiet_single_process():
+            with quiet_single_process():
                 dcp.load({"model": model_sd, "optim": {"state": optim_sd["state"]}}, checkpoint_id=str(path))
             groups = state.get("optim_param_groups") or optim_sd["param_groups"]
             optim_sd["param_groups"] = [_restore_group(g) for g in groups]

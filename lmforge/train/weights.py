@@ -97,7 +97,7 @@ def load_model_state(ckpt_dir: str | Path):
 
     from lmforge.config import config_from_dict
     from lmforge.model import Transformer
-    from lmforge.train.checkpoint import read_state
+    from lmforge.train.checkpoint import quiet_single_process, read_state
     from lmforge.train.safe_meta import tensor_shapes
 
     ckpt_dir = Path(ckpt_dir)
@@ -120,7 +120,8 @@ def load_model_state(ckpt_dir: str | Path):
     try:
         # Inside a live process group, read this file alone rather than collectively.
         extra = {"no_dist": True} if dist.is_available() and dist.is_initialized() else {}
-        dcp.load({"model": sd}, checkpoint_id=str(ckpt_dir), **extra)
+        with quiet_single_process():
+            dcp.load({"model": sd}, checkpoint_id=str(ckpt_dir), **extra)
     except Exception as exc:  # noqa: BLE001 - DCP wraps I/O and shape errors in several types
         raise CheckpointError(
             f"{ckpt_dir}: cannot read the checkpoint ({type(exc).__name__}); pick another step"
