@@ -194,3 +194,15 @@ def test_training_checkpoint_loads_through_latest(model, cfg, tmp_path):
     (root / "latest").write_text("step_9\n")
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         load_model_for_inference(root)
+
+
+def test_consolidated_checkpoint_file_loads(model, cfg, tmp_path):
+    """`lmforge checkpoint consolidate` output: one .safetensors with a model-only config.yaml."""
+    from lmforge.train.checkpoint import consolidate, save_checkpoint
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    save_checkpoint(tmp_path / "ck", 1, model, opt, {"config": cfg.model_dump(mode="json")}, {}, keep=1)
+    out = consolidate(tmp_path / "ck", tmp_path / "flat" / "weights.safetensors", dtype="float32")
+    back, back_cfg, _ = load_model_for_inference(out)
+    assert back_cfg == cfg.model
+    assert generate(back, PROMPT, 6, temperature=0.0) == generate(model, PROMPT, 6, temperature=0.0)

@@ -64,6 +64,10 @@ def _run_config_from_yaml(path: Path) -> Config:
     tree = load_yaml(path)
     if "model" not in tree and "hidden_size" in tree:  # a bare model section
         tree = {"model": tree}
+    if "data" not in tree and isinstance(tree.get("model"), dict):
+        # `checkpoint consolidate` writes only the model; keep the default seq_len within its positions.
+        model_cfg = config_from_dict({"model": tree["model"], "data": {"seq_len": 1}}, str(path)).model
+        return config_for_model(model_cfg)
     return config_from_dict(tree, str(path))
 
 
