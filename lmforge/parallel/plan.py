@@ -199,7 +199,7 @@ def plan(cfg, layout: Layout, peak_tflops: float = H100_BF16_TFLOPS, mfu: float 
     if dp > 1:
         tp_local = sum(_local_numel(sh, d, layout.tp, 1) for _, sh, d in shapes)
         per_micro = (2 * s + 4) if layout.fsdp else 4 / micro_steps  # DDP all-reduces once per step
-        volume = micro_steps * tp_local * per_micro * 2 * (dp - 1) / dp
+        volume = micro_steps * tp_local * per_micro * (dp - 1) / dp  # ring collectives, bytes sent per GPU
         bandwidth = NETWORK_BYTES_S if layout.gpus > GPUS_PER_NODE else NVLINK_BYTES_S
         comm = volume / bandwidth
     tp_time = 0.0
@@ -290,14 +290,14 @@ def plan_report(cfg, gpus: int, gpu_memory_gib: float = 80, mfu: float = 0.4) ->
         f"FLOPs/token {flops_per_token(m, cfg.data.seq_len):.3e}; peak {H100_BF16_TFLOPS:g} TFLOP/s bf16 "
         f"per GPU (H100), MFU {mfu:g}",
         "",
-        f"{'layout':<40}{'params':>8}{'grads':>8}{'optim':>8}{'activ':>8}{'temp':>8}{'total':>8}"
+        f"{'layout':<48}{'params':>8}{'grads':>8}{'optim':>8}{'activ':>8}{'temp':>8}{'total':>8}"
         f"{'step s':>8}  (GiB per GPU)",
     ]
     keys = ("parameters", "gradients", "optimizer", "activations", "temporaries", "total")
     groups = _groups(rows, limit)
     for lay, p, fits in groups:
         vals = "".join(_gib(p[k]).rjust(8) for k in keys) + f"{p['step_time_s']:8.1f}"
-        lines.append(f"{lay.describe():<40}{vals}  {'fits' if fits else 'too big'}")
+        lines.append(f"{lay.describe():<48}{vals}  {'fits' if fits else 'too big'}")
     lines.append("")
     if best is None:
         lines.append(
