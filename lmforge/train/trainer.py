@@ -205,8 +205,13 @@ class _Trainer:
             self.logger.print(f"resumed from {self.resumed_from} at step {self.step}")
         if self.val_loader is None:
             self.logger.print(f"note: no validation ({self.no_val_reason}); set data.valid to evaluate")
-        if self.tokenizer is None and cfg.train.sample_prompts and cfg.train.sample_max_new_tokens:
+        wants_samples = bool(cfg.train.sample_prompts and cfg.train.sample_max_new_tokens)
+        if wants_samples and self.tokenizer is None:
             self.logger.print(f"note: no sample generations ({self.no_samples_reason})")
+        elif wants_samples and ctx.tp_size > 1:
+            self.logger.print(
+                "note: no sample generations under tensor parallel; use lmforge generate on a checkpoint"
+            )
         self.t_start = t_start = time.perf_counter()
         start_step, start_tokens = self.step, self.tokens
         self.model.train()
