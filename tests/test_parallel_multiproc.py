@@ -1,4 +1,5 @@
-"""Every layout trains like one process: DDP, FSDP2, HSDP, TP and FSDP2+TP on 2 and 4 gloo processes
+"""Every layout trains like one process: DDP, FSDP2, HSDP, TP and FSDP2+TP (also with activation
+checkpointing and gradient accumulation) on 2 and 4 gloo processes
 (spawned with torchrun) give the one-process losses of 10 AdamW steps on fixed random batches, and
 a sharded checkpoint written by 4 FSDP ranks resumes on 2 ranks (FSDP and TP) and in 1 process
 on the same loss curve.
@@ -87,6 +88,7 @@ def runs(tmp_path_factory):
         "fsdp+tp2": {"parallel": {"strategy": "fsdp+tp", "tp": 2}},
         "hsdp2x2": {"parallel": {"strategy": "hsdp", "dp_replicate": 2}},
         "fsdp_accum2": {"parallel": {"strategy": "fsdp"}, "accum": 2},
+        "fsdp+tp2_fullAC": {"parallel": {"strategy": "fsdp+tp", "tp": 2, "activation_checkpoint": "full"}},
     }
     out = _torchrun(4, {**common, "out": str(tmp / "out4.json"), "scenarios": four}, tmp / "spec4.json")
     results.update({f"{k}@4": v for k, v in out.items()})
@@ -96,6 +98,7 @@ def runs(tmp_path_factory):
         "ddp_accum2": {"parallel": {"strategy": "ddp"}, "accum": 2},
         "fsdp": {"parallel": {"strategy": "fsdp"}},
         "tp2": {"parallel": {"strategy": "fsdp+tp", "tp": 2, "dp_shard": 1}},
+        "fsdp_selectiveAC": {"parallel": {"strategy": "fsdp", "activation_checkpoint": "selective"}},
         "resume_fsdp": {"parallel": {"strategy": "fsdp"}, **resume},
         "resume_tp2": {"parallel": {"strategy": "fsdp+tp", "tp": 2, "dp_shard": 1}, **resume},
     }
@@ -106,7 +109,19 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "name", ["ddp@2", "fsdp@2", "tp2@2", "fsdp@4", "hsdp2x2@4", "fsdp+tp2@4", "ddp_accum2@2", "fsdp_accum2@4"]
+    "name",
+    [
+        "ddp@2",
+        "fsdp@2",
+        "tp2@2",
+        "fsdp@4",
+        "hsdp2x2@4",
+        "fsdp+tp2@4",
+        "ddp_accum2@2",
+        "fsdp_accum2@4",
+        "fsdp+tp2_fullAC@4",
+        "fsdp_selectiveAC@2",
+    ],
 )
 def test_layout_matches_single_process(runs, name):
     ref = runs["single"]
