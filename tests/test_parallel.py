@@ -206,3 +206,18 @@ def test_fsdp_in_one_process_trains_like_single(monkeypatch):
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     assert fsdp == pytest.approx(single, rel=1e-6)
+
+
+def test_cpu_shard_seeds_differ_across_shards_and_match_across_replicas():
+    from lmforge.parallel.apply import _init_seed
+    from lmforge.parallel.distributed import ParallelContext
+    from lmforge.parallel.mesh import MeshShape
+
+    shape = MeshShape("fsdp+tp", dp_replicate=2, dp_shard=2, tp=2)
+    seeds = [
+        _init_seed(7, ParallelContext(rank=r, world_size=8, shape=shape, backend="gloo")) for r in range(8)
+    ]
+    assert len(set(seeds[:4])) == 4  # the 4 (dp_shard, tp) shards of one replica draw differently
+    assert seeds[:4] == seeds[4:]  # the second replica holds identical values
+    single = ParallelContext()
+    assert _init_seed(7, single) == 7  # unsharded: the plain rule

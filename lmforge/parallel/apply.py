@@ -9,8 +9,9 @@ Initialisation rule: the weights equal
     torch.manual_seed(cfg.run.seed); m = Transformer on meta; m.to_empty(device); m.init_weights()
 run in a forked RNG so the caller's random streams are untouched. For `single` and `ddp` that is
 exact. For sharded parameters `init_weights` runs on the local shards: on CUDA DTensor's RNG
-tracker gives every shard its own slice of one random stream; on CPU each shard repeats the same
-draws. Neither equals the unsharded init value for value, so parity tests (and anyone who needs a
+tracker gives every shard its own slice of one random stream; on CPU (no tracker) the seed is
+offset by the shard's (dp_shard, tp) coordinate so shards differ while dp_replicate replicas stay
+equal. Neither equals the unsharded init value for value, so parity tests (and anyone who needs a
 bit-exact start) load a full state dict with `load_full_state_dict` instead.
 """
 
@@ -25,6 +26,14 @@ from lmforge.parallel.activation import apply_activation_checkpointing
 from lmforge.parallel.distributed import ParallelContext
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _init_seed(seed: int, ctx: ParallelContext) -> int:
+    shape = ctx.shape
+    if ctx.device.type == "cuda" or not (shape.uses_fsdp or shape.tp > 1):
+        return seed
+    shard_index = (ctx.rank // shape.tp) % shape.dp_shard  # position along dp_shard, same for replicas
+    return seed + 1_000_003 * (shard_index * shape.tp + ctx.tp_rank)
 
 
 def _init_weights(model: nn.Module, seed: int, device: torch.device) -> None:
@@ -53,7 +62,7 @@ def build_parallel_model(cfg, ctx: ParallelContext) -> nn.Module:
     if shape.uses_fsdp:
         apply_fsdp(model, ctx, cfg.parallel)
     model.to_empty(device=ctx.device)
-    _init_weights(model, cfg.run.seed, ctx.device)
+    _init_weights(model, _init_seed(cfg.run.seed, ctx), ctx.device)
     if shape.strategy == "ddp" and ctx.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
