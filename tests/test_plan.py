@@ -145,3 +145,12 @@ def test_llama3_8b_does_not_fit_one_80gib_gpu():
     # fp32 params + grads + AdamW alone are 16 bytes per parameter, ~120 GiB.
     p = plan(cfg, Layout("single", ac="full"))
     assert p["parameters"] + p["gradients"] + p["optimizer"] > 110 * GIB
+
+
+def test_plan_rejects_impossible_requests():
+    from lmforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.global_batch_size: 1024 is not divisible"):
+        plan_report(_cfg("llama2-7b", 4096, 1024), 3)
+    with pytest.raises(ConfigError, match="need gpus >= 1"):
+        plan_report(_cfg("llama2-7b", 4096, 1024), 0)

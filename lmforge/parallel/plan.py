@@ -281,7 +281,18 @@ def _groups(rows, limit):
 
 def plan_report(cfg, gpus: int, gpu_memory_gib: float = 80, mfu: float = 0.4) -> str:
     """Human-readable plan: one row per layout, the recommendation, and why the cheaper ones fail."""
+    from lmforge.errors import ConfigError
+
+    if gpus < 1 or gpu_memory_gib <= 0 or not 0 < mfu <= 1:
+        raise ConfigError(
+            f"plan: --gpus {gpus}, --gpu-memory {gpu_memory_gib}, --mfu {mfu}; need gpus >= 1, memory > 0, 0 < mfu <= 1"
+        )
     best, rows = recommend(cfg, gpus, gpu_memory_gib, mfu)
+    if not rows:
+        raise ConfigError(
+            f"train.global_batch_size: {cfg.train.global_batch_size} is not divisible by any data-parallel size "
+            f"possible on {gpus} GPUs; choose a global batch that is a multiple of the GPU count"
+        )
     m, limit = cfg.model, gpu_memory_gib * GIB
     lines = [
         f"model: {m.preset or 'custom'} {count_params(m)['total'] / 1e9:.2f}B params, seq {cfg.data.seq_len}, "
