@@ -305,7 +305,10 @@ def prepare_dataset(
                 for j in range(len(lengths)):
                     i = n_docs + j
                     is_val = p and -(-(i + 1) * p // q) > -(-i * p // q)
-                    (val_w if is_val else train_w).add_document(flat[offsets[j] : offsets[j + 1]])
+                    # A copy, not a view: ShardWriter buffers documents until 1M tokens, and a view
+                    # would pin the whole chunk (the val split fills that buffer ~100x slower).
+                    doc = flat[offsets[j] : offsets[j + 1]].copy()
+                    (val_w if is_val else train_w).add_document(doc)
                 n_docs += len(lengths)
                 n_tokens += int(offsets[-1])
                 text_bytes += nbytes
