@@ -22,7 +22,7 @@
 #                                which resumes from its latest checkpoint (train.resume=auto)
 #   With two arguments ("COMMAND" N) it is one node with N workers, like msrun_launcher.sh.
 #
-# COMMAND: `lmforge ...` runs the console script (torchrun --no-python); `python [-u] x.py args`
+# COMMAND: `lmforge ...` runs `python -m lmforge ...` (same interpreter, no PATH lookup); `python [-u] x.py args`
 # and `python -m mod args` drop the interpreter (torchrun starts Python itself); `x.py args` runs
 # the script. MindFormers' `run_mindformer.py` / `run_llama3.py ...` (when no such file exists)
 # become `lmforge train ...`, whose CLI accepts --config, --run_mode, --train_dataset_dir,
@@ -62,9 +62,9 @@ case $1 in
     shift
     while [[ $# -gt 0 && $1 == -[uBO] ]]; do shift; done  # interpreter flags torchrun cannot take
     if [[ ${1:-} == -m ]]; then PROGRAM=(-m "${@:2}"); else PROGRAM=("$@"); fi ;;
-  lmforge) PROGRAM=(--no-python "$@") ;;
+  lmforge) PROGRAM=(-m lmforge "${@:2}") ;;  # same interpreter as torchrun, no PATH lookup
   run_mindformer.py|run_llama3.py|*/run_mindformer.py)
-    if [[ -f $1 ]]; then PROGRAM=("$@"); else PROGRAM=(--no-python lmforge train "${@:2}"); fi ;;
+    if [[ -f $1 ]]; then PROGRAM=("$@"); else PROGRAM=(-m lmforge train "${@:2}"); fi ;;
   *.py) PROGRAM=("$@") ;;
   *) PROGRAM=(--no-python "$@") ;;
 esac

@@ -109,7 +109,10 @@ def test_killed_worker_is_restarted_and_resumes(tmp_path, reference):
     "args, message",
     [
         (["8", "3"], "worker_num 8 is not a multiple of local_worker 3"),
-        (["4", "2", "127.0.0.1", "8118", "2"], "node_rank 2 must be below the number of nodes 2 (worker_num/local_worker)"),
+        (
+            ["4", "2", "127.0.0.1", "8118", "2"],
+            "node_rank 2 must be below the number of nodes 2 (worker_num/local_worker)",
+        ),
         (["2", "2", "127.0.0.1", "x"], "master_port 'x' is not a non-negative integer"),
         (["2", "2", "127.0.0.1", "8118", "0", "logs", "maybe"], "join 'maybe' must be True or False"),
     ],
@@ -118,3 +121,20 @@ def test_bad_arguments_are_one_line_errors(tmp_path, args, message):
     proc = subprocess.run(["bash", str(LAUNCH), "true", *args], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: launch.sh: {message}"
+
+
+def test_mindformers_command_runs_lmforge_train(tmp_path):
+    # `run_mindformer.py ...` (no such file here) becomes `lmforge train ...` with the same flags.
+    from test_train_utils import make_dataset, tiny_config
+
+    cfg = tiny_config(tmp_path, make_dataset(tmp_path / "data"), train__max_steps=2, parallel__strategy="ddp")
+    cfg.save(tmp_path / "cfg.yaml")
+    command = f"run_mindformer.py --config {tmp_path}/cfg.yaml --use_parallel True --run_mode train"
+    proc = _launch(command, 2, 2, "127.0.0.1", _port(), 0, tmp_path / "logs", "True", 120)
+    out = _finish(proc)
+    assert "-m lmforge train --config" in out
+    steps = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert 2 in steps
