@@ -26,6 +26,7 @@ from lmforge.model import Transformer
 from lmforge.parallel.parity import run_scenario
 
 RTOL = 1e-5
+UNTIED = {"tie_embeddings": False, "qk_norm": True}
 BASE = {
     "model": {
         "vocab_size": 256,
@@ -78,9 +79,15 @@ def runs(tmp_path_factory):
     init = Transformer(config_from_dict(BASE).model).state_dict()
     save_file({k: v.contiguous() for k, v in init.items()}, str(tmp / "init.safetensors"))
     ckpt = str(tmp / "ckpt_fsdp4_step5")
+    # Untied output projection (Llama layout) with QK-norm: the other tensor-parallel plan.
+    torch.manual_seed(1)
+    untied_cfg = config_from_dict({**BASE, "model": {**BASE["model"], **UNTIED}}).model
+    untied_init = Transformer(untied_cfg).state_dict()
+    save_file({k: v.contiguous() for k, v in untied_init.items()}, str(tmp / "untied.safetensors"))
     results = {
         "single": run_scenario(BASE, {}, init),
         "single_accum2": run_scenario(BASE, {"accum": 2}, init),
+        "single_untied": run_scenario(BASE, {"model": UNTIED}, untied_init),
     }
     common = {"config": BASE, "init": str(tmp / "init.safetensors")}
     four = {
@@ -99,6 +106,11 @@ def runs(tmp_path_factory):
         "fsdp": {"parallel": {"strategy": "fsdp"}},
         "tp2": {"parallel": {"strategy": "fsdp+tp", "tp": 2, "dp_shard": 1}},
         "fsdp_selectiveAC": {"parallel": {"strategy": "fsdp", "activation_checkpoint": "selective"}},
+        "tp2_untied_qknorm": {
+            "parallel": {"strategy": "fsdp+tp", "tp": 2, "dp_shard": 1},
+            "model": UNTIED,
+            "init": str(tmp / "untied.safetensors"),
+        },
         "resume_fsdp": {"parallel": {"strategy": "fsdp"}, **resume},
         "resume_tp2": {"parallel": {"strategy": "fsdp+tp", "tp": 2, "dp_shard": 1}, **resume},
     }
@@ -127,6 +139,10 @@ def test_layout_matches_single_process(runs, name):
     ref = runs["single"]
     assert len(runs[name]) == 10
     assert _max_rel(runs[name], ref) < RTOL, (runs[name], ref)
+
+
+def test_tensor_parallel_untied_output_and_qk_norm(runs):
+    assert _max_rel(runs["tp2_untied_qknorm@2"], runs["single_untied"]) < RTOL
 
 
 def test_losses_are_not_trivially_equal(runs):

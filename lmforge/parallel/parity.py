@@ -79,6 +79,11 @@ def run_scenario(base: dict, sc: dict, init_state: dict | None) -> list[float]:
     """One layout: build, load the shared initial weights, train; optionally save or resume."""
     tree = json.loads(json.dumps(base))
     tree.setdefault("parallel", {}).update(sc.get("parallel", {}))
+    tree.setdefault("model", {}).update(sc.get("model", {}))
+    if sc.get("init"):
+        from safetensors.torch import load_file
+
+        init_state = load_file(sc["init"])
     cfg = config_from_dict(tree, "<parity>")
     ctx = init_distributed(cfg)
     model = build_parallel_model(cfg, ctx)
@@ -102,7 +107,8 @@ def run_scenario(base: dict, sc: dict, init_state: dict | None) -> list[float]:
 
 
 def run_spec(spec: dict) -> dict:
-    """spec: {"config": {...}, "init": safetensors path|None, "out": path, "scenarios": {name: {...}}}."""
+    """spec: {"config": {...}, "init": safetensors path|None, "out": path, "scenarios": {name: {...}}};
+    a scenario may override "parallel" and "model" keys and bring its own "init" file."""
     init_state = None
     if spec.get("init"):
         from safetensors.torch import load_file
