@@ -95,6 +95,7 @@ def runs(tmp_path_factory):
         "fsdp+tp2": {"parallel": {"strategy": "fsdp+tp", "tp": 2}},
         "hsdp2x2": {"parallel": {"strategy": "hsdp", "dp_replicate": 2}},
         "fsdp_accum2": {"parallel": {"strategy": "fsdp"}, "accum": 2},
+        "reductions_tp2": {"parallel": {"strategy": "fsdp+tp", "tp": 2}, "reductions": True},
         "fsdp+tp2_fullAC": {"parallel": {"strategy": "fsdp+tp", "tp": 2, "activation_checkpoint": "full"}},
     }
     out = _torchrun(4, {**common, "out": str(tmp / "out4.json"), "scenarios": four}, tmp / "spec4.json")
@@ -143,6 +144,11 @@ def test_layout_matches_single_process(runs, name):
 
 def test_tensor_parallel_untied_output_and_qk_norm(runs):
     assert _max_rel(runs["tp2_untied_qknorm@2"], runs["single_untied"]) < RTOL
+
+
+def test_reductions_count_data_parallel_ranks_once(runs):
+    # 4 ranks = 2 data-parallel x 2 tensor-parallel: mean/sum over the 2 dp ranks, max over all 4.
+    assert runs["reductions_tp2@4"] == [0.5, 2.0, 3.0]
 
 
 def test_losses_are_not_trivially_equal(runs):

@@ -76,7 +76,13 @@ class ParallelContext:
         return self._all_reduce(tensor, dist.ReduceOp.SUM) / self.dp_size
 
     def reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self._all_reduce(tensor, dist.ReduceOp.MAX)
+        # Over every rank: max is idempotent on replicated values, and a flag raised on any one
+        # rank (a stop signal, a non-finite loss) must reach all of them, tensor-parallel peers too.
+        if not self.distributed:
+            return tensor
+        out = tensor.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+        return out
 
     def barrier(self) -> None:
         if self.backend is not None and self.world_size > 1:

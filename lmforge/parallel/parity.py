@@ -86,6 +86,14 @@ def run_scenario(base: dict, sc: dict, init_state: dict | None) -> list[float]:
         init_state = load_file(sc["init"])
     cfg = config_from_dict(tree, "<parity>")
     ctx = init_distributed(cfg)
+    if sc.get("reductions"):
+        # [mean of dp_rank over dp, sum of 1 over dp, max of the global rank over all ranks]
+        one = torch.ones((), device=ctx.device)
+        return [
+            ctx.reduce_mean(one * ctx.dp_rank).item(),
+            ctx.reduce_sum(one).item(),
+            ctx.reduce_max(one * ctx.rank).item(),
+        ]
     model = build_parallel_model(cfg, ctx)
     opt = make_optimizer(model)
     steps, seq = sc.get("steps", 10), cfg.data.seq_len
