@@ -201,7 +201,8 @@ def test_fsdp_in_one_process_trains_like_single(monkeypatch):
     init = Transformer(_cfg().model).state_dict()
     single = run_scenario(TINY, {"steps": 4}, init)
     try:
-        fsdp = run_scenario(TINY, {"steps": 4, "parallel": {"strategy": "fsdp"}}, init)
+        # cpu_offload is accepted and is a no-op on a CPU device (the shards already live there).
+        fsdp = run_scenario(TINY, {"steps": 4, "parallel": {"strategy": "fsdp", "cpu_offload": True}}, init)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -221,3 +222,9 @@ def test_cpu_shard_seeds_differ_across_shards_and_match_across_replicas():
     assert seeds[:4] == seeds[4:]  # the second replica holds identical values
     single = ParallelContext()
     assert _init_seed(7, single) == 7  # unsharded: the plain rule
+
+
+def test_cpu_offload_needs_fsdp():
+    cfg = _cfg(strategy="single", cpu_offload=True)
+    with pytest.raises(ConfigError, match="parallel.cpu_offload: offloading needs FSDP sharding"):
+        build_parallel_model(cfg, init_distributed(cfg))

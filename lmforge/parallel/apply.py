@@ -22,6 +22,7 @@ import contextlib
 import torch
 from torch import nn
 
+from lmforge.errors import ConfigError
 from lmforge.parallel.activation import apply_activation_checkpointing
 from lmforge.parallel.distributed import ParallelContext
 
@@ -59,10 +60,23 @@ def build_parallel_model(cfg, ctx: ParallelContext) -> nn.Module:
     if cfg.parallel.compile:
         for block in model.layers:
             block.compile()  # in place: parameter names stay `layers.{i}....`
+    if cfg.parallel.cpu_offload and not shape.uses_fsdp:
+        raise ConfigError(
+            f"parallel.cpu_offload: offloading needs FSDP sharding (strategy is {shape.strategy}); "
+            "use parallel.strategy=fsdp or turn cpu_offload off"
+        )
+    # CPU offload keeps sharded parameters (and so their init) in host memory; on a CPU device they
+    # are there already, and FSDP2's pinned-memory offload needs an accelerator, so it is skipped.
+    offload = cfg.parallel.cpu_offload and ctx.device.type == "cuda"
     if shape.uses_fsdp:
-        apply_fsdp(model, ctx, cfg.parallel)
-    model.to_empty(device=ctx.device)
+        apply_fsdp(model, ctx, cfg.parallel, offload)
+    init_device = torch.device("cpu") if offload else ctx.device
+    model.to_empty(device=init_device)
     _init_weights(model, _init_seed(cfg.run.seed, ctx), ctx.device)
+    if offload:  # buffers (RoPE tables) are not FSDP-managed and are used on the GPU
+        for module in model.modules():
+            for name, buf in module.named_buffers(recurse=False):
+                module._buffers[name] = buf.to(ctx.device)
     if shape.strategy == "ddp" and ctx.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -79,7 +93,7 @@ def fsdp_param_dtype(pcfg, device: torch.device) -> torch.dtype:
     return _DTYPES[pcfg.param_dtype] if device.type == "cuda" else torch.float32
 
 
-def apply_fsdp(model: nn.Module, ctx: ParallelContext, pcfg) -> None:
+def apply_fsdp(model: nn.Module, ctx: ParallelContext, pcfg, offload: bool = False) -> None:
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     shape = ctx.shape
@@ -91,7 +105,7 @@ def apply_fsdp(model: nn.Module, ctx: ParallelContext, pcfg) -> None:
             param_dtype=fsdp_param_dtype(pcfg, ctx.device), reduce_dtype=reduce_dtype
         ),
     }
-    if pcfg.cpu_offload:
+    if offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     last = len(model.layers) - 1
     for i, block in enumerate(model.layers):
