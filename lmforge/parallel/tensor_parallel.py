@@ -82,7 +82,6 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, cfg) -> None:
     if tied:
         # Logits are F.linear(h, tok_embeddings.weight) in the model's forward: a replicated h
         # times the vocab-sharded table gives vocab-sharded logits with no communication.
-        top["norm"] = SequenceParallel()
         parallelize_module(model, tp_mesh, top)
         parallelize_module(
             model.norm,
