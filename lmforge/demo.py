@@ -44,7 +44,7 @@ EMBEDDED_CONFIG = {
     "train": {
         "global_batch_size": 16,
         "grad_accum_steps": 1,
-        "max_steps": 240,
+        "max_steps": 500,
         "eval_interval": 0,
         "eval_batches": 8,
         "dtype": "float32",
@@ -66,7 +66,7 @@ QUICK_OVERRIDES = {
 }
 PROMPTS = ["The history of", "To be, or not to be", "中国的"]
 VOCAB_SIZE = 6400
-VAL_FRACTION = 0.01
+VAL_FRACTION = 0.02
 EVAL_MAX_BATCHES = 40
 
 

@@ -64,7 +64,8 @@ def evaluate_checkpoint(
     )
 
 
-def _print_generation(model, tokenizer, prompt, out=sys.stdout, **sampling) -> str:
+def _print_generation(model, tokenizer, prompt, out=None, **sampling) -> str:
+    out = out or sys.stdout  # looked up per call: tests and callers may redirect sys.stdout
     streamer = TextStreamer(tokenizer, lambda piece: (out.write(piece), out.flush()))
     out.write(prompt)
     out.flush()

@@ -127,6 +127,8 @@ class TextStreamer:
         self.emitted = 0
 
     def __call__(self, token: int) -> None:
+        if token == self.tokenizer.eos_id:  # the end marker is not text
+            return
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids)
         end = len(text.rstrip("\ufffd"))
