@@ -152,7 +152,8 @@ class DataConfig(Section):
 
 class OptimConfig(Section):
     lr: float = Field(5e-4, gt=0)
-    # Floor of the decay, as a fraction of lr (MiniMind's lr/10 + cosine is min_lr_ratio 0.1).
+    # Floor of the decay, as a fraction of lr (MiniMind's lr/10 + cosine with its lr_mm is
+    # lr = 1.1*lr_mm and min_lr_ratio = 1/11; see lmforge/train/schedule.py).
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     warmup_steps: int = Field(100, ge=0)
