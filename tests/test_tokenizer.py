@@ -227,3 +227,34 @@ def test_load_errors_are_one_line(tmp_path):
     cases.append(e)
     for e in cases:
         assert "\n" not in str(e.value) and str(tmp_path) in str(e.value)
+
+
+def test_lone_tokenizer_json_guesses_minimind_roles(trained, tmp_path):
+    """Without tokenizer_config.json, a MiniMind/Qwen-layout vocab ends documents with
+    <|im_end|> (not <|endoftext|>, which is its padding), exactly as its own config says."""
+    full = load_tokenizer(trained)
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(trained / "tokenizer.json", lone / "tokenizer.json")
+    tok = load_tokenizer(lone)
+    spec = json.loads((lone / "tokenizer.json").read_text())
+    ids = {t["content"]: t["id"] for t in spec["added_tokens"]}
+    assert tok.eos_id == ids["<|im_end|>"] == full.eos_id
+    assert tok.bos_id == ids["<|im_start|>"] == full.bos_id
+    assert tok.pad_id == ids["<|endoftext|>"] == full.pad_id
+    assert tok.fingerprint == full.fingerprint
+    # A config naming only eos keeps it and still guesses the other roles by the convention.
+    (lone / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    named = load_tokenizer(lone)
+    assert named.eos_id == ids["<|endoftext|>"] and named.bos_id == ids["<|im_start|>"]
+    # Without the chat markers (GPT-2 style) <|endoftext|> is the eos and there is no bos/pad.
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers.models import WordLevel
+
+    gpt2ish = RustTokenizer(WordLevel({"a": 0, "b": 1, "<unk>": 2}, unk_token="<unk>"))
+    gpt2ish.add_special_tokens(["<|endoftext|>"])
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    gpt2ish.save(str(plain / "tokenizer.json"))
+    other = load_tokenizer(plain)
+    assert other.eos_id == 3 and other.bos_id is None and other.pad_id is None

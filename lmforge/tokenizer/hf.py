@@ -15,6 +15,25 @@ _ID_KEYS = ("added_tokens", "normalizer", "pre_tokenizer", "model")
 # Used when no tokenizer_config.json / special_tokens_map.json names the roles.
 _EOS_GUESSES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|im_end|>", "[SEP]")
 _BOS_GUESSES = ("<s>", "<|begin_of_text|>", "<bos>", "<|im_start|>")
+# MiniMind / Qwen chat layout: documents end with <|im_end|>, <|endoftext|> is only padding.
+# When both chat markers exist, a lone tokenizer.json follows that convention instead.
+_CHAT_ROLES = {"bos": "<|im_start|>", "eos": "<|im_end|>", "pad": "<|endoftext|>"}
+
+
+def _guess_roles(vocab: dict[str, int], named: dict[str, str | None]) -> dict[str, int | None]:
+    """Ids for the roles the config files did not name, guessed from well-known token strings."""
+    chat = _CHAT_ROLES["bos"] in vocab and _CHAT_ROLES["eos"] in vocab
+    guesses: dict[str, int | None] = {}
+    if chat:
+        for role, tok in _CHAT_ROLES.items():
+            if role not in named:
+                guesses[role] = vocab.get(tok)
+        return guesses
+    if "eos" not in named:
+        guesses["eos"] = next((vocab[t] for t in _EOS_GUESSES if t in vocab), None)
+    if "bos" not in named:
+        guesses["bos"] = next((vocab[t] for t in _BOS_GUESSES if t in vocab), None)
+    return guesses
 
 
 def _token_content(value: Any) -> str | None:
@@ -84,10 +103,7 @@ class HFTokenizer(Tokenizer):
                     f"{self.path.parent}: {role}_token {tok!r} from the tokenizer config is not in "
                     f"{self.path.name}; fix the config"
                 )
-        if "eos" not in roles:
-            ids["eos"] = next((vocab[t] for t in _EOS_GUESSES if t in vocab), None)
-        if "bos" not in roles:
-            ids["bos"] = next((vocab[t] for t in _BOS_GUESSES if t in vocab), None)
+        ids.update(_guess_roles(vocab, roles))
         if ids.get("eos") is None:
             raise LmforgeError(
                 f'{self.path}: no end-of-text token; add "eos_token" to tokenizer_config.json beside it'
