@@ -167,6 +167,10 @@ def test_empty_files_counted_and_empty_corpus_raises(tmp_path):
     assert stats.empty_files == 2 and "2 empty files" in stats.summary()
     with pytest.raises(DataError, match=r"no documents found \(skipped: 1 empty files\)"):
         list(iter_documents(tmp_path / "empty.jsonl"))
+    # --strict makes an empty or blank input file an error naming it, like a bad line.
+    for name in ("empty.jsonl", "blank.txt"):
+        with pytest.raises(DataError, match=rf"{name}: empty file; remove it .*or drop --strict"):
+            list(iter_documents([tmp_path / "real.jsonl", tmp_path / name], strict=True))
     write_jsonl(tmp_path / "allbad.jsonl", [{"x": 1}])
     with pytest.raises(
         DataError, match=r"allbad\.jsonl: no documents found \(skipped: 1 missing text field\)"

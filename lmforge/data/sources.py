@@ -368,7 +368,7 @@ def iter_documents(
                 )
             if item.stat().st_size == 0:
                 stats.files += 1
-                stats.empty_files += 1
+                _empty_file(item, stats, strict)
                 continue
             docs = _read_file(item, file_fmt, text_field, stats, strict)
         stats.files += 1
@@ -378,7 +378,7 @@ def iter_documents(
             stats.documents += 1
             yield doc
         if yielded == before and not isinstance(item, str) and _is_blank(item):
-            stats.empty_files += 1
+            _empty_file(item, stats, strict)
     if yielded == 0:
         shown = ", ".join(str(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
         seen = [f"{n} {reason}" for reason, n in sorted(stats.skipped.items())]
@@ -387,6 +387,13 @@ def iter_documents(
             f"{shown}: no documents found (skipped: {', '.join(seen) or 'nothing'}); "
             f"check the inputs, --format and --text-field"
         )
+
+
+def _empty_file(path: Path, stats: SourceStats, strict: bool) -> None:
+    """Count an empty (or whitespace-only) input file; under strict it is an error like a bad line."""
+    if strict:
+        raise DataError(f"{path}: empty file; remove it from the inputs or drop --strict")
+    stats.empty_files += 1
 
 
 def _is_blank(path: Path) -> bool:
