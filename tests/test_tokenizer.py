@@ -103,6 +103,23 @@ def test_train_max_docs_and_errors(tmp_path):
     assert not (tmp_path / "small").exists()
 
 
+def test_train_reports_skipped_records_and_strict_stops(tmp_path, capsys):
+    from lmforge.data.sources import SourceStats
+    from lmforge.errors import DataError
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a good line of text"}\n{"text": broken\n{"body": "x"}\n' * 5)
+    stats = SourceStats()
+    train_tokenizer(bad, 300, tmp_path / "skipping", stats=stats)
+    assert stats.documents == 5
+    assert stats.skipped == {"malformed JSON": 5, "missing text field": 5}
+    err = capsys.readouterr().err
+    assert "skipped 5 malformed JSON, 5 missing text field" in err and "bad.jsonl:2" in err
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: malformed JSON .*drop --strict"):
+        train_tokenizer(bad, 300, tmp_path / "strict", strict=True)
+    assert not (tmp_path / "strict").exists()
+
+
 def test_fingerprint_stable_across_loads_and_copies(trained, tmp_path):
     a, b = load_tokenizer(trained), load_tokenizer(trained / "tokenizer.json")
     copy = shutil.copytree(trained, tmp_path / "elsewhere" / "copy")

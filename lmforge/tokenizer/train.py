@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import sys
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
@@ -67,15 +68,18 @@ def train_tokenizer(
     fmt: str = "auto",
     text_field: str = "text",
     max_docs: int | None = None,
+    strict: bool = False,
+    stats=None,
 ) -> Path:
     """Train a byte-level BPE of `vocab_size` ids (specials included) on the documents of
     `inputs` (streamed through `iter_documents`) and write tokenizer.json, tokenizer_config.json
     and special_tokens_map.json to `out_dir`. Ids 0/1/2 are <|endoftext|> (pad/unk),
     <|im_start|> (bos), <|im_end|> (eos), then reserved specials, as in MiniMind. The same input
-    gives byte-identical files. Returns `out_dir`."""
+    gives byte-identical files. Bad records are skipped, counted in `stats` (a `SourceStats`)
+    and reported on stderr, or raise `DataError` when `strict`. Returns `out_dir`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from lmforge.data.sources import iter_documents
+    from lmforge.data.sources import SourceStats, iter_documents
 
     minimum = 256 + len(SPECIAL_TOKENS)
     if not isinstance(vocab_size, int) or vocab_size < minimum:
@@ -99,10 +103,11 @@ def train_tokenizer(
         show_progress=False,
     )
     count = 0
+    stats = stats if stats is not None else SourceStats()
 
     def texts():
         nonlocal count
-        docs = iter_documents(inputs, fmt=fmt, text_field=text_field)
+        docs = iter_documents(inputs, fmt=fmt, text_field=text_field, strict=strict, stats=stats)
         for doc in itertools.islice(docs, max_docs):
             count += 1
             yield doc.text
@@ -110,6 +115,8 @@ def train_tokenizer(
     tok.train_from_iterator(texts(), trainer=trainer)
     if count == 0:
         raise LmforgeError(f"{inputs}: no documents to train a tokenizer on; check the input paths")
+    if stats.total_skipped or stats.empty_files:  # silent skips would hide a wrong --text-field
+        print(f"tokenizer train: {stats.summary()}", file=sys.stderr)
     for i, special in enumerate(SPECIAL_TOKENS):
         if tok.token_to_id(special) != i:  # a layout MiniMind checkpoints rely on
             raise RuntimeError(f"special token {special} got id {tok.token_to_id(special)}, expected {i}")
