@@ -186,6 +186,10 @@ class TrainConfig(Section):
     max_bad_steps: int = Field(5, ge=1)
     sample_prompts: list[str] = Field(default_factory=lambda: ["The", "Once upon a time"])
     sample_max_new_tokens: int = Field(48, ge=0)
+    # Sampling for run_mode predict (validation samples during training stay greedy so they
+    # compare across evaluations); temperature 0 is greedy, top_k null keeps every token.
+    predict_temperature: float = Field(0.8, ge=0.0)
+    predict_top_k: int | None = Field(50, ge=1)
     deterministic: bool = False
 
     @model_validator(mode="after")

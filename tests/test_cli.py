@@ -147,19 +147,55 @@ def test_help_config_prints_the_tree(capsys):
     assert "global_batch_size: 32" in out and "max_position_embeddings:" in out
 
 
-def test_generate_eval_export_import_predict(tmp_path, capsys):
-    """The inference commands on a weights export with a tokenizer beside it."""
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    """A random tiny model saved as a weights export with a 300-token tokenizer beside it."""
     from lmforge.infer import save_weights
     from lmforge.model import Transformer
     from lmforge.tokenizer import train_tokenizer
 
-    text = tmp_path / "text.txt"
+    root = tmp_path_factory.mktemp("tiny")
+    text = root / "text.txt"
     text.write_text("the cat sat on the mat. 猫坐在垫子上。\n" * 50, encoding="utf-8")
-    tok_dir = train_tokenizer([str(text)], 300, tmp_path / "tok")
+    tok_dir = train_tokenizer([str(text)], 300, root / "tok")
     cfg = config_from_dict({"model": {"preset": "tiny", "vocab_size": 300}, "data": {"seq_len": 32}})
     torch.manual_seed(0)
-    weights = tmp_path / "w"
+    weights = root / "w"
     save_weights(Transformer(cfg.model).state_dict(), cfg, weights, dtype="float32", tokenizer=_tok(tok_dir))
+    return weights, text
+
+
+def _generate_out(capsys, weights, prompt, *extra) -> str:
+    argv = ["generate", "--checkpoint", str(weights), "--prompt", prompt, "--max-new-tokens", "5", *extra]
+    assert main(argv) == 0
+    return capsys.readouterr().out
+
+
+def test_generate_interactive_answers_each_stdin_line_and_exits_on_eof(tiny_weights, capsys):
+    weights, _ = tiny_weights
+    args = ["--max-new-tokens", "5", "--seed", "1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "lmforge", "generate", "--checkpoint", str(weights), "--interactive", *args],
+        input="the cat\n猫坐\n",  # then end of input, no empty line
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8"),
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    # Each prompt is completed exactly as a one-shot `generate` with the same seed would, and
+    # nothing else (no "> " prompt markers) reaches stdout when input is piped.
+    expected = _generate_out(capsys, weights, "the cat", "--seed", "1")
+    expected += _generate_out(capsys, weights, "猫坐", "--seed", "1")
+    assert expected.startswith("the cat") and "\n猫坐" in expected
+    assert done.stdout == expected
+
+
+def test_generate_eval_export_import_predict(tiny_weights, tmp_path, capsys):
+    """The inference commands on a weights export with a tokenizer beside it."""
+    weights, text = tiny_weights
 
     args = [
         "generate",
@@ -198,6 +234,17 @@ def test_generate_eval_export_import_predict(tmp_path, capsys):
     )
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[0].startswith("the") and lines[1].startswith("猫")
+
+    # predict honours train.predict_temperature / predict_top_k: greedy equals greedy `generate`.
+    argv = ["train", "--config", str(run), "--run_mode", "predict", "--load_checkpoint", str(weights)]
+    assert main([*argv, "train.predict_temperature=0", "train.sample_max_new_tokens=5"]) == 0
+    greedy = capsys.readouterr().out
+    expected = _generate_out(capsys, weights, "the", "--temperature", "0")
+    assert greedy == expected + _generate_out(capsys, weights, "猫", "--temperature", "0")
+    # the default (0.8, top-k 50, seed run.seed + i) matches `generate` with those settings
+    assert main([*argv, "train.sample_max_new_tokens=5"]) == 0
+    sampled = capsys.readouterr().out
+    assert sampled.startswith(_generate_out(capsys, weights, "the", "--top-k", "50", "--seed", "1337"))
 
 
 def _tok(path):

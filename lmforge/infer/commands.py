@@ -76,6 +76,18 @@ def _print_generation(model, tokenizer, prompt, out=None, **sampling) -> str:
     return text
 
 
+def _read_prompt() -> str | None:
+    """The next prompt line, None at end of input. Only a terminal gets the "> " prompt (with
+    line editing); piped input must not leave prompt markers in the generated text on stdout."""
+    if sys.stdin.isatty() and sys.stdout.isatty():
+        try:
+            return input("> ")
+        except EOFError:
+            return None
+    line = sys.stdin.readline()
+    return line.rstrip("\r\n") if line else None
+
+
 def generate_from_checkpoint(
     checkpoint,
     prompt="",
@@ -99,11 +111,8 @@ def generate_from_checkpoint(
         return
     print("enter a prompt (empty line or Ctrl-D to quit)", file=sys.stderr)
     while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            return
-        if not line.strip():
+        line = _read_prompt()
+        if line is None or not line.strip():
             return
         _print_generation(model, tokenizer, line, out, **sampling)
 
@@ -149,7 +158,8 @@ def _checkpoint_of(cfg: Config) -> str:
 
 
 def predict_from_config(cfg: Config, out=None) -> list[str]:
-    """run_mode predict: generate from train.sample_prompts (MindFormers' predict)."""
+    """run_mode predict: generate from train.sample_prompts (MindFormers' predict), sampling with
+    train.predict_temperature / predict_top_k."""
     out = out or sys.stdout
     checkpoint = _checkpoint_of(cfg)
     model, _, tokenizer = load_model_for_inference(checkpoint, resolve_device(cfg.train.device))
@@ -167,8 +177,8 @@ def predict_from_config(cfg: Config, out=None) -> list[str]:
                 prompt,
                 out,
                 max_new_tokens=cfg.train.sample_max_new_tokens,
-                temperature=0.8,
-                top_k=50,
+                temperature=cfg.train.predict_temperature,
+                top_k=cfg.train.predict_top_k,
                 seed=cfg.run.seed + i,
             )
         )
