@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmforge.data.prepare import prepare_dataset
+from lmforge.data.prepare import format_summary, prepare_dataset
 from lmforge.data.shards import TokenDataset, file_sha256
 from lmforge.errors import DataError, LmforgeError
 from lmforge.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
@@ -197,12 +197,29 @@ def test_bad_arguments(tok_dir, corpus, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(DataError, match="not a folder"):
         prepare_dataset(corpus, tok_dir, tmp_path / "file", progress=False)
+    # A bad --format is refused before an existing complete prepare is cleared for --overwrite.
+    prepare_dataset(corpus, tok_dir, tmp_path / "kept", progress=False)
+    with pytest.raises(DataError, match="unknown format 'xml'"):
+        prepare_dataset(corpus, tok_dir, tmp_path / "kept", fmt="xml", overwrite=True, progress=False)
+    assert (tmp_path / "kept" / "meta.json").exists()
 
 
 def test_progress_prints_summary(tok_dir, corpus, tmp_path, capsys):
     prepare_dataset(corpus, tok_dir, tmp_path / "o", progress=True)
     out = capsys.readouterr().out
     assert f"prepared {len(DOCS)} documents" in out and "bytes/token" in out and "tok/s" in out
+    assert "MB/s" in out and "skipped: none" in out
+
+
+def test_summary_labels_skips_by_reason():
+    s = {"documents": 3, "tokens": 30, "train_docs": 2, "train_tokens": 20, "val_docs": 1}
+    s |= {"val_tokens": 10, "text_bytes": 2_000_000, "bytes_per_token": 3.5, "dtype": "uint16"}
+    s |= {"seconds": 4.0, "tokens_per_s": 7.5, "workers": 2}
+    s |= {"skipped": {"malformed JSON": 2, "empty_files": 1}, "skip_examples": ["a.jsonl:3: bad"]}
+    line, example = format_summary(s).split("\n")
+    assert "skipped: 2 malformed JSON, 1 empty files," in line
+    assert "4.0 s (0.50 MB/s, 8 tok/s, 2 workers)" in line and "3.50 bytes/token" in line
+    assert example == "  e.g. a.jsonl:3: bad"
 
 
 def test_in_memory_tokenizer_with_workers_fails_cleanly(corpus, tmp_path):

@@ -252,7 +252,7 @@ def prepare_dataset(
 ) -> dict[str, Any]:
     """Tokenize `inputs` into train/val shards in `out_dir` and return a summary dict. See the
     module docstring for the pipeline and the split rule. `tokenizer` is a `Tokenizer` or a path."""
-    from lmforge.data.sources import SourceStats, iter_documents
+    from lmforge.data.sources import FORMATS, SourceStats, iter_documents
 
     start = time.perf_counter()
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
@@ -260,6 +260,8 @@ def prepare_dataset(
         raise DataError(f"val_fraction {val_fraction}: must be in [0, 1)")
     if workers < 1:
         raise DataError(f"workers {workers}: must be >= 1")
+    if fmt not in ("auto", *FORMATS):  # checked before clear_prepared can remove an old prepare
+        raise DataError(f"unknown format {fmt!r}; choose auto, {', '.join(FORMATS)}")
     dtype = _resolve_dtype(tok, dtype)
     out = Path(out_dir)
     sources = _source_files(inputs)
@@ -372,12 +374,13 @@ def prepare_dataset(
 
 
 def format_summary(s: dict[str, Any]) -> str:
-    skipped = ", ".join(f"{v:,} {k}" for k, v in s["skipped"].items()) or "none"
+    skipped = ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in s["skipped"].items()) or "none"
+    mb_per_s = s["text_bytes"] / 1e6 / max(s["seconds"], 1e-9)
     return (
         f"prepared {s['documents']:,} documents -> {s['tokens']:,} tokens "
         f"(train {s['train_docs']:,} docs / {s['train_tokens']:,} tok, val {s['val_docs']:,} docs / "
         f"{s['val_tokens']:,} tok), {s['text_bytes'] / 1e6:.1f} MB text, {s['bytes_per_token']:.2f} bytes/token, "
-        f"{s['dtype']}, skipped: {skipped}, {s['seconds']:.1f} s ({s['tokens_per_s']:,.0f} tok/s, "
+        f"{s['dtype']}, skipped: {skipped}, {s['seconds']:.1f} s ({mb_per_s:.2f} MB/s, {s['tokens_per_s']:,.0f} tok/s, "
         f"{s['workers']} worker{'s' if s['workers'] > 1 else ''})"
         + "".join(f"\n  e.g. {example}" for example in s.get("skip_examples", []))
     )
