@@ -18,9 +18,9 @@ artefacts undone), parquet, and `.gz`/`.bz2` versions of the line formats.
 
 Bad records are counted skips in a `SourceStats` (or, with strict=True, a DataError naming
 `file:line`): malformed JSON, a missing or non-string text field, non-UTF-8 bytes and empty
-text. A line with invalid UTF-8 is SKIPPED rather than decoded with replacement characters,
-so broken bytes never reach the tokenizer; the skip is counted and shown with its file:line.
-Empty files are counted (never an error); a corpus with no documents at all is a DataError.
+text. A line with invalid UTF-8 is SKIPPED (never decoded with replacement characters), so
+broken bytes never reach the tokenizer. Empty files are counted too (strict: an error naming
+the file); a corpus with no documents at all is always a DataError.
 """
 
 from __future__ import annotations
@@ -97,9 +97,6 @@ class SourceStats:
         return "\n".join(lines)
 
 
-# --- input expansion ----------------------------------------------------------------------------
-
-
 def _format_of(path: Path) -> str | None:
     name = path.name.lower()
     for ext in _COMPRESSED:
@@ -155,9 +152,6 @@ def expand_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> li
     if not unique:
         raise DataError("no inputs given; pass files, globs or directories")
     return unique
-
-
-# --- line-level reading -------------------------------------------------------------------------
 
 
 def _open_binary(path: Path):
@@ -389,8 +383,7 @@ def iter_documents(
         )
 
 
-def _empty_file(path: Path, stats: SourceStats, strict: bool) -> None:
-    """Count an empty (or whitespace-only) input file; under strict it is an error like a bad line."""
+def _empty_file(path: Path, stats: SourceStats, strict: bool) -> None:  # empty or blank file
     if strict:
         raise DataError(f"{path}: empty file; remove it from the inputs or drop --strict")
     stats.empty_files += 1
