@@ -206,6 +206,20 @@ def test_fp16_grad_scaler_path_on_cpu(tmp_path):
     assert scaler is not None and scaler["scale"] > 0
 
 
+def test_fp16_scaler_agrees_across_ranks_when_gradients_are_sharded():
+    # Under FSDP2 / TP a rank sees only its shards' overflows; the sharded scaler all-reduces the
+    # flag so every rank skips the same steps. Replicated gradients (DDP, one process) need none.
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    from lmforge.train.step import make_scaler
+
+    cpu = torch.device("cpu")
+    assert isinstance(make_scaler(cpu, torch.float16, sharded=True), ShardedGradScaler)
+    plain = make_scaler(cpu, torch.float16, sharded=False)
+    assert isinstance(plain, torch.amp.GradScaler) and not isinstance(plain, ShardedGradScaler)
+    assert make_scaler(cpu, torch.bfloat16, sharded=True) is None
+
+
 def test_non_finite_loss_skips_steps_then_stops_without_overwriting(tmp_path, monkeypatch):
     from test_train_utils import make_dataset, tiny_config
 

@@ -39,10 +39,16 @@ def autocast_context(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def make_scaler(device: torch.device, dtype: torch.dtype):
-    """A GradScaler for fp16 only (bf16 has fp32's range and needs none)."""
+def make_scaler(device: torch.device, dtype: torch.dtype, sharded: bool = False):
+    """A GradScaler for fp16 only (bf16 has fp32's range and needs none). With sharded gradients
+    (FSDP2 / tensor parallel) each rank sees only its shards' overflows, so the plain scaler would
+    skip the step on some ranks and not others; ShardedGradScaler all-reduces the overflow flag."""
     if dtype != torch.float16:
         return None
+    if sharded:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device=device.type)
     return torch.amp.GradScaler(device.type)
 
 

@@ -90,7 +90,8 @@ class _Trainer:
         self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         self.dtype = resolve_dtype(cfg.train.dtype, ctx.device)
         self.amp = autocast_context(ctx.device, self.dtype)
-        self.scaler = make_scaler(ctx.device, self.dtype)
+        sharded = ctx.distributed and (ctx.shape.uses_fsdp or ctx.tp_size > 1)
+        self.scaler = make_scaler(ctx.device, self.dtype, sharded)
         self.tokenizer, why = (None, "")
         try:
             self.tokenizer, why = load_sample_tokenizer(cfg.tokenizer.path)
