@@ -5,15 +5,18 @@ equal the same job run uninterrupted in one process (relative 1e-5)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from test_train_utils import reaped_popen, run_reaped
 
 from lmforge.parallel.toyjob import reference_losses
 
@@ -51,10 +54,11 @@ def _job(tmp: Path, *flags: str) -> str:
     )
 
 
-def _launch(command: str, *args, env=None) -> subprocess.Popen:
+def _launch(stack: contextlib.ExitStack, command: str, *args, env=None) -> subprocess.Popen:
+    """Start launch.sh; its whole process tree (torchrun and workers) dies when `stack` closes."""
     argv = ["bash", str(LAUNCH), command, *map(str, args)]
-    return subprocess.Popen(
-        argv, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    return stack.enter_context(
+        reaped_popen(argv, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     )
 
 
@@ -74,7 +78,8 @@ def _check(tmp: Path, reference, world: int, restarts: int = 0) -> None:
 
 def test_nine_msrun_arguments_one_node(tmp_path, reference):
     logs = tmp_path / "msrun_log"
-    out = _finish(_launch(_job(tmp_path), 2, 2, "127.0.0.1", _port(), 0, logs, "True", 120))
+    with contextlib.ExitStack() as stack:
+        out = _finish(_launch(stack, _job(tmp_path), 2, 2, "127.0.0.1", _port(), 0, logs, "True", 120))
     assert "--nnodes=1 --node-rank=0 --nproc-per-node=2" in out
     _check(tmp_path, reference, world=2)
     per_rank = sorted(p.relative_to(logs).parts[-2] for p in logs.glob("*/attempt_0/*/stdout.log"))
@@ -84,22 +89,35 @@ def test_nine_msrun_arguments_one_node(tmp_path, reference):
 def test_two_nodes_on_loopback(tmp_path, reference):
     port = _port()
     job = _job(tmp_path, "--strategy fsdp")
-    nodes = [
-        _launch(job, 4, 2, "127.0.0.1", port, rank, tmp_path / f"log{rank}", "True", 120) for rank in (0, 1)
-    ]
-    for proc in nodes:
-        _finish(proc)
+    with contextlib.ExitStack() as stack:  # a failing node must not leave the other one running
+        nodes = [
+            _launch(stack, job, 4, 2, "127.0.0.1", port, rank, tmp_path / f"log{rank}", "True", 120)
+            for rank in (0, 1)
+        ]
+        for proc in nodes:
+            _finish(proc)
     _check(tmp_path, reference, world=4)
     assert (tmp_path / "ckpt" / f"step_{STEPS}").is_dir()
 
 
 def test_killed_worker_is_restarted_and_resumes(tmp_path, reference):
     job = _job(tmp_path, "--kill-at 3")
-    out = _finish(
-        _launch(
-            job, 2, 2, "127.0.0.1", _port(), 0, tmp_path / "logs", "True", 120, env=_env(MAX_RESTARTS="1")
+    with contextlib.ExitStack() as stack:
+        out = _finish(
+            _launch(
+                stack,
+                job,
+                2,
+                2,
+                "127.0.0.1",
+                _port(),
+                0,
+                tmp_path / "logs",
+                "True",
+                120,
+                env=_env(MAX_RESTARTS="1"),
+            )
         )
-    )
     assert "--max-restarts=1" in out
     _check(tmp_path, reference, world=2, restarts=1)
     assert list((tmp_path / "logs").glob("*/attempt_1"))  # torchrun really ran a second attempt
@@ -118,7 +136,7 @@ def test_killed_worker_is_restarted_and_resumes(tmp_path, reference):
     ],
 )
 def test_bad_arguments_are_one_line_errors(tmp_path, args, message):
-    proc = subprocess.run(["bash", str(LAUNCH), "true", *args], capture_output=True, text=True, cwd=tmp_path)
+    proc = run_reaped(["bash", str(LAUNCH), "true", *args], timeout=60, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: launch.sh: {message}"
 
@@ -130,11 +148,32 @@ def test_mindformers_command_runs_lmforge_train(tmp_path):
     cfg = tiny_config(tmp_path, make_dataset(tmp_path / "data"), train__max_steps=2, parallel__strategy="ddp")
     cfg.save(tmp_path / "cfg.yaml")
     command = f"run_mindformer.py --config {tmp_path}/cfg.yaml --use_parallel True --run_mode train"
-    proc = _launch(command, 2, 2, "127.0.0.1", _port(), 0, tmp_path / "logs", "True", 120)
-    out = _finish(proc)
+    with contextlib.ExitStack() as stack:
+        out = _finish(_launch(stack, command, 2, 2, "127.0.0.1", _port(), 0, tmp_path / "logs", "True", 120))
     assert "-m lmforge train --config" in out
     steps = [
         json.loads(line)["step"]
         for line in (tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()
     ]
     assert 2 in steps
+
+
+def test_a_test_leaves_no_process_behind(tmp_path):
+    # Like torchrun's workers: a grandchild in a session of its own, outliving its parent.
+    pidfile = tmp_path / "pid"
+    code = (
+        "import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'],"
+        f" start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); open({str(pidfile)!r}, 'w').write(str(p.pid))"
+    )
+    proc = run_reaped([sys.executable, "-c", code], timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    orphan = int(pidfile.read_text())
+    for _ in range(100):  # SIGKILLed; wait for init to reap it
+        try:
+            if "Z" in Path(f"/proc/{orphan}/stat").read_text().rsplit(")", 1)[-1][:3]:
+                break  # dead, not yet reaped
+        except OSError:
+            break  # gone
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"process {orphan} outlived the test")

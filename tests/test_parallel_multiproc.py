@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_train_utils import run_reaped
 
 from lmforge.config import config_from_dict
 from lmforge.model import Transformer
@@ -61,7 +61,7 @@ def _torchrun(nproc: int, spec: dict, path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
     cmd += [f"--master-port={_free_port()}", "-m", "lmforge.parallel.parity", str(path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_reaped(cmd, env=env, timeout=300)  # the workers die with it, also on a timeout
     assert proc.returncode == 0, proc.stderr[-4000:]
     with open(spec["out"]) as f:
         return json.load(f)

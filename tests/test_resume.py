@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-from test_train_utils import make_dataset, tiny_config
+from test_train_utils import make_dataset, reaped_popen, tiny_config
 
 from lmforge.train import trainer
 
@@ -63,7 +63,8 @@ def _subprocess(cfg, tmp, env_extra):
         "print('SUMMARY ' + json.dumps(run_training(load_config(sys.argv[1]))), flush=True)"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", **env_extra}
-    return subprocess.Popen(
+    # A context manager: the trainer is killed when the test leaves it, also on failure.
+    return reaped_popen(
         [sys.executable, "-c", code, str(path)],
         env=env,
         stdout=subprocess.PIPE,
@@ -80,8 +81,7 @@ def _wait_for(predicate, proc, timeout=240):
         if proc.poll() is not None:
             raise AssertionError(f"training exited early:\n{proc.stdout.read()}")
         time.sleep(0.05)
-    proc.kill()
-    raise AssertionError("timed out waiting for the training subprocess")
+    raise AssertionError("timed out waiting for the training subprocess")  # the caller kills it
 
 
 def test_stop_at_step_and_resume_is_bitwise_identical(tmp_path, reference, monkeypatch, one_thread):
@@ -100,10 +100,12 @@ def test_sigkill_while_writing_a_checkpoint_then_resume_is_bitwise_identical(tmp
     data, ref = reference
     cfg = _cfg(tmp_path, data, "k", data__prefetch=2)  # read-ahead must not leak into the resume point
     ckpts = tmp_path / "runs" / "k" / "checkpoints"
-    proc = _subprocess(cfg, tmp_path, {"LMFORGE_TEST_CKPT_PAUSE": "4:120"})
-    _wait_for(lambda: ckpts.is_dir() and any(p.name.startswith("step_4.tmp-") for p in ckpts.iterdir()), proc)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
+    with _subprocess(cfg, tmp_path, {"LMFORGE_TEST_CKPT_PAUSE": "4:120"}) as proc:
+        _wait_for(
+            lambda: ckpts.is_dir() and any(p.name.startswith("step_4.tmp-") for p in ckpts.iterdir()), proc
+        )
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert (ckpts / "latest").read_text().strip() == "step_2" and not (ckpts / "step_4").exists()
     resumed = trainer.run_training(cfg)
@@ -118,10 +120,10 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path, reference):
         tmp_path, data, run__name="s", train__max_steps=500, checkpoint__interval=0, train__eval_interval=0
     )
     metrics = tmp_path / "runs" / "s" / "metrics.jsonl"
-    proc = _subprocess(cfg, tmp_path, {})
-    _wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, proc)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    with _subprocess(cfg, tmp_path, {}) as proc:
+        _wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, proc)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     summary = json.loads(out.split("SUMMARY ", 1)[1])
     assert summary["preempted"] and 2 <= summary["steps"] < 500

@@ -4,12 +4,11 @@ and a 2-rank FSDP2 checkpoint resumes in one process on the same loss curve (res
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
-from test_train_utils import make_dataset, tiny_config
+from test_train_utils import make_dataset, run_reaped, tiny_config
 
 from lmforge.train.trainer import run_training
 
@@ -52,7 +51,7 @@ def _torchrun(tmp, cfg, nproc=2):
         str(script),
         str(path),
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_reaped(cmd, env=env, timeout=300)  # the workers die with it, also on a timeout
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 

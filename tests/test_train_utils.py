@@ -5,6 +5,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
 import numpy as np
 
 from lmforge.config import config_from_dict
@@ -70,3 +81,76 @@ def tiny_config(tmp_path, data, **overrides):
             node = node.setdefault(p, {})
         node[parts[-1]] = value
     return config_from_dict(tree, "test")
+
+
+# --- Child processes that cannot outlive their test ------------------------------------------
+# torchrun starts each worker in a session of its own, so killing the launcher's process group
+# misses the workers, and a worker orphaned that way sits in a collective for the process-group
+# timeout while holding the inherited stdout/stderr open (a CI job then hangs). Every process a
+# test starts carries a marker in its environment, which torchrun passes on to the workers; on
+# leaving the block, whatever happens in it, every live process with that marker is SIGKILLed.
+
+_REAP_VAR = "LMFORGE_TEST_REAP"
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform == "linux" else None
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the test process dies (pytest killed by a CI
+    timeout); torchrun answers SIGTERM by stopping its workers, the trainer by exiting."""
+    if _LIBC is not None:
+        _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _marked_pids(marker: bytes) -> list[int]:
+    pids = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in environ.read_bytes().split(b"\0"):  # a zombie's environ reads empty
+                pids.append(int(environ.parent.name))
+        except (OSError, ValueError):
+            continue
+    return [pid for pid in pids if pid != os.getpid()]
+
+
+def kill_tree(proc: subprocess.Popen, marker: bytes | None = None) -> None:
+    """SIGKILL `proc`'s session and every process carrying `marker`, then reap `proc`."""
+    deadline = time.monotonic() + 30
+    while True:
+        if proc.poll() is None:  # not yet reaped, so its pid still names its own group
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)  # start_new_session=True made it a leader
+        pids = _marked_pids(marker) if marker and Path("/proc").is_dir() else []
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        if not pids or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=30)
+    for stream in (proc.stdout, proc.stderr, proc.stdin):
+        if stream is not None:
+            stream.close()
+
+
+@contextlib.contextmanager
+def reaped_popen(argv, env=None, **kwargs):
+    """`subprocess.Popen` whose whole process tree is killed when the block ends (also when the
+    test fails or times out)."""
+    token = uuid.uuid4().hex
+    env = {**(os.environ if env is None else env), _REAP_VAR: token}
+    proc = subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=_die_with_parent, **kwargs)
+    try:
+        yield proc
+    finally:
+        kill_tree(proc, f"{_REAP_VAR}={token}".encode())
+
+
+def run_reaped(argv, timeout: float, env=None, **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run(argv, capture_output=True, text=True, timeout=...)` with the tree killed
+    on the way out; a timeout raises `subprocess.TimeoutExpired` after the kill."""
+    kwargs.setdefault("stdout", subprocess.PIPE)
+    kwargs.setdefault("stderr", subprocess.PIPE)
+    with reaped_popen(argv, env=env, text=True, **kwargs) as proc:
+        out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
