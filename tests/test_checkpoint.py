@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmforge.config import config_from_dict
+from lmforge.config import config_from_dict, load_config
 from lmforge.errors import CheckpointError
 from lmforge.model import Transformer
 from lmforge.train import checkpoint as ckpt
@@ -140,12 +140,17 @@ def test_consolidate_and_export_weights(tmp_path):
     assert set(tensors) == set(ref)
     assert all(torch.equal(tensors[k], ref[k]) for k in ref)
     assert "hidden_size: 64" in (tmp_path / "out" / "config.yaml").read_text()
+    # The config beside the file loads as it stands (the default seq_len 512 would not fit).
+    assert cfg.model.max_position_embeddings < 512
+    assert load_config(tmp_path / "out" / "config.yaml").model_dump() == cfg.model_dump()
     half = ckpt.consolidate(tmp_path / "ck" / "step_3", tmp_path / "half.safetensors", dtype="float16")
     assert load_file(str(half))["norm.weight"].dtype == torch.float16
     exported = ckpt.export_weights(
         model, tmp_path / "exp" / "w.safetensors", "bfloat16", cfg.model.model_dump(mode="json")
     )
     got = load_file(str(exported))
+    beside = load_config(tmp_path / "exp" / "config.yaml")
+    assert beside.model == cfg.model and beside.data.seq_len == cfg.model.max_position_embeddings
     assert got["tok_embeddings.weight"].dtype == torch.bfloat16
     assert torch.equal(got["tok_embeddings.weight"], ref["tok_embeddings.weight"].to(torch.bfloat16))
     with pytest.raises(CheckpointError, match="no complete checkpoint"):

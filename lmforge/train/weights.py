@@ -5,7 +5,9 @@
 single process: the model is built on the meta device, materialised empty on the CPU, filled by
 `dcp.load` in no-process-group mode, and written out; the optimizer state is never read.
 Both write `<file>.tmp-<pid>` and rename it, and put the model config in the file's metadata and
-in a `config.yaml` beside it (the form `lmforge.infer.load_weights` reads).
+a run config in a `config.yaml` beside it (the form `lmforge.infer.load_weights` reads): the
+checkpoint's full resolved config, or, when only the model config is known, the model plus a
+`data.seq_len` within its positions, so the file loads with `load_config` as it stands.
 """
 
 from __future__ import annotations
@@ -37,7 +39,21 @@ def model_state_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in get_model_state_dict(model).items() if isinstance(v, torch.Tensor)}
 
 
-def _write_safetensors(tensors: dict[str, torch.Tensor], out_file: Path, model_cfg: dict | None) -> Path:
+def _config_tree(model_cfg: dict, run_cfg: dict | None) -> dict:
+    """A valid run config: `run_cfg` as given, else the model with the default data.seq_len capped
+    at its max_position_embeddings (the default 512 is beyond small models' positions)."""
+    if run_cfg is not None:
+        return run_cfg
+    from lmforge.config import Config
+
+    limit = model_cfg.get("max_position_embeddings")
+    seq_len = Config().data.seq_len if not limit else min(Config().data.seq_len, int(limit))
+    return {"model": model_cfg, "data": {"seq_len": seq_len}}
+
+
+def _write_safetensors(
+    tensors: dict[str, torch.Tensor], out_file: Path, model_cfg: dict | None, run_cfg: dict | None = None
+) -> Path:
     import yaml
     from safetensors.torch import save_file
 
@@ -53,7 +69,8 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], out_file: Path, model_c
         config_file = out_file.parent / "config.yaml"
         if model_cfg is not None and not config_file.exists():
             tmp_cfg = config_file.with_name(f"config.yaml.tmp-{os.getpid()}")
-            tmp_cfg.write_text(yaml.safe_dump({"model": model_cfg}, sort_keys=False), encoding="utf-8")
+            tree = _config_tree(model_cfg, run_cfg)
+            tmp_cfg.write_text(yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")
             os.replace(tmp_cfg, config_file)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -81,14 +98,16 @@ def export_weights(
     path: str | Path,
     dtype: str | torch.dtype | None = "bfloat16",
     model_cfg: dict | None = None,
+    run_cfg: dict | None = None,
 ) -> Path | None:
-    """All ranks call this (gathering is collective); rank 0 writes. Returns the path on rank 0."""
+    """All ranks call this (gathering is collective); rank 0 writes. Returns the path on rank 0.
+    `run_cfg` (the full resolved config) goes into config.yaml when given."""
     from lmforge.parallel import full_state_dict
 
     state = full_state_dict(model, cpu_offload=True)
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return None
-    return _write_safetensors(_plain_tensors(state, _dtype(dtype)), Path(path), model_cfg)
+    return _write_safetensors(_plain_tensors(state, _dtype(dtype)), Path(path), model_cfg, run_cfg)
 
 
 def load_model_state(ckpt_dir: str | Path):
@@ -143,5 +162,8 @@ def consolidate(ckpt_dir: str | Path, out_file: str | Path, dtype: str | torch.d
         ckpt_dir = found
     sd, cfg = load_model_state(ckpt_dir)
     return _write_safetensors(
-        _plain_tensors(sd, _dtype(dtype)), Path(out_file), cfg.model.model_dump(mode="json")
+        _plain_tensors(sd, _dtype(dtype)),
+        Path(out_file),
+        cfg.model.model_dump(mode="json"),
+        cfg.model_dump(mode="json"),  # the run's data.seq_len etc., valid for this model
     )
