@@ -206,6 +206,33 @@ def test_fp16_grad_scaler_path_on_cpu(tmp_path):
     assert scaler is not None and scaler["scale"] > 0
 
 
+def test_peak_flops_by_device_name(monkeypatch):
+    from lmforge.train import mfu
+
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name, want in [
+        ("NVIDIA H100 80GB HBM3", 989.4e12),
+        ("NVIDIA H200", 989.4e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA L40", 181e12),
+        ("Some Unknown GPU", None),
+    ]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda _d, name=name: name)
+        assert mfu.peak_flops(gpu, torch.bfloat16) == want, name
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda _d: "NVIDIA H100 80GB HBM3")
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")  # true fp32 matmuls: no tensor-core peak
+        assert mfu.peak_flops(gpu, torch.float32) is None
+        torch.set_float32_matmul_precision("high")  # TF32
+        assert mfu.peak_flops(gpu, torch.float32) == 494.7e12
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert mfu.peak_flops(torch.device("cpu"), torch.bfloat16) is None
+
+
 def test_fp16_scaler_agrees_across_ranks_when_gradients_are_sharded():
     # Under FSDP2 / TP a rank sees only its shards' overflows; the sharded scaler all-reduces the
     # flag so every rank skips the same steps. Replicated gradients (DDP, one process) need none.

@@ -1,8 +1,10 @@
 """Model FLOPs utilisation: achieved model FLOP/s over the device's dense peak.
 
 Peaks are the vendors' dense (no sparsity) tensor-core figures per GPU, by training dtype;
-float32 training on these GPUs runs matmuls as TF32. CPUs have no meaningful single peak, so MFU
-is reported as n/a there (None).
+float32 training is measured against the TF32 peak only when TF32 matmuls are enabled
+(`torch.set_float32_matmul_precision("high")`); at PyTorch's default "highest" the matmuls run
+on the far slower non-tensor-core units, no listed peak applies and MFU is n/a. CPUs have no
+meaningful single peak, so MFU is reported as n/a there (None).
 """
 
 from __future__ import annotations
@@ -10,17 +12,19 @@ from __future__ import annotations
 import torch
 
 # name fragment -> (bf16/fp16 dense TFLOP/s, tf32 dense TFLOP/s); first match wins, so the more
-# specific names come first.
+# specific names come first (torch.cuda.get_device_name gives e.g. "NVIDIA H100 80GB HBM3").
 _PEAKS_TFLOPS = [
-    ("H200", 989.0, 494.5),
+    ("GH200", 989.4, 494.7),
+    ("H200", 989.4, 494.7),
     ("H100 PCIe", 756.0, 378.0),
-    ("H100", 989.0, 494.5),  # SXM
-    ("H800", 989.0, 494.5),
-    ("GH200", 989.0, 494.5),
+    ("H100 NVL", 835.5, 417.5),
+    ("H100", 989.4, 494.7),  # SXM
+    ("H800", 989.4, 494.7),
     ("B200", 2250.0, 1100.0),
     ("A100", 312.0, 156.0),
     ("A800", 312.0, 156.0),
     ("L40S", 362.0, 183.0),
+    ("L40", 181.0, 90.5),
     ("L4", 121.0, 60.0),
     ("A10G", 70.0, 35.0),
     ("RTX 4090", 165.2, 82.6),
@@ -33,6 +37,8 @@ _PEAKS_TFLOPS = [
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     """Dense peak FLOP/s of one device for `dtype` training, or None when unknown / CPU."""
     if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         return None
     name = torch.cuda.get_device_name(device)
     for fragment, half, tf32 in _PEAKS_TFLOPS:
