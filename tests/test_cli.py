@@ -193,6 +193,37 @@ def test_generate_interactive_answers_each_stdin_line_and_exits_on_eof(tiny_weig
     assert done.stdout == expected
 
 
+def test_bad_weights_and_mismatched_data_are_one_line_errors(tiny_weights, tmp_path, capsys):
+    """Issue 4's bad inputs for the inference commands: weights from another model shape, a
+    truncated weights file, and shards prepared with another tokenizer."""
+    import shutil
+
+    from test_train_utils import make_dataset
+
+    weights, _ = tiny_weights
+    reshaped = tmp_path / "reshaped"
+    shutil.copytree(weights, reshaped)
+    cfg_file = reshaped / "config.yaml"
+    cfg_file.write_text(cfg_file.read_text().replace("hidden_size: 64", "hidden_size: 32"))
+    err = one_line_error(capsys, ["generate", "--checkpoint", str(reshaped), "--prompt", "the"])
+    assert "has shape" in err and "the checkpoint is from a different model" in err
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(weights, truncated)
+    blob = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(blob[:100])
+    err = one_line_error(capsys, ["export", "--checkpoint", str(truncated), "--out", str(tmp_path / "o")])
+    assert "model.safetensors: unreadable safetensors file" in err
+    assert not (tmp_path / "o").exists()
+
+    other = make_dataset(tmp_path / "other", vocab_size=300, fingerprint="someone-else")
+    err = one_line_error(capsys, ["eval", "--checkpoint", str(weights), "--data", str(other)])
+    assert "prepared with tokenizer someone-else" in err
+    wide = make_dataset(tmp_path / "wide", vocab_size=400, fingerprint=_tok(weights).fingerprint)
+    err = one_line_error(capsys, ["eval", "--checkpoint", str(weights), "--data", str(wide)])
+    assert "model.vocab_size 300 is smaller than the data's vocabulary" in err
+
+
 def test_generate_eval_export_import_predict(tiny_weights, tmp_path, capsys):
     """The inference commands on a weights export with a tokenizer beside it."""
     weights, text = tiny_weights
