@@ -36,7 +36,8 @@ def bench(cfg, steps: int, warmup: int) -> dict:
     ctx = init_distributed(cfg)
     torch.manual_seed(cfg.run.seed + ctx.rank)
     dtype = resolve_dtype(cfg.train.dtype, ctx.device)
-    amp, scaler = autocast_context(ctx.device, dtype), make_scaler(ctx.device, dtype)
+    sharded = ctx.distributed and (ctx.shape.uses_fsdp or ctx.tp_size > 1)
+    amp, scaler = autocast_context(ctx.device, dtype), make_scaler(ctx.device, dtype, sharded)
     model = build_parallel_model(cfg, ctx)
     optimizer = build_optimizer(model, cfg.optim)
     micro, seq = cfg.micro_batch_size(ctx.dp_size), cfg.data.seq_len
