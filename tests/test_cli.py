@@ -266,8 +266,15 @@ def test_generate_eval_export_import_predict(tiny_weights, tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[0].startswith("the") and lines[1].startswith("猫")
 
-    # predict honours train.predict_temperature / predict_top_k: greedy equals greedy `generate`.
     argv = ["train", "--config", str(run), "--run_mode", "predict", "--load_checkpoint", str(weights)]
+    # predict/eval refuse weights that do not fit the config's model rather than ignore the config
+    err = one_line_error(capsys, [*argv, "model.num_layers=3"])
+    assert "weights do not fit the run config's model (checkpoint vs config: layers.2." in err
+    assert "absent vs (" in err
+    err = one_line_error(capsys, [*argv, "--run_mode", "eval", f"data.valid={text}", "model.hidden_size=32"])
+    assert "weights do not fit the run config's model" in err and "(64, 64) vs (32, 32)" in err
+
+    # predict honours train.predict_temperature / predict_top_k: greedy equals greedy `generate`.
     assert main([*argv, "train.predict_temperature=0", "train.sample_max_new_tokens=5"]) == 0
     greedy = capsys.readouterr().out
     expected = _generate_out(capsys, weights, "the", "--temperature", "0")

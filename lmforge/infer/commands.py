@@ -47,13 +47,44 @@ def open_eval_data(data: list[str] | str, split: str, tokenizer, vocab_size: int
     return text_token_stream([str(p) for p in paths], tokenizer)
 
 
+def check_run_model(run_cfg: Config, model_cfg, checkpoint) -> None:
+    """Refuse weights whose tensor shapes differ from the model a run config describes (predict and
+    eval modes), instead of silently using a model other than the one the config names."""
+    import torch
+
+    from lmforge.model import Transformer
+
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in Transformer(run_cfg.model).state_dict().items()}
+        have = {k: tuple(v.shape) for k, v in Transformer(model_cfg).state_dict().items()}
+    diffs = [
+        f"{k} {have.get(k, 'absent')} vs {want.get(k, 'absent')}"
+        for k in sorted(set(want) | set(have))
+        if want.get(k) != have.get(k)
+    ]
+    if diffs:
+        raise LmforgeError(
+            f"{checkpoint}: weights do not fit the run config's model (checkpoint vs config: {', '.join(diffs[:3])}); "
+            "make model: in the config match the checkpoint, or use lmforge generate/eval --checkpoint"
+        )
+
+
 def evaluate_checkpoint(
-    checkpoint, data, split="val", batch_size=8, seq_len=None, max_batches=None, device="auto"
+    checkpoint,
+    data,
+    split="val",
+    batch_size=8,
+    seq_len=None,
+    max_batches=None,
+    device="auto",
+    run_cfg: Config | None = None,
 ) -> dict:
     for p in [data] if isinstance(data, (str, Path)) else data:
         if not Path(p).exists():
             raise LmforgeError(f"{p}: evaluation data not found; pass a prepared folder or text files")
     state, cfg, folder = load_weights(checkpoint)
+    if run_cfg is not None:
+        check_run_model(run_cfg, cfg.model, checkpoint)
     dev = resolve_device(device)
     model = build_model_from_state(cfg.model, state, dev, checkpoint)
     tokenizer = find_tokenizer(folder, cfg)
@@ -162,7 +193,8 @@ def predict_from_config(cfg: Config, out=None) -> list[str]:
     train.predict_temperature / predict_top_k."""
     out = out or sys.stdout
     checkpoint = _checkpoint_of(cfg)
-    model, _, tokenizer = load_model_for_inference(checkpoint, resolve_device(cfg.train.device))
+    model, model_cfg, tokenizer = load_model_for_inference(checkpoint, resolve_device(cfg.train.device))
+    check_run_model(cfg, model_cfg, checkpoint)
     if tokenizer is None and cfg.tokenizer.path:
         from lmforge.tokenizer import load_tokenizer
 
@@ -201,6 +233,7 @@ def evaluate_from_config(cfg: Config, out=None) -> dict:
         batch_size=cfg.micro_batch_size(1),
         seq_len=cfg.data.seq_len,
         device=cfg.train.device,
+        run_cfg=cfg,
     )
     print(f"loss {result['loss']:.4f}  perplexity {result['ppl']:.2f}  tokens {result['tokens']}", file=out)
     return result
