@@ -205,6 +205,27 @@ def test_bf16_logits_match_transformers_bf16(case, tmp_path):
     assert diff <= 1e-2
 
 
+@pytest.mark.parametrize("case", ["llama_gqa2_untied_theta5e5", "qwen3_tied"])
+def test_autocast_bf16_follows_transformers_and_caches_bf16(case, tmp_path):
+    """Mixed precision as the trainer runs it (fp32 weights, bf16 autocast): RoPE is applied in
+    the fp32 residual dtype as HF does, so the logits agree with HF's to well under one bf16
+    step at the logits' scale (rotating in bf16 gave ~4e-3); the KV cache holds bf16 keys and
+    values even with QK-norm (whose fp32 weight promotes q/k), and cached decoding matches."""
+    model, cfg = make_model(**CASES[case][0])
+    theirs = hf_model(export_hf(model, cfg, tmp_path / "hf"), attn="sdpa")
+    ids = torch.randint(0, VOCAB, (2, 120), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full = model(ids).logits
+        diff = (full.float() - theirs(ids).logits.float()).abs().max().item()
+        cache = model.new_kv_cache(120)
+        pieces = [model(ids[:, :90], kv_cache=cache).logits]
+        pieces += [model(ids[:, t : t + 1], kv_cache=cache, start_pos=t).logits for t in range(90, 120)]
+    PARITY[f"autocast_bf16_{case}"] = diff
+    assert full.dtype == torch.bfloat16 and diff <= 1e-3
+    assert {t.dtype for t in (*cache.keys.values(), *cache.values.values())} == {torch.bfloat16}
+    assert (torch.cat(pieces, 1).float() - full.float()).abs().max().item() <= 1e-2
+
+
 def test_sharded_export_loads_everywhere(tmp_path):
     model, cfg = make_model(qk_norm=True, moe=MOE4)
     out = export_hf(model, cfg, tmp_path / "hf", max_shard_bytes=40_000)

@@ -107,6 +107,10 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, head_dim]
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
+        # Under autocast q/k leave RoPE (and QK-norm, whose fp32 weight promotes) in fp32 while v
+        # is bf16. SDPA's autocast would round them to bf16 anyway; doing it here keeps the KV
+        # cache and the repeated GQA heads in one dtype at half the memory, and no-ops otherwise.
+        q, k = q.to(v.dtype), k.to(v.dtype)
 
         mask, causal = None, True
         if kv_cache is not None:

@@ -99,9 +99,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [B, heads, T, head_dim]; cos/sin: [T, head_dim] for the positions of those T tokens.
-    Tables are cast to x's dtype first, as HF does, so bf16 runs match HF bit for bit."""
-    cos = cos.to(x.dtype)
-    sin = sin.to(x.dtype)
+
+    The tables come in the residual stream's dtype (the model casts them), as in HF: with bf16
+    weights everything is bf16; under autocast the stream is fp32, so bf16 q/k are rotated in
+    fp32 (type promotion) and rounded once afterwards, rather than rounded at every product."""
     return x * cos + rotate_half(x) * sin
 
 

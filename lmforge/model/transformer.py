@@ -136,9 +136,11 @@ class Transformer(nn.Module):
                 f"positions up to {end} exceed model.max_position_embeddings "
                 f"{self.cfg.max_position_embeddings}; shorten the input"
             )
-        cos = self.rope_cos[start_pos:end]
-        sin = self.rope_sin[start_pos:end]
         h = self.dropout(self.tok_embeddings(input_ids))
+        # RoPE tables in the residual stream's dtype (HF's rule): fp32 under autocast, bf16 for a
+        # bf16 model. The tables themselves stay fp32 unless the whole model is cast.
+        cos = self.rope_cos[start_pos:end].to(h.dtype)
+        sin = self.rope_sin[start_pos:end].to(h.dtype)
         aux_loss = None
         for layer in self.layers:
             h, layer_aux = layer(h, cos, sin, kv_cache, start_pos)
