@@ -88,6 +88,14 @@ class _Source:
         return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
 
 
+def _prefetch(maker: _BatchMaker, device: torch.device, *args) -> None:
+    # A new thread's current CUDA device is cuda:0, and pinning creates a context on it: without
+    # this every rank of a node would put a context on GPU 0 (as torch's own pinning thread avoids).
+    if maker.pin and device.index is not None:
+        torch.cuda.set_device(device)
+    maker.produce(*args)
+
+
 class _BatchMaker:
     """Builds rank-local batches from global positions; shared with the prefetch thread (which
     must not hold the DataLoader itself, so that a dropped loader is collected and closed)."""
@@ -214,7 +222,7 @@ class DataLoader:
         self._stop = threading.Event()
         args = (list(self._taken), self._queue, self._stop)
         self._thread = threading.Thread(
-            target=self._maker.produce, args=args, daemon=True, name="lmforge-prefetch"
+            target=_prefetch, args=(self._maker, self.device, *args), daemon=True, name="lmforge-prefetch"
         )
         self._thread.start()
 
