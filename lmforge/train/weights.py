@@ -141,7 +141,8 @@ def load_model_state(ckpt_dir: str | Path):
         extra = {"no_dist": True} if dist.is_available() and dist.is_initialized() else {}
         with quiet_single_process():
             dcp.load({"model": sd}, checkpoint_id=str(ckpt_dir), **extra)
-    except Exception as exc:  # noqa: BLE001 - DCP wraps I/O and shape errors in several types
+    # DCP's CheckpointException derives from BaseException, so `Exception` alone misses it.
+    except (Exception, dcp.api.CheckpointException) as exc:  # noqa: BLE001 - I/O and shape errors
         raise CheckpointError(
             f"{ckpt_dir}: cannot read the checkpoint ({type(exc).__name__}); pick another step"
         ) from None
