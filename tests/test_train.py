@@ -282,6 +282,10 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     missing = tiny_config(tmp_path, tmp_path / "nope")
     with pytest.raises(ConfigError, match=r"data\.train: .*nope is not a folder"):
         run_training(missing)
+    typo = tiny_config(tmp_path, make_dataset(tmp_path / "ok"), tokenizer__path=str(tmp_path / "tokenizr"))
+    with pytest.raises(LmforgeError, match="tokenizr") as err:
+        run_training(typo)
+    assert "\n" not in str(err.value)
     big_vocab = make_dataset(tmp_path / "big", vocab_size=1000)
     with pytest.raises(DataError, match=r"model\.vocab_size 512 is smaller"):
         run_training(tiny_config(tmp_path, big_vocab))

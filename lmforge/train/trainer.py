@@ -92,11 +92,9 @@ class _Trainer:
         self.amp = autocast_context(ctx.device, self.dtype)
         sharded = ctx.distributed and (ctx.shape.uses_fsdp or ctx.tp_size > 1)
         self.scaler = make_scaler(ctx.device, self.dtype, sharded)
-        self.tokenizer, why = (None, "")
-        try:
-            self.tokenizer, why = load_sample_tokenizer(cfg.tokenizer.path)
-        except LmforgeError as exc:
-            why = str(exc)
+        # A tokenizer.path that is set but unreadable is an error, not a note: it is also what
+        # checks that the shards were prepared with this tokenizer.
+        self.tokenizer, why = load_sample_tokenizer(cfg.tokenizer.path)
         fingerprint = self.tokenizer.fingerprint if self.tokenizer is not None else None
         self.no_samples_reason = why
         micro = cfg.micro_batch_size(ctx.dp_size)
