@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from test_train_utils import reaped_popen, run_reaped
 
 from lmforge.parallel.toyjob import reference_losses
@@ -24,12 +23,7 @@ LAUNCH = Path(__file__).resolve().parents[1] / "scripts" / "launch.sh"
 STEPS = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,30 +18,13 @@ from lmforge.parallel import (
     resolve_mesh_shape,
     unwrap_model,
 )
-from lmforge.parallel.parity import fixed_batches, run_scenario
+from lmforge.parallel.parity import fixed_batches, run_scenario, tiny_tree
 from lmforge.parallel.tensor_parallel import check_tp_divisibility
 
-TINY = {
-    "model": {
-        "vocab_size": 256,
-        "hidden_size": 64,
-        "num_layers": 2,
-        "num_heads": 4,
-        "num_kv_heads": 2,
-        "max_position_embeddings": 64,
-    },
-    "data": {"seq_len": 16},
-    "train": {"device": "cpu", "global_batch_size": 8},
-}
+TINY = tiny_tree()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: one intra-op thread is faster than two fighting other processes for 2 cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _cfg(**parallel):

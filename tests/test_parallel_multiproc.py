@@ -23,31 +23,14 @@ from test_train_utils import run_reaped
 
 from lmforge.config import config_from_dict
 from lmforge.model import Transformer
-from lmforge.parallel.parity import run_scenario
+from lmforge.parallel.parity import run_scenario, tiny_tree
 
 RTOL = 1e-5
 UNTIED = {"tie_embeddings": False, "qk_norm": True}
-BASE = {
-    "model": {
-        "vocab_size": 256,
-        "hidden_size": 64,
-        "num_layers": 2,
-        "num_heads": 4,
-        "num_kv_heads": 2,
-        "max_position_embeddings": 64,
-    },
-    "data": {"seq_len": 16},
-    "train": {"device": "cpu", "global_batch_size": 8},
-}
+BASE = tiny_tree()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: one intra-op thread is faster than two fighting other processes for 2 cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _free_port() -> int:

@@ -12,13 +12,7 @@ from lmforge.model import Transformer
 from lmforge.parallel.activation import apply_activation_checkpointing
 from lmforge.parallel.plan import GIB, Layout, activation_bytes, param_shapes, plan, plan_report, state_bytes
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _model_cfg(**over):

@@ -24,6 +24,22 @@ from lmforge.parallel.apply import build_parallel_model, clip_grad_norm, grad_sy
 from lmforge.parallel.distributed import init_distributed
 
 
+def tiny_tree() -> dict:
+    """The tiny CPU config every parity, launch and toy-job run shares (a fresh dict each call)."""
+    return {
+        "model": {
+            "vocab_size": 256,
+            "hidden_size": 64,
+            "num_layers": 2,
+            "num_heads": 4,
+            "num_kv_heads": 2,
+            "max_position_embeddings": 64,
+        },
+        "data": {"seq_len": 16},
+        "train": {"device": "cpu", "global_batch_size": 8},
+    }
+
+
 def fixed_batches(vocab: int, global_batch: int, seq_len: int, steps: int, seed: int = 0) -> torch.Tensor:
     """[steps, global_batch, seq_len + 1] token ids, identical on every rank."""
     gen = torch.Generator().manual_seed(seed)

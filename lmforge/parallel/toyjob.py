@@ -21,20 +21,16 @@ from lmforge.config import config_from_dict
 from lmforge.model import Transformer
 from lmforge.parallel.apply import build_parallel_model, load_full_state_dict
 from lmforge.parallel.distributed import init_distributed
-from lmforge.parallel.parity import fixed_batches, load_sharded, make_optimizer, save_sharded, train_steps
+from lmforge.parallel.parity import (
+    fixed_batches,
+    load_sharded,
+    make_optimizer,
+    save_sharded,
+    tiny_tree,
+    train_steps,
+)
 
-TINY = {
-    "model": {
-        "vocab_size": 256,
-        "hidden_size": 64,
-        "num_layers": 2,
-        "num_heads": 4,
-        "num_kv_heads": 2,
-        "max_position_embeddings": 64,
-    },
-    "data": {"seq_len": 16},
-    "train": {"device": "cpu", "global_batch_size": 8},
-}
+TINY = tiny_tree()
 
 
 def reference_losses(steps: int) -> list[float]:
