@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_train_utils import write_jsonl
 
 from lmforge.data.prepare import format_summary, prepare_dataset
 from lmforge.data.shards import TokenDataset, file_sha256
@@ -24,13 +25,6 @@ BASE = [
     "Numbers 1234567 and code: x = f(y)  # comment",
 ]
 DOCS = [f"{BASE[i % 4]} Document {i}." + (" more words" * (i % 7)) for i in range(83)]
-
-
-def write_jsonl(path: Path, texts) -> Path:
-    path.write_text(
-        "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8"
-    )
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_train_utils import write_jsonl
 
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import load_tokenizer, train_tokenizer
@@ -31,13 +32,6 @@ VARIED = [
     "unseen words: zyxwvut qqqq 𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
     "",
 ]
-
-
-def write_jsonl(path: Path, texts) -> Path:
-    path.write_text(
-        "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8"
-    )
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Shared helpers for the trainer tests: a tiny learnable token dataset and a tiny run config.
+"""Shared test helpers: a tiny learnable token dataset, a tiny run config, JSONL corpora, and
+subprocesses that are always reaped.
 
 (No tests here; pytest collects nothing from this module.)
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import json
 import os
 import signal
 import subprocess
@@ -22,6 +24,13 @@ from lmforge.config import config_from_dict
 from lmforge.data.shards import ShardWriter, write_meta
 
 BOS, EOS, PAD = 1, 2, 0
+
+
+def write_jsonl(path: Path, texts) -> Path:
+    path.write_text(
+        "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8"
+    )
+    return path
 
 
 def make_dataset(

@@ -28,30 +28,24 @@ _LLAMA = {
     "qk_norm": False,
 }
 
+_TINY = {
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "num_layers": 2,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "ffn_rule": "minimind",
+    "max_position_embeddings": 256,
+    "rope_theta": 1e4,
+    "tie_embeddings": True,
+}
+
 PRESETS: dict[str, dict] = {
     # For tests and smoke runs: a few hundred thousand parameters.
-    "tiny": {
-        "vocab_size": 512,
-        "hidden_size": 64,
-        "num_layers": 2,
-        "num_heads": 4,
-        "num_kv_heads": 2,
-        "ffn_rule": "minimind",
-        "max_position_embeddings": 256,
-        "rope_theta": 1e4,
-        "tie_embeddings": True,
-    },
+    "tiny": _TINY,
     # Same, with 4 routed experts (top 2) and no shared expert, so it exports to Qwen3-MoE.
     "tiny-moe": {
-        "vocab_size": 512,
-        "hidden_size": 64,
-        "num_layers": 2,
-        "num_heads": 4,
-        "num_kv_heads": 2,
-        "ffn_rule": "minimind",
-        "max_position_embeddings": 256,
-        "rope_theta": 1e4,
-        "tie_embeddings": True,
+        **_TINY,
         "moe": {"num_experts": 4, "top_k": 2, "num_shared_experts": 0, "aux_loss_coef": 0.01},
     },
     "minimind2-26m": {**_MINIMIND, "hidden_size": 512, "num_layers": 8},
