@@ -4,7 +4,6 @@ FLOPs and the MoE layer (routing, dispatch, load-balancing loss)."""
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
@@ -143,13 +142,10 @@ def test_meta_build_then_materialise_matches_a_direct_build():
 
 def test_llama3_70b_on_meta_allocates_nothing_and_counts_match():
     cfg = ModelConfig(**get_preset("llama3-70b"))
-    start = time.perf_counter()
+    # How long the build takes is measured in bench/meta_build.py, not asserted here.
     with torch.device("meta"):
         model = Transformer(cfg)
-    seconds = time.perf_counter() - start
-    print(f"llama3-70b meta build: {seconds:.2f}s, {model.num_params():,} params")
     assert all(t.is_meta for t in (*model.parameters(), *model.buffers()))
-    assert seconds < 30
     assert count_params(cfg)["total"] == model.num_params()
 
 
