@@ -219,15 +219,13 @@ def save_weights(state: dict, cfg: Config, out: str | Path, dtype: str | None = 
     """Write `model.safetensors` + `config.yaml` (+ tokenizer files) to `out`, atomically."""
     from safetensors.torch import save_file
 
+    from lmforge.train.weights import plain_tensors
+
+    tensors = plain_tensors(state, dtype)  # checks the dtype name before anything is written
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    target = getattr(torch, dtype) if dtype else None
-    tensors = {
-        k: (v.to(target) if target is not None and v.is_floating_point() else v).detach().cpu().contiguous()
-        for k, v in state.items()
-    }
     save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": "lmforge"})
     cfg.save(tmp / CONFIG_NAME)
     copy_tokenizer(tokenizer, tmp)

@@ -20,16 +20,7 @@ import torch
 import torch.distributed as dist
 
 from lmforge.errors import CheckpointError
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise CheckpointError(f"dtype '{dtype}': choose one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+from lmforge.interop.export import resolve_dtype
 
 
 def model_state_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -80,7 +71,9 @@ def _write_safetensors(
     return out_file
 
 
-def _plain_tensors(state: dict, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def plain_tensors(state: dict, dtype: str | torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """CPU tensors ready for safetensors, floating point ones cast to `dtype` (a name or a dtype)."""
+    dtype = resolve_dtype(dtype)
     # Cloning breaks storage sharing (tied embeddings), which safetensors refuses to write.
     out = {}
     for key, value in state.items():
@@ -107,7 +100,7 @@ def export_weights(
     state = full_state_dict(model, cpu_offload=True)
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return None
-    return _write_safetensors(_plain_tensors(state, _dtype(dtype)), Path(path), model_cfg, run_cfg)
+    return _write_safetensors(plain_tensors(state, dtype), Path(path), model_cfg, run_cfg)
 
 
 def load_model_state(ckpt_dir: str | Path):
@@ -163,7 +156,7 @@ def consolidate(ckpt_dir: str | Path, out_file: str | Path, dtype: str | torch.d
         ckpt_dir = found
     sd, cfg = load_model_state(ckpt_dir)
     return _write_safetensors(
-        _plain_tensors(sd, _dtype(dtype)),
+        plain_tensors(sd, dtype),
         Path(out_file),
         cfg.model.model_dump(mode="json"),
         cfg.model_dump(mode="json"),  # the run's data.seq_len etc., valid for this model
