@@ -12,11 +12,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lmforge.errors import DataError
-
-IGNORE = -100
 
 
 def windows(num_tokens: int, seq_len: int) -> list[tuple[int, int]]:
@@ -36,11 +33,10 @@ def _token_source(data):
 
 @torch.no_grad()
 def _loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-    logits = model(input_ids).logits
-    loss = F.cross_entropy(
-        logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
-    )
-    return float(loss), int((labels != IGNORE).sum())
+    from lmforge.train.step import IGNORE_INDEX, summed_cross_entropy
+
+    loss = summed_cross_entropy(model(input_ids).logits, labels)
+    return float(loss), int((labels != IGNORE_INDEX).sum())
 
 
 @torch.no_grad()

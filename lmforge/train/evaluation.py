@@ -11,9 +11,8 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from lmforge.train.step import IGNORE_INDEX
+from lmforge.train.step import IGNORE_INDEX, summed_cross_entropy
 
 
 def _fork(device: torch.device):
@@ -38,12 +37,7 @@ def validate(model, val_loader, ctx, amp, max_batches: int) -> dict:
                 with amp:
                     logits = model(batch["input_ids"]).logits
                 labels = batch["labels"]
-                loss_sum += F.cross_entropy(
-                    logits.float().reshape(-1, logits.size(-1)),
-                    labels.reshape(-1),
-                    ignore_index=IGNORE_INDEX,
-                    reduction="sum",
-                ).double()
+                loss_sum += summed_cross_entropy(logits, labels).double()
                 tokens += (labels != IGNORE_INDEX).sum().double()
             val_loader.close()
     finally:

@@ -18,9 +18,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lmforge.data.loader import IGNORE_INDEX
 from lmforge.parallel import grad_sync
 
-IGNORE_INDEX = -100
+
+def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of fp32 token cross-entropies over targets that are not IGNORE_INDEX: the one loss
+    definition shared by the training step, validation and `lmforge eval`."""
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.size(-1)),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -73,13 +85,7 @@ def accumulate_gradients(
         with grad_sync(model, enabled=i == last):
             with amp:
                 out = model(batch["input_ids"])
-            logits = out.logits.float()
-            ce_sum = F.cross_entropy(
-                logits.reshape(-1, logits.size(-1)),
-                batch["labels"].reshape(-1),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            )
+            ce_sum = summed_cross_entropy(out.logits, batch["labels"])
             loss = ce_sum * scale / denom + out.aux_loss.float() / len(batches)
             (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss.detach()
