@@ -380,6 +380,15 @@ def config_from_dict(tree: dict, source: str = "<config>") -> Config:
         raise ConfigError(_format_error(source, err)) from None
 
 
+def config_for_model(model: ModelConfig | dict, source: str = "<model>") -> Config:
+    """A run config around a bare model config (HF imports, weights exports): defaults for every
+    other section, with data.seq_len kept within the model's positions so the tree validates."""
+    tree = model.model_dump(mode="json") if isinstance(model, ModelConfig) else dict(model)
+    limit = tree.get("max_position_embeddings") or ModelConfig().max_position_embeddings
+    seq_len = min(DataConfig().seq_len, int(limit))
+    return config_from_dict({"model": tree, "data": {"seq_len": seq_len}}, source)
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():

@@ -5,14 +5,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from lmforge.config import Config
+from lmforge.config import Config, config_for_model
 from lmforge.errors import LmforgeError
 from lmforge.infer.evaluate import evaluate, text_token_stream
 from lmforge.infer.generate import TextStreamer, encode_prompt, generate
 from lmforge.infer.loading import (
     CONFIG_NAME,
     build_model_from_state,
-    config_for_model,
     find_tokenizer,
     load_model_for_inference,
     load_weights,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.config import Config, ModelConfig, config_from_dict, load_yaml
+from lmforge.config import Config, ModelConfig, config_for_model, config_from_dict, load_yaml
 from lmforge.errors import CheckpointError
 
 WEIGHTS_NAME = "model.safetensors"
@@ -54,20 +54,13 @@ def resolve_checkpoint_dir(path: Path) -> Path | None:
     return None
 
 
-def config_for_model(model_cfg: ModelConfig) -> Config:
-    """A run config around a bare model config (HF imports), with seq_len kept within its positions."""
-    seq_len = min(Config().data.seq_len, model_cfg.max_position_embeddings - 1)
-    return config_from_dict({"model": model_cfg.model_dump(mode="json"), "data": {"seq_len": seq_len}})
-
-
 def _run_config_from_yaml(path: Path) -> Config:
     tree = load_yaml(path)
     if "model" not in tree and "hidden_size" in tree:  # a bare model section
         tree = {"model": tree}
     if "data" not in tree and isinstance(tree.get("model"), dict):
-        # `checkpoint consolidate` writes only the model; keep the default seq_len within its positions.
-        model_cfg = config_from_dict({"model": tree["model"], "data": {"seq_len": 1}}, str(path)).model
-        return config_for_model(model_cfg)
+        # A hand-written model-only file: keep the default seq_len within the model's positions.
+        return config_for_model(tree["model"], str(path))
     return config_from_dict(tree, str(path))
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lmforge.config import config_for_model
 from lmforge.errors import CheckpointError
 from lmforge.interop.export import resolve_dtype
 
@@ -28,18 +29,6 @@ def model_state_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     return {k: tuple(v.shape) for k, v in get_model_state_dict(model).items() if isinstance(v, torch.Tensor)}
-
-
-def _config_tree(model_cfg: dict, run_cfg: dict | None) -> dict:
-    """A valid run config: `run_cfg` as given, else the model with the default data.seq_len capped
-    at its max_position_embeddings (the default 512 is beyond small models' positions)."""
-    if run_cfg is not None:
-        return run_cfg
-    from lmforge.config import Config
-
-    limit = model_cfg.get("max_position_embeddings")
-    seq_len = Config().data.seq_len if not limit else min(Config().data.seq_len, int(limit))
-    return {"model": model_cfg, "data": {"seq_len": seq_len}}
 
 
 def _write_safetensors(
@@ -60,7 +49,7 @@ def _write_safetensors(
         config_file = out_file.parent / "config.yaml"
         if model_cfg is not None and not config_file.exists():
             tmp_cfg = config_file.with_name(f"config.yaml.tmp-{os.getpid()}")
-            tree = _config_tree(model_cfg, run_cfg)
+            tree = run_cfg if run_cfg is not None else config_for_model(model_cfg).model_dump(mode="json")
             tmp_cfg.write_text(yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")
             os.replace(tmp_cfg, config_file)
     except OSError as exc:
