@@ -27,8 +27,8 @@ import torch
 
 from lmforge.data.shards import TokenDataset
 from lmforge.errors import DataError
+from lmforge.loss import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 STATE_VERSION = 1
 
 

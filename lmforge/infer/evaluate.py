@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from lmforge.errors import DataError
+from lmforge.loss import IGNORE_INDEX, summed_cross_entropy
 
 
 def windows(num_tokens: int, seq_len: int) -> list[tuple[int, int]]:
@@ -33,8 +34,6 @@ def _token_source(data):
 
 @torch.no_grad()
 def _loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-    from lmforge.train.step import IGNORE_INDEX, summed_cross_entropy
-
     loss = summed_cross_entropy(model(input_ids).logits, labels)
     return float(loss), int((labels != IGNORE_INDEX).sum())
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.train.step import IGNORE_INDEX, summed_cross_entropy
+from lmforge.loss import IGNORE_INDEX, summed_cross_entropy
 
 
 def _fork(device: torch.device):

@@ -16,22 +16,9 @@ import random
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from lmforge.data.loader import IGNORE_INDEX
+from lmforge.loss import IGNORE_INDEX, summed_cross_entropy
 from lmforge.parallel import grad_sync
-
-
-def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of fp32 token cross-entropies over targets that are not IGNORE_INDEX: the one loss
-    definition shared by the training step, validation and `lmforge eval`."""
-    return F.cross_entropy(
-        logits.float().reshape(-1, logits.size(-1)),
-        labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
