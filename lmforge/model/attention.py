@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
+from lmforge.model.config import ModelConfig
 from lmforge.model.layers import RMSNorm, apply_rope, init_linear
 
 

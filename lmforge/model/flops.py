@@ -3,7 +3,7 @@ model-info tables, MFU and the parallel planner. Tests check them against the re
 
 from __future__ import annotations
 
-from lmforge.config import ModelConfig
+from lmforge.model.config import ModelConfig
 from lmforge.model.layers import resolve_intermediate_size
 
 

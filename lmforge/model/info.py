@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
+from lmforge.model.config import ModelConfig
 from lmforge.model.flops import count_params, flops_per_token
 from lmforge.model.layers import resolve_intermediate_size
 from lmforge.model.presets import DEFAULT_SEQ_LEN, get_preset

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.config import ModelConfig, RopeScaling
+from lmforge.model.config import ModelConfig, RopeScaling
 
 
 def resolve_intermediate_size(cfg: ModelConfig) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lmforge.config import ModelConfig
+from lmforge.model.config import ModelConfig
 from lmforge.model.layers import FeedForward, init_linear, resolve_intermediate_size
 
 

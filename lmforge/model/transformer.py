@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.model.attention import Attention, KVCache
+from lmforge.model.config import ModelConfig
 from lmforge.model.layers import (
     FeedForward,
     RMSNorm,
