@@ -130,6 +130,54 @@ class ParallelConfig(Section):
     param_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     reduce_dtype: Literal["bfloat16", "float32"] = "float32"
     backend: Literal["auto", "nccl", "gloo"] = "auto"
+    # Pipeline parallel: pp stages (torch.distributed.pipelining), composing with the axes above.
+    pp: int = Field(1, ge=1)
+    # gpipe and 1f1b run one stage per rank; interleaved_1f1b and zero_bubble (interleaved zero
+    # bubble) run pp_virtual_stages >= 2 per rank; zbv (zero bubble, V-shaped) runs exactly 2.
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "zbv"] = "1f1b"
+    pp_microbatches: int | None = Field(None, ge=1)  # None: chosen by the pipeline builder
+    pp_virtual_stages: int = Field(1, ge=1)
+    # Explicit layers per stage (pp * pp_virtual_stages entries summing to model.num_layers);
+    # None balances them, counting the embedding and the output layer's cost.
+    pp_layers: list[int] | None = None
+    # Vocab-parallel cross-entropy under tensor parallel: logits stay sharded over the vocabulary.
+    loss_parallel: bool = False
+
+    @model_validator(mode="after")
+    def _pipeline(self) -> ParallelConfig:
+        multi = self.pp_schedule in PP_MULTI_STAGE_SCHEDULES
+        v = self.pp_virtual_stages
+        if self.pp_layers is not None and (not self.pp_layers or min(self.pp_layers) < 0):
+            raise ValueError(
+                f"@pp_layers expected a non-empty list of layer counts >= 0, got {self.pp_layers}"
+            )
+        if self.pp_schedule == "zbv" and v != 2:
+            raise ValueError(
+                f"@pp_virtual_stages {v} with pp_schedule zbv; the V schedule runs exactly 2 stages per rank"
+            )
+        if multi and v < 2:
+            raise ValueError(
+                f"@pp_virtual_stages {v} with pp_schedule {self.pp_schedule}; interleaved schedules need "
+                "at least 2 stages per rank (or use pp_schedule 1f1b or gpipe)"
+            )
+        if not multi and v != 1:
+            raise ValueError(
+                f"@pp_virtual_stages {v} with pp_schedule {self.pp_schedule}, which runs one stage per rank; "
+                "use interleaved_1f1b, zero_bubble or zbv, or set pp_virtual_stages 1"
+            )
+        if self.pp_layers is not None and len(self.pp_layers) != self.pp * v:
+            raise ValueError(
+                f"@pp_layers has {len(self.pp_layers)} entries; it needs one per stage, pp x pp_virtual_stages "
+                f"= {self.pp} x {v} = {self.pp * v}"
+            )
+        if self.loss_parallel and self.tp == 1:
+            raise ValueError(
+                "@loss_parallel needs tensor parallelism (parallel.tp > 1); set it false or raise tp"
+            )
+        return self
+
+
+PP_MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "zero_bubble", "zbv")
 
 
 class LogConfig(Section):
@@ -167,6 +215,18 @@ class Config(Section):
                 f"@data.seq_len {self.data.seq_len} is beyond model.max_position_embeddings "
                 f"{self.model.max_position_embeddings}; shorten seq_len or raise max_position_embeddings"
             )
+        p = self.parallel
+        stages = p.pp * p.pp_virtual_stages
+        if p.pp_layers is not None and sum(p.pp_layers) != self.model.num_layers:
+            raise ValueError(
+                f"@parallel.pp_layers sums to {sum(p.pp_layers)} layers but model.num_layers is "
+                f"{self.model.num_layers}; the per-stage counts must add up to the model's layers"
+            )
+        if p.pp_layers is None and stages > self.model.num_layers:
+            raise ValueError(
+                f"@parallel.pp {p.pp} x pp_virtual_stages {p.pp_virtual_stages} = {stages} stages but the model "
+                f"has {self.model.num_layers} layers; every stage needs at least one layer"
+            )
         dp = self.static_dp_size()
         if dp is not None:
             per_step = self.train.grad_accum_steps * dp
@@ -189,9 +249,9 @@ class Config(Section):
             return p.dp_replicate * p.dp_shard
         if world_size is None:
             return None
-        if world_size % p.tp:
+        if world_size % (p.tp * p.pp):
             return None  # reported by the mesh builder, which knows the world size for sure
-        return world_size // p.tp
+        return world_size // (p.tp * p.pp)
 
     def micro_batch_size(self, dp_size: int) -> int:
         per_step = self.train.grad_accum_steps * dp_size

@@ -199,3 +199,41 @@ def test_shipped_configs_load(name):
         pytest.skip("needs lmforge.model.presets")
     cfg = load_config(REPO / "configs" / name)
     assert config_from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
+
+
+@pytest.mark.parametrize(
+    "parallel, expected",
+    [
+        ({"pp": 0}, "parallel.pp: Input should be greater than or equal to 1"),
+        ({"pp": 2, "pp_schedule": "zbv"}, "parallel.pp_virtual_stages: 1 with pp_schedule zbv"),
+        ({"pp": 2, "pp_schedule": "interleaved_1f1b"}, "interleaved schedules need at least 2"),
+        ({"pp": 2, "pp_virtual_stages": 2}, "pp_schedule 1f1b, which runs one stage per rank"),
+        ({"pp": 2, "pp_schedule": "pipedream"}, "parallel.pp_schedule: Input should be"),
+        ({"pp": 2, "pp_layers": [1, 1, 1]}, "parallel.pp_layers: has 3 entries; it needs one per stage"),
+        ({"pp": 2, "pp_layers": [3, 4]}, "parallel.pp_layers: sums to 7 layers but model.num_layers is 8"),
+        ({"pp": 2, "pp_layers": [-1, 9]}, "parallel.pp_layers: expected a non-empty list"),
+        ({"pp": 9}, "parallel.pp: 9 x pp_virtual_stages 1 = 9 stages but the model has 8 layers"),
+        ({"pp": 2, "pp_microbatches": 0}, "parallel.pp_microbatches: Input should be greater than"),
+        ({"loss_parallel": True}, "parallel.loss_parallel: needs tensor parallelism"),
+    ],
+)
+def test_pipeline_keys_are_validated(parallel, expected):
+    assert expected in error_of({"parallel": parallel})
+
+
+def test_pipeline_keys_accept_valid_layouts():
+    cfg = config_from_dict(
+        {
+            "parallel": {
+                "pp": 2,
+                "pp_schedule": "interleaved_1f1b",
+                "pp_virtual_stages": 2,
+                "pp_layers": [1, 3, 3, 1],
+            }
+        }
+    )
+    assert (cfg.parallel.pp, cfg.parallel.pp_virtual_stages, cfg.parallel.pp_layers) == (2, 2, [1, 3, 3, 1])
+    assert config_from_dict({}).parallel.pp_schedule == "1f1b"
+    # World size 8 = pp 2 x tp 2 x dp 2: the data-parallel size excludes the pipeline axis.
+    cfg = config_from_dict({"parallel": {"strategy": "fsdp+tp", "tp": 2, "pp": 2}})
+    assert cfg.static_dp_size(world_size=8) == 2
