@@ -74,11 +74,39 @@ def test_trained_tokenizer_matches_transformers(trained):
     assert ours.encode_batch(VARIED) == [ours.encode(t) for t in VARIED]
 
 
-def test_special_strings_in_text_stay_text(trained):
+MINIMIND_TOKENIZER = Path(__file__).resolve().parents[2] / "shared/reference/minimind/model"
+CHAT_TEXT = "<|im_start|>user\nhello <think>x</think><|im_end|>\n tail <|endoftext|><tts_pad>"
+
+
+def test_special_strings_in_text_are_their_ids(trained):
+    """Specials the tokenizer defines are single ids inside text, as transformers encodes them."""
+    from transformers import AutoTokenizer
+
     tok = load_tokenizer(trained)
     ids = tok.encode("a <|im_end|> b")
-    assert tok.eos_id not in ids
-    assert tok.decode(ids) == "a <|im_end|> b"
+    assert ids.count(tok.eos_id) == 1 and len(ids) == 5
+    theirs = AutoTokenizer.from_pretrained(str(trained))
+    assert ids == theirs("a <|im_end|> b", add_special_tokens=False).input_ids
+    assert tok.encode_batch(["a <|im_end|> b"]) == [ids]
+
+
+@pytest.mark.skipif(not MINIMIND_TOKENIZER.is_dir(), reason="MiniMind reference checkout not present")
+def test_minimind_tokenizer_specials_match_transformers():
+    """MiniMind's published tokenizer (6,400 ids, <|im_start|>=1, <|im_end|>=2): our encoding of
+    text carrying its special tokens equals AutoTokenizer's on the same files."""
+    from transformers import AutoTokenizer
+
+    ours = load_tokenizer(MINIMIND_TOKENIZER)
+    theirs = AutoTokenizer.from_pretrained(str(MINIMIND_TOKENIZER))
+    assert ours.vocab_size == 6400 == len(theirs)
+    assert (ours.bos_id, ours.eos_id, ours.pad_id) == (1, 2, 0)
+    assert (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id) == (1, 2, 0)
+    texts = [CHAT_TEXT, "plain text, no specials", "<|im_start|><|im_start|>x<|im_end|>", *VARIED]
+    for text in texts:
+        assert ours.encode(text) == theirs(text, add_special_tokens=False).input_ids, text
+    assert ours.encode_batch(texts) == [theirs(t, add_special_tokens=False).input_ids for t in texts]
+    ids = ours.encode(CHAT_TEXT)
+    assert ids[0] == 1 and 2 in ids and 17 in ids  # <tts_pad> is id 17
 
 
 def test_training_is_deterministic(trained, tmp_path):
@@ -198,7 +226,7 @@ def test_tiktoken_gpt2_style_and_gzip(tmp_path):
     assert tok.encode("the the") == [258, 259]
     for text in VARIED:
         assert tok.decode(tok.encode(text)) == text
-    assert tok.encode("<|endoftext|>") != [260]  # plain text, not the special
+    assert tok.encode("the<|endoftext|>")[-1] == 260  # a special the tokenizer defines is its id
     gz = load_tokenizer(_write_ranks(tmp_path / "tiny.tiktoken.gz", gz=True))
     assert gz.encode("the the") == [258, 259] and gz.fingerprint == tok.fingerprint
 

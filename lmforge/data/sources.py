@@ -50,6 +50,7 @@ _HINTS = {
     "missing text field": "set --text-field, fix the line or drop --strict",
     "non-UTF-8": "re-encode the file as UTF-8 or drop --strict",
     "empty text": "remove the record or drop --strict",
+    "invalid Unicode": "fix the escape (a lone UTF-16 surrogate such as \\ud800) or drop --strict",
 }
 
 
@@ -219,8 +220,21 @@ def _read_jsonl(path: Path, text_field: str, stats: SourceStats, strict: bool) -
             stats.problem("malformed JSON", where, f"malformed JSON ({msg} at column {col})", strict)
             continue
         doc = _record(obj, where, str(path), lineno, text_field, stats, strict)
+        # Valid JSON may escape a lone surrogate ("\ud800"): a str no encoder can turn into UTF-8.
+        # Only a line with a \u escape can hold one, so the check costs nothing on other lines.
+        if doc is not None and "\\u" in line and not _is_unicode(doc.text):
+            stats.problem("invalid Unicode", where, "text holds a lone UTF-16 surrogate escape", strict)
+            continue
         if doc is not None:
             yield doc
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _read_txt(path: Path, stats: SourceStats, strict: bool) -> Iterator[Document]:

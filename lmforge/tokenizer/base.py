@@ -8,8 +8,9 @@ from pathlib import Path
 
 
 class Tokenizer:
-    """Text <-> ids. `encode` never adds special tokens and treats special-token strings inside
-    the text as ordinary text (a document that contains "<|im_end|>" cannot inject an EOS).
+    """Text <-> ids. `encode` never adds special tokens of its own, and encodes the special-token
+    strings the tokenizer defines inside the text as their ids, as transformers' AutoTokenizer
+    does (MiniMind's pretraining text carries "<|im_start|>" and "<|im_end|>" as single ids).
 
     Attributes: `kind` ("hf", "sentencepiece", "tiktoken"), `name` (a short human label),
     `path` (the file it was loaded from; worker processes reload from it), `vocab_size`

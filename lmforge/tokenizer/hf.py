@@ -18,6 +18,7 @@ _BOS_GUESSES = ("<s>", "<|begin_of_text|>", "<bos>", "<|im_start|>")
 # MiniMind / Qwen chat layout: documents end with <|im_end|>, <|endoftext|> is only padding.
 # When both chat markers exist, a lone tokenizer.json follows that convention instead.
 _CHAT_ROLES = {"bos": "<|im_start|>", "eos": "<|im_end|>", "pad": "<|endoftext|>"}
+SPECIALS_AS_IDS = b"\0specials-as-ids"
 
 
 def _guess_roles(vocab: dict[str, int], named: dict[str, str | None]) -> dict[str, int | None]:
@@ -89,8 +90,9 @@ class HFTokenizer(Tokenizer):
             raise LmforgeError(f"{self.path}: not a valid Hugging Face tokenizer.json ({first})") from None
         self._tok.no_truncation()
         self._tok.no_padding()
-        # Special-token strings inside documents are text, not control tokens.
-        self._tok.encode_special_tokens = True
+        # Special tokens the tokenizer defines are matched in the text and encoded as their ids,
+        # as transformers' AutoTokenizer does (MiniMind's data carries <|im_start|>/<|im_end|>).
+        self._tok.encode_special_tokens = False
         self._fast_batch = getattr(self._tok, "encode_batch_fast", None)
 
         vocab = self._tok.get_vocab(with_added_tokens=True)
@@ -113,8 +115,9 @@ class HFTokenizer(Tokenizer):
         self.pad_id = ids.get("pad")
         model = spec.get("model") or {}
         self.name = f"hf-{str(model.get('type', 'model')).lower()}-{self.vocab_size}"
+        # The suffix marks specials-as-ids encoding: data prepared when they were text differs.
         self.fingerprint = make_fingerprint(
-            self.kind, _canonical_payload(spec), self.bos_id, self.eos_id, self.pad_id
+            self.kind, _canonical_payload(spec) + SPECIALS_AS_IDS, self.bos_id, self.eos_id, self.pad_id
         )
 
     def encode(self, text: str) -> list[int]:

@@ -157,14 +157,15 @@ class TiktokenTokenizer(Tokenizer):
             base64.b64encode(tok) + b" " + str(r).encode()
             for tok, r in sorted(ranks.items(), key=lambda kv: kv[1])
         ]
-        self.fingerprint = make_fingerprint(self.kind, b"\n".join(lines), bos, eos, pad)
+        # The suffix marks specials-as-ids encoding: data prepared when they were text differs.
+        self.fingerprint = make_fingerprint(self.kind, b"\n".join(lines) + b"\0specials-as-ids", bos, eos, pad)
 
     def encode(self, text: str) -> list[int]:
-        return self._enc.encode_ordinary(text)
+        return self._enc.encode(text, allowed_special="all")
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         # One thread: prepare parallelises with processes.
-        return [self._enc.encode_ordinary(t) for t in texts]
+        return [self._enc.encode(t, allowed_special="all") for t in texts]
 
     def decode(self, ids) -> str:
         return self._enc.decode([int(i) for i in ids])
