@@ -11,27 +11,11 @@ from __future__ import annotations
 
 import torch
 
-# name fragment -> (bf16/fp16 dense TFLOP/s, tf32 dense TFLOP/s); first match wins, so the more
-# specific names come first (torch.cuda.get_device_name gives e.g. "NVIDIA H100 80GB HBM3").
-_PEAKS_TFLOPS = [
-    ("GH200", 989.4, 494.7),
-    ("H200", 989.4, 494.7),
-    ("H100 PCIe", 756.0, 378.0),
-    ("H100 NVL", 835.5, 417.5),
-    ("H100", 989.4, 494.7),  # SXM
-    ("H800", 989.4, 494.7),
-    ("B200", 2250.0, 1100.0),
-    ("A100", 312.0, 156.0),
-    ("A800", 312.0, 156.0),
-    ("L40S", 362.0, 183.0),
-    ("L40", 181.0, 90.5),
-    ("L4", 121.0, 60.0),
-    ("A10G", 70.0, 35.0),
-    ("RTX 4090", 165.2, 82.6),
-    ("RTX 3090", 71.0, 35.6),
-    ("V100", 125.0, 15.7),
-    ("T4", 65.0, 8.1),
-]
+from lmforge.hardware import ACCELERATORS
+
+# name fragment -> (bf16/fp16 dense TFLOP/s, tf32 dense TFLOP/s), from the one accelerator table the
+# planner also uses; first match wins (torch.cuda.get_device_name gives e.g. "NVIDIA H100 80GB HBM3").
+_PEAKS_TFLOPS = [(a.match, a.bf16_tflops, a.tf32_tflops) for a in ACCELERATORS]
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
