@@ -3,6 +3,13 @@
 The data loader labels positions that carry no loss with IGNORE_INDEX; the training step,
 validation and `lmforge eval` all sum token cross-entropies with `summed_cross_entropy`, so a
 perplexity printed by any of them means the same thing.
+
+`fused_linear_cross_entropy` computes the same sum from the final hidden states and the output
+weight without ever holding [tokens, vocab] logits or their gradient: tokens are processed in
+chunks, and each chunk's loss AND its gradients (w.r.t. the hidden states and the weight) are
+computed in the forward, so backward only scales what was kept. At Llama-3's 128,256 vocabulary
+that removes the largest activation of a step. On CUDA, Liger-Kernel's Triton implementation
+is used when it is installed (`pip install lmforge[liger]`); everywhere else our PyTorch one.
 """
 
 from __future__ import annotations
@@ -13,6 +20,10 @@ import torch.nn.functional as F
 # Label of a position that is not a target (padding in padded mode). PyTorch's own default.
 IGNORE_INDEX = -100
 
+# Elements of fp32 logits per chunk (~128 MiB): big enough for efficient matmuls, small next to
+# the full logits of any real batch (4 x 2048 tokens x 128k vocab = 4 GiB in fp32).
+_CHUNK_ELEMENTS = 1 << 25
+
 
 def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of fp32 token cross-entropies over targets that are not IGNORE_INDEX."""
@@ -22,3 +33,171 @@ def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
+
+
+def _chunk_size(num_tokens: int, vocab: int, chunk_tokens: int | None) -> int:
+    if chunk_tokens is None:
+        chunk_tokens = max(1, _CHUNK_ELEMENTS // vocab)
+    return max(1, min(num_tokens, chunk_tokens))
+
+
+def _chunk_loss_and_logit_grad(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, need_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed CE of one chunk and, if asked, d(loss)/d(logits) in the compute dtype."""
+    logits = (hidden @ weight.t()).float()
+    valid = labels != IGNORE_INDEX
+    safe = labels.clamp(min=0).unsqueeze(1)
+    lse = torch.logsumexp(logits, dim=-1)
+    target = logits.gather(1, safe).squeeze(1)
+    loss = ((lse - target) * valid).sum()
+    if not need_grad:
+        return loss, None
+    # softmax - one_hot, zero on ignored rows; reuses the logits buffer (no second [n, V] tensor)
+    grad = logits.sub_(lse.unsqueeze(1)).exp_()
+    grad.scatter_add_(1, safe, torch.full_like(target, -1.0).unsqueeze(1))
+    grad.mul_(valid.unsqueeze(1))
+    return loss, grad.to(hidden.dtype)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden) if need_h else None
+        # fp32 accumulator: bf16 sums over many chunks would lose the small contributions
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start : start + chunk]
+            loss, grad = _chunk_loss_and_logit_grad(
+                h, weight, labels[start : start + chunk], need_h or need_w
+            )
+            total += loss
+            if need_h:
+                torch.mm(grad, weight, out=grad_hidden[start : start + chunk])
+            if need_w:
+                if grad.dtype == torch.float32:
+                    grad_weight.addmm_(grad.t(), h)
+                else:
+                    grad_weight.add_((grad.t() @ h).float())
+        if need_w:
+            grad_weight = grad_weight.to(weight.dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.needs = (need_h, need_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        need_h, need_w = ctx.needs
+        return (
+            grad_hidden * grad_out.to(grad_hidden.dtype) if need_h else None,
+            grad_weight * grad_out.to(grad_weight.dtype) if need_w else None,
+            None,
+            None,
+        )
+
+
+def _liger_loss():
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import (
+            LigerFusedLinearCrossEntropyLoss,
+        )
+    except ImportError:
+        return None
+    return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+_LIGER = None
+_LIGER_CHECKED = False
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    chunk_tokens: int | None = None,
+    use_liger: bool | None = None,
+) -> torch.Tensor:
+    """`summed_cross_entropy(hidden @ weight.T, labels)` without the [tokens, vocab] logits.
+
+    hidden [..., H] (final-normed states), weight [V, H], labels [...] with IGNORE_INDEX.
+    Under autocast the matmul runs in the autocast dtype like F.linear would; the softmax and the
+    sum are fp32. use_liger: None = Liger on CUDA when installed; False = always ours.
+    """
+    global _LIGER, _LIGER_CHECKED
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1)
+    device_type = hidden.device.type
+    if _autocast_on(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    if use_liger is None:
+        use_liger = device_type == "cuda"
+    if use_liger:
+        if not _LIGER_CHECKED:
+            _LIGER, _LIGER_CHECKED = _liger_loss(), True
+        if _LIGER is not None:
+            with torch.autocast(device_type, enabled=False):
+                out = _LIGER(weight, hidden, labels)
+            return (out[0] if isinstance(out, tuple) else out).float()
+    chunk = _chunk_size(hidden.shape[0], weight.shape[0], chunk_tokens)
+    with torch.autocast(device_type, enabled=False):
+        if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
+            total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+            for start in range(0, hidden.shape[0], chunk):
+                loss, _ = _chunk_loss_and_logit_grad(
+                    hidden[start : start + chunk], weight, labels[start : start + chunk], False
+                )
+                total = total + loss
+            return total
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk)
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has no device argument
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
+def output_weight_is_tensor_parallel(weight: torch.Tensor) -> bool:
+    """True for a DTensor sharded over a "tp" mesh dimension: its logits are vocab-parallel, so the
+    fused loss (which needs the whole vocabulary per token) is not used; FSDP shards are fine
+    (FSDP's forward hands the model the gathered weight)."""
+    mesh = getattr(weight, "device_mesh", None)
+    if mesh is None:
+        return False
+    names = mesh.mesh_dim_names or ()
+    return any(
+        name == "tp" and placement.is_shard()
+        for name, placement in zip(names, weight.placements)
+    )
+
+
+def language_model_loss(
+    model, batch: dict, *, fused: bool = True, **model_kwargs
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed token CE in fp32, MoE aux loss) of `batch` ({"input_ids", "labels"} plus the
+    optional "doc_ids"/"position_ids" the loader adds for document masking).
+
+    fused: compute the CE from hidden states with `fused_linear_cross_entropy` unless the output
+    weight is tensor-parallel (then the plain logits path, whose gather the TP plan does).
+    """
+    for key in ("doc_ids", "position_ids"):
+        if batch.get(key) is not None:
+            model_kwargs[key] = batch[key]
+    if fused and not output_weight_is_tensor_parallel(_output_weight(model)):
+        out = model(batch["input_ids"], return_hidden=True, **model_kwargs)
+        return fused_linear_cross_entropy(out.hidden, out.output_weight, batch["labels"]), out.aux_loss
+    out = model(batch["input_ids"], **model_kwargs)
+    return summed_cross_entropy(out.logits, batch["labels"]), out.aux_loss
+
+
+def _output_weight(model) -> torch.Tensor:
+    inner = model
+    while not hasattr(inner, "output_weight"):  # DDP / compile wrappers
+        inner = getattr(inner, "module", None) or inner._orig_mod
+    return inner.output_weight()

@@ -1,5 +1,10 @@
-"""Grouped-query attention through `F.scaled_dot_product_attention`, with optional QK-norm and a
-preallocated KV cache for token-by-token generation."""
+"""Grouped-query attention through `F.scaled_dot_product_attention`, with optional QK-norm, a
+preallocated KV cache for token-by-token generation and document masking for packed batches.
+
+Document masking: the model builds one mask per forward (`document_mask`) and every block uses it.
+On CUDA with FlexAttention (torch >= 2.5) it is a BlockMask, so fully masked tiles are skipped;
+elsewhere it is an exact boolean SDPA mask [B, 1, T, T] (causal AND same document).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,44 @@ from torch import nn
 from lmforge.errors import LmforgeError
 from lmforge.model.config import ModelConfig
 from lmforge.model.layers import RMSNorm, apply_rope, init_linear
+
+# SDPA's enable_gqa arrived in torch 2.5: K/V heads are shared without materialising repeats.
+_SDPA_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
+
+try:  # FlexAttention: torch >= 2.5; only used on CUDA, where its compiled kernels exist
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - older torch
+    BlockMask = None
+
+_compiled_flex = None
+
+
+def _flex(q, k, v, block_mask):
+    # flex_attention is only fast compiled; compile once per process (shapes recompile as needed).
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def use_flex_attention(device: torch.device) -> bool:
+    return BlockMask is not None and device.type == "cuda"
+
+
+def document_mask(doc_ids: torch.Tensor, flex: bool | None = None):
+    """Causal attention restricted to each token's own document, for doc_ids [B, T] (any ids that
+    are equal exactly within one document). A FlexAttention BlockMask on CUDA, else a boolean
+    [B, 1, T, T] SDPA mask (True = may attend). Built without any host sync."""
+    bsz, seq = doc_ids.shape
+    if flex is None:
+        flex = use_flex_attention(doc_ids.device)
+    if flex:
+        def same_doc_causal(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+
+        return create_block_mask(same_doc_causal, bsz, None, seq, seq, device=doc_ids.device)
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=doc_ids.device).tril()
+    return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
 
 
 class KVCache:
@@ -95,8 +138,11 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
+        attn_mask=None,
     ) -> torch.Tensor:
-        """x [B, T, hidden]; cos/sin [T, head_dim] for positions start_pos..start_pos+T-1."""
+        """x [B, T, hidden]; cos/sin [T, head_dim] for positions start_pos..start_pos+T-1 (or
+        [B, 1, T, head_dim] for per-sample positions); attn_mask from `document_mask` (training
+        only, no cache)."""
         bsz, seq, _ = x.shape
         q = self.wq(x).view(bsz, seq, -1, self.head_dim)
         k = self.wk(x).view(bsz, seq, -1, self.head_dim)
@@ -113,6 +159,13 @@ class Attention(nn.Module):
         q, k = q.to(v.dtype), k.to(v.dtype)
 
         mask, causal = None, True
+        if attn_mask is not None:
+            if kv_cache is not None:
+                raise LmforgeError("document masking is for training; generate without doc_ids")
+            if BlockMask is not None and isinstance(attn_mask, BlockMask):
+                out = _flex(q, k, v, attn_mask)
+                return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(bsz, seq, -1)))
+            mask, causal = attn_mask, False
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_id, start_pos, k, v)
             if seq == 1:
@@ -125,13 +178,17 @@ class Attention(nn.Module):
                 mask = key_pos[None, :] <= query_pos[:, None]
                 causal = False
 
-        # Expand k/v heads to the query heads explicitly (HF repeat_kv order: query head h uses
-        # kv head h // rep); SDPA's enable_gqa is newer than torch 2.6 and not flash-eligible
-        # everywhere.
+        # Query head h uses kv head h // rep (HF repeat_kv order). Without a mask SDPA shares the
+        # heads itself (enable_gqa: flash and CPU kernels, no repeated K/V in memory); with a mask
+        # only the math/efficient kernels apply, and they want the heads expanded.
         rep = q.shape[1] // k.shape[1]
+        gqa = {}
         if rep > 1:
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
+            if _SDPA_GQA and mask is None:
+                gqa = {"enable_gqa": True}
+            else:
+                k = k.repeat_interleave(rep, dim=1)
+                v = v.repeat_interleave(rep, dim=1)
         out = F.scaled_dot_product_attention(
             q,
             k,
@@ -139,6 +196,7 @@ class Attention(nn.Module):
             attn_mask=mask,
             dropout_p=self.attn_dropout if self.training else 0.0,
             is_causal=causal,
+            **gqa,
         )
         out = out.transpose(1, 2).reshape(bsz, seq, -1)
         return self.resid_dropout(self.wo(out))

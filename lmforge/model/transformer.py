@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import LmforgeError
-from lmforge.model.attention import Attention, KVCache
+from lmforge.model.attention import Attention, KVCache, document_mask
 from lmforge.model.config import ModelConfig
 from lmforge.model.layers import (
     FeedForward,
@@ -36,6 +36,17 @@ class ModelOutput(NamedTuple):
     logits: torch.Tensor
     # Load-balancing loss summed over the MoE layers (MiniMind sums too), fp32 scalar with
     # gradients; a zero tensor for dense models. Add it to the LM loss when training.
+    aux_loss: torch.Tensor
+
+
+class HiddenOutput(NamedTuple):
+    """`model(ids, return_hidden=True)`: the final-normed hidden states [B, T, hidden] and the output
+    projection's weight [vocab, hidden] exactly as this forward used it (the tied embedding or
+    `output.weight`; under FSDP2 the gathered parameter), so a fused linear + cross-entropy can
+    compute the loss without ever holding [B, T, vocab] logits."""
+
+    hidden: torch.Tensor
+    output_weight: torch.Tensor
     aux_loss: torch.Tensor
 
 
@@ -66,9 +77,13 @@ class TransformerBlock(nn.Module):
         sin: torch.Tensor,
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
+        attn_mask=None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (hidden states, this block's MoE aux loss or None for a dense block)."""
-        h = x + self.attention(self.attention_norm(x), cos, sin, kv_cache, start_pos)
+        # attn_mask by keyword: tensor-parallel input plans match the positional arguments.
+        h = x + self.attention(
+            self.attention_norm(x), cos, sin, kv_cache, start_pos, attn_mask=attn_mask
+        )
         ff = self.feed_forward(self.ffn_norm(h))
         if isinstance(ff, tuple):
             ff, aux = ff
@@ -120,14 +135,28 @@ class Transformer(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
+    def output_weight(self) -> torch.Tensor:
+        """The [vocab, hidden] matrix of the output projection (the embedding table when tied)."""
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
     def forward(
-        self, input_ids: torch.Tensor, kv_cache: KVCache | None = None, start_pos: int = 0
-    ) -> ModelOutput:
+        self,
+        input_ids: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+        *,
+        doc_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ) -> ModelOutput | HiddenOutput:
         """input_ids [B, T] at positions start_pos..start_pos+T-1.
 
         Training: kv_cache=None, start_pos=0 (causal attention over the T tokens). Generation:
         prefill the prompt with a cache at start_pos=0, then feed one token (or a chunk) at a
         time with start_pos = number of tokens already in the cache.
+        Packed training with document masking: doc_ids [B, T] (equal within a document) limits
+        attention to each token's own document; position_ids [B, T] (optional) gives each token's
+        RoPE position, e.g. restarting at 0 per document. return_hidden: see HiddenOutput.
         """
         _, seq = input_ids.shape
         end = start_pos + seq
@@ -139,20 +168,27 @@ class Transformer(nn.Module):
         h = self.dropout(self.tok_embeddings(input_ids))
         # RoPE tables in the residual stream's dtype (HF's rule): fp32 under autocast, bf16 for a
         # bf16 model. The tables themselves stay fp32 unless the whole model is cast.
-        cos = self.rope_cos[start_pos:end].to(h.dtype)
-        sin = self.rope_sin[start_pos:end].to(h.dtype)
+        if position_ids is None:
+            cos = self.rope_cos[start_pos:end].to(h.dtype)
+            sin = self.rope_sin[start_pos:end].to(h.dtype)
+        else:  # per-sample positions: [B, 1, T, head_dim] broadcasts over the heads
+            cos = self.rope_cos[position_ids].to(h.dtype).unsqueeze(1)
+            sin = self.rope_sin[position_ids].to(h.dtype).unsqueeze(1)
+        attn_mask = None if doc_ids is None else document_mask(doc_ids)
         aux_loss = None
         for layer in self.layers:
-            h, layer_aux = layer(h, cos, sin, kv_cache, start_pos)
+            h, layer_aux = layer(h, cos, sin, kv_cache, start_pos, attn_mask=attn_mask)
             if layer_aux is not None:
                 aux_loss = layer_aux if aux_loss is None else aux_loss + layer_aux
         h = self.norm(h)
+        if aux_loss is None:
+            aux_loss = torch.zeros((), device=h.device, dtype=torch.float32)
+        if return_hidden:
+            return HiddenOutput(h, self.output_weight(), aux_loss)
         if self.output is None:
             logits = F.linear(h, self.tok_embeddings.weight)
         else:
             logits = self.output(h)
-        if aux_loss is None:
-            aux_loss = torch.zeros((), device=logits.device, dtype=torch.float32)
         return ModelOutput(logits, aux_loss)
 
     def new_kv_cache(self, max_len: int | None = None) -> KVCache:
