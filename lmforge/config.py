@@ -43,6 +43,10 @@ class DataConfig(Section):
     shuffle: bool = True
     prefetch: int = Field(2, ge=0)
     pin_memory: bool = True
+    # Packed data: attend only within each document (batches carry doc_ids [B, T]) and, with
+    # reset_positions, restart RoPE positions at every document start (position_ids [B, T]).
+    document_mask: bool = False
+    reset_positions: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -98,6 +102,9 @@ class TrainConfig(Section):
     predict_temperature: float = Field(0.8, ge=0.0)
     predict_top_k: int | None = Field(50, ge=1)
     deterministic: bool = False
+    # Output layer + loss fused and chunked over tokens (lmforge/loss.py): same loss, no
+    # [tokens, vocab] logits; tensor-parallel output layers use the plain logits path anyway.
+    fused_loss: bool = True
 
     @model_validator(mode="after")
     def _budget(self) -> TrainConfig:
