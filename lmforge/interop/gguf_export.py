@@ -1,0 +1,206 @@
+"""Export a dense lmforge model to one GGUF file that llama.cpp, Ollama and LM Studio run.
+
+Two llama.cpp architectures hold our models exactly: `llama` (plain attention) and `qwen3`
+(QK-norm). llama.cpp's `llama` rotates q/k pairs interleaved (GPT-J style) while we and HF rotate
+halves, so llama.cpp's converter permutes the rows of wq/wk per head; we do the same. `qwen3`
+uses the half-rotation itself, so its tensors are written as they are. Llama-3 RoPE scaling is
+the `rope_freqs` tensor (per-frequency divisors) llama.cpp reads for `llama`; its four parameters
+also go in `lmforge.rope_scaling.*` keys so an import rebuilds the config exactly.
+Written with the `gguf` package (the writer llama.cpp ships); nothing is laid out by hand.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmforge.config import ModelConfig
+from lmforge.errors import LmforgeError
+
+DTYPES = ("f32", "f16", "bf16", "q8_0")
+ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+# lmforge name -> llama.cpp name (per layer: the part after `layers.{i}.`)
+TOP_NAMES = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+             "output.weight": "output.weight"}
+LAYER_NAMES = {
+    "attention_norm.weight": "attn_norm.weight",
+    "attention.wq.weight": "attn_q.weight",
+    "attention.wk.weight": "attn_k.weight",
+    "attention.wv.weight": "attn_v.weight",
+    "attention.wo.weight": "attn_output.weight",
+    "attention.q_norm.weight": "attn_q_norm.weight",
+    "attention.k_norm.weight": "attn_k_norm.weight",
+    "ffn_norm.weight": "ffn_norm.weight",
+    "feed_forward.w1.weight": "ffn_gate.weight",
+    "feed_forward.w3.weight": "ffn_up.weight",
+    "feed_forward.w2.weight": "ffn_down.weight",
+}
+
+
+def gguf_name(ours: str) -> str:
+    if ours in TOP_NAMES:
+        return TOP_NAMES[ours]
+    parts = ours.split(".", 2)
+    if len(parts) == 3 and parts[0] == "layers" and parts[2] in LAYER_NAMES:
+        return f"blk.{parts[1]}.{LAYER_NAMES[parts[2]]}"
+    raise LmforgeError(f"parameter '{ours}' has no place in a GGUF llama/qwen3 model; it cannot be exported")
+
+
+def llama_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of each head from [first halves | second halves] to interleaved pairs (llama.cpp)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def llama_unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def gguf_arch(cfg: ModelConfig) -> str:
+    """`llama` or `qwen3`, or a one-line refusal naming what GGUF cannot hold."""
+    if cfg.moe is not None:
+        raise LmforgeError("model.moe: GGUF export covers dense models only; export MoE models with --format hf")
+    if cfg.attention_bias or cfg.mlp_bias:
+        raise LmforgeError(
+            "model.attention_bias/mlp_bias: llama.cpp's llama and qwen3 graphs have no such biases; "
+            "export with --format hf"
+        )
+    if cfg.qk_norm and cfg.rope_scaling is not None:
+        raise LmforgeError(
+            "model.rope_scaling: llama.cpp's qwen3 graph ignores Llama-3 rope frequency factors; "
+            "export without rope_scaling or use a model without qk_norm"
+        )
+    return "qwen3" if cfg.qk_norm else "llama"
+
+
+def rope_factors(cfg: ModelConfig) -> torch.Tensor:
+    """Per-frequency divisors llama.cpp applies (`rope_freqs`): unscaled / scaled inverse frequency."""
+    from lmforge.model.layers import rope_inv_freq
+
+    plain = rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta)
+    scaled = rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
+    return (plain.double() / scaled.double()).float()
+
+
+def _state(model_or_state: Any, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    from lmforge.interop.export import _plain_state, check_state
+
+    return check_state(_plain_state(model_or_state), cfg)
+
+
+def _encode(name: str, value: torch.Tensor, dtype: str):
+    """(numpy data, raw gguf type or None) for one tensor; 1-D tensors stay f32 like llama.cpp's."""
+    from gguf import GGMLQuantizationType, quants
+
+    value = value.detach().cpu()
+    if value.ndim == 1 or dtype == "f32":
+        return value.float().numpy(), None
+    if dtype == "f16":
+        return value.half().numpy(), None
+    if dtype == "bf16":
+        return value.bfloat16().view(torch.int16).numpy().view(np.uint8), GGMLQuantizationType.BF16
+    if value.shape[-1] % 32:  # Q8_0 blocks are 32 wide; llama.cpp falls back to f16 too
+        return value.half().numpy(), None
+    return quants.quantize(value.float().numpy(), GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0
+
+
+def _write_hparams(writer, cfg: ModelConfig, arch: str, name: str, dtype: str) -> None:
+    from gguf import GGML_QUANT_VERSION, LlamaFileType
+
+    from lmforge.model.layers import resolve_intermediate_size
+
+    file_type = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
+                 "bf16": LlamaFileType.MOSTLY_BF16, "q8_0": LlamaFileType.MOSTLY_Q8_0}[dtype]
+    writer.add_name(name)
+    writer.add_file_type(file_type)
+    if dtype == "q8_0":
+        writer.add_quantization_version(GGML_QUANT_VERSION)
+    head_dim = cfg.resolved_head_dim
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_layers)
+    writer.add_feed_forward_length(resolve_intermediate_size(cfg))
+    writer.add_head_count(cfg.num_heads)
+    writer.add_head_count_kv(cfg.num_kv_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    if cfg.rope_scaling is not None:  # llama.cpp reads rope_freqs; these keys are for our import
+        for key in ROPE_KEYS:
+            value = getattr(cfg.rope_scaling, key)
+            if key == "original_max_position_embeddings":
+                writer.add_uint32(f"lmforge.rope_scaling.{key}", int(value))
+            else:
+                writer.add_float64(f"lmforge.rope_scaling.{key}", float(value))
+    writer.add_float64("lmforge.init_std", cfg.init_std)
+
+
+def export_gguf(
+    model_or_state: Any,
+    model_cfg: ModelConfig,
+    tokenizer: Any,
+    out_file: str | Path,
+    dtype: str = "f32",
+    *,
+    name: str = "lmforge",
+    overwrite: bool = False,
+) -> Path:
+    """Write `out_file` (.gguf) for llama.cpp: weights (f32/f16/bf16/q8_0), hyperparameters and the
+    tokenizer (a folder/tokenizer.json/loaded tokenizer; required: llama.cpp needs a vocabulary).
+    Everything is checked before writing; the file appears only when complete."""
+    from gguf import GGUFWriter
+
+    from lmforge.interop.gguf_vocab import gguf_vocab, write_vocab
+
+    dtype = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}.get(str(dtype).lower(), str(dtype).lower())
+    if dtype not in DTYPES:
+        raise LmforgeError(f"GGUF dtype '{dtype}' is not supported; use one of {', '.join(DTYPES)}")
+    out = Path(out_file)
+    if out.is_dir():
+        raise LmforgeError(f"{out}: is a folder; GGUF export writes one file, e.g. {out / 'model.gguf'}")
+    if out.exists() and not overwrite:
+        raise LmforgeError(f"{out}: already exists; choose a new file name or pass overwrite")
+    if tokenizer is None:
+        raise LmforgeError("GGUF export needs the model's tokenizer (llama.cpp reads the vocabulary from the file)")
+    arch = gguf_arch(model_cfg)
+    state = _state(model_or_state, model_cfg)
+    vocab = gguf_vocab(tokenizer, model_cfg.vocab_size)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    try:
+        writer = GGUFWriter(str(tmp), arch)
+        _write_hparams(writer, model_cfg, arch, name, dtype)
+        write_vocab(writer, vocab)
+        if model_cfg.rope_scaling is not None:
+            writer.add_tensor("rope_freqs.weight", rope_factors(model_cfg).numpy())
+        for ours in sorted(state, key=_tensor_order):
+            value = state[ours]
+            if arch == "llama" and ours.endswith("attention.wq.weight"):
+                value = llama_permute(value, model_cfg.num_heads)
+            elif arch == "llama" and ours.endswith("attention.wk.weight"):
+                value = llama_permute(value, model_cfg.num_kv_heads)
+            data, raw = _encode(ours, value, dtype)
+            writer.add_tensor(gguf_name(ours), data, raw_dtype=raw)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
+def _tensor_order(name: str) -> tuple:
+    """Embedding first, then layers in numeric order, then the final norm and head (llama.cpp's)."""
+    if name.startswith("layers."):
+        return (1, int(name.split(".")[1]), name)
+    return (0 if name.startswith("tok_") else 2, 0, name)

@@ -1,0 +1,236 @@
+"""Import a GGUF file (llama.cpp's `llama` or `qwen3` architecture) as lmforge weights.
+
+Quantised tensors are dequantised to float32 with the `gguf` package (every type it can
+dequantise: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the K-quants, ...); f32/f16/bf16 tensors keep their
+stored values bit for bit. llama.cpp's q/k row permutation is undone for `llama`. The tokenizer
+is rebuilt as a `tokenizer.json` that splits text like llama.cpp's named pre-tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmforge.config import ModelConfig
+from lmforge.errors import LmforgeError
+from lmforge.interop.gguf_export import LAYER_NAMES, ROPE_KEYS, TOP_NAMES, llama_unpermute
+
+ARCHES = ("llama", "qwen3")
+# Llama-3.x scalings seen in published GGUFs that carry only `rope_freqs` (no parameters).
+KNOWN_LLAMA3_SCALINGS = [
+    {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": n}
+    for n in (8192, 4096, 2048, 16384, 32768)
+]
+
+
+def _value(field) -> Any:
+    from gguf import GGUFValueType
+
+    value = field.contents()
+    if field.types and field.types[0] == GGUFValueType.FLOAT32:
+        value = float(str(np.float32(value)))  # shortest decimal: 1e-05, not 9.99999974e-06
+    return value
+
+
+def read_metadata(reader) -> dict[str, Any]:
+    return {key: _value(field) for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+
+
+def _tensor(t, source: str) -> torch.Tensor:
+    from gguf import GGMLQuantizationType, quants
+
+    shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first
+    kind = t.tensor_type
+    if kind == GGMLQuantizationType.F32:
+        return torch.from_numpy(np.array(t.data, dtype=np.float32).reshape(shape))
+    if kind == GGMLQuantizationType.F16:
+        return torch.from_numpy(np.array(t.data, dtype=np.float16).reshape(shape))
+    if kind == GGMLQuantizationType.BF16:
+        raw = np.array(t.data).view(np.int16).reshape(shape)
+        return torch.from_numpy(raw).view(torch.bfloat16)
+    try:
+        values = quants.dequantize(np.array(t.data), kind)
+    except NotImplementedError:
+        raise LmforgeError(
+            f"{source}: tensor '{t.name}' is {kind.name}, which the gguf package cannot dequantise; "
+            "requantise the file to Q8_0/Q4_K/Q6_K or f16"
+        ) from None
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(shape))
+
+
+def _rope_scaling(meta: dict, freqs: torch.Tensor | None, head_dim: int, theta: float, source: str):
+    from lmforge.config import RopeScaling
+    from lmforge.interop.gguf_export import rope_factors
+
+    arch = meta["general.architecture"]
+    kind = meta.get(f"{arch}.rope.scaling.type", "none")
+    if kind not in ("none",) or meta.get(f"{arch}.rope.scaling.factor", 1.0) not in (0.0, 1.0):
+        raise LmforgeError(
+            f"{source}: rope scaling '{kind}' (factor {meta.get(f'{arch}.rope.scaling.factor')}) is not "
+            "supported; lmforge models use plain or Llama-3 RoPE"
+        )
+    if all(f"lmforge.rope_scaling.{k}" in meta for k in ROPE_KEYS):
+        return RopeScaling(**{k: meta[f"lmforge.rope_scaling.{k}"] for k in ROPE_KEYS})
+    if freqs is None:
+        return None
+    factor = float(freqs.max())
+    for guess in KNOWN_LLAMA3_SCALINGS:
+        scaling = RopeScaling(factor=factor, **guess)
+        probe = ModelConfig(hidden_size=head_dim, num_heads=1, num_kv_heads=1, rope_theta=theta,
+                            rope_scaling=scaling)
+        if torch.allclose(rope_factors(probe), freqs.float(), rtol=1e-5, atol=0):
+            return scaling
+    raise LmforgeError(
+        f"{source}: rope_freqs does not match Llama-3 scaling with factor {factor} and the usual "
+        "parameters; lmforge cannot reproduce these rope frequencies"
+    )
+
+
+def _config(meta: dict, tensors: dict[str, torch.Tensor], source: str) -> ModelConfig:
+    arch = meta["general.architecture"]
+
+    def key(name: str, default: Any = None) -> Any:
+        value = meta.get(f"{arch}.{name}", default)
+        if value is None:
+            raise LmforgeError(f"{source}: metadata '{arch}.{name}' is missing; the file is incomplete")
+        return value
+
+    if meta.get(f"{arch}.expert_count", 0):
+        raise LmforgeError(f"{source}: a mixture-of-experts GGUF ({arch}.expert_count); only dense models import")
+    embed = tensors["token_embd.weight"]
+    hidden = key("embedding_length")
+    heads = key("attention.head_count")
+    kv = key("attention.head_count_kv", heads)
+    if not isinstance(heads, int) or not isinstance(kv, int):
+        raise LmforgeError(f"{source}: per-layer head counts are not supported (all layers must match)")
+    head_dim = meta.get(f"{arch}.attention.key_length", hidden // heads)
+    if meta.get(f"{arch}.attention.value_length", head_dim) != head_dim:
+        raise LmforgeError(f"{source}: key_length and value_length differ; lmforge attention needs them equal")
+    if meta.get(f"{arch}.rope.dimension_count", head_dim) != head_dim:
+        raise LmforgeError(f"{source}: partial rotary embeddings (rope.dimension_count < head_dim) are not supported")
+    theta = float(key("rope.freq_base", 10000.0))
+    scaling = _rope_scaling(meta, tensors.get("rope_freqs.weight"), head_dim, theta, source)
+    fields = dict(
+        vocab_size=int(embed.shape[0]),
+        hidden_size=hidden,
+        num_layers=key("block_count"),
+        num_heads=heads,
+        num_kv_heads=kv,
+        head_dim=None if hidden % heads == 0 and head_dim == hidden // heads else head_dim,
+        intermediate_size=key("feed_forward_length"),
+        max_position_embeddings=key("context_length"),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        norm_eps=key("attention.layer_norm_rms_epsilon"),
+        qk_norm=arch == "qwen3",
+        tie_embeddings="output.weight" not in tensors,
+        init_std=meta.get("lmforge.init_std", 0.02),
+    )
+    try:
+        return ModelConfig.model_validate(fields)
+    except Exception as exc:  # pydantic: a value lmforge's config cannot hold
+        raise LmforgeError(f"{source}: hyperparameters do not form a valid lmforge model ({exc})") from None
+
+
+def _our_name(gguf: str) -> str | None:
+    for ours, theirs in TOP_NAMES.items():
+        if gguf == theirs:
+            return ours
+    parts = gguf.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk":
+        for ours, theirs in LAYER_NAMES.items():
+            if parts[2] == theirs:
+                return f"layers.{parts[1]}.{ours}"
+    return None
+
+
+def import_gguf(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig, dict[str, str]]:
+    """(state dict with our names, ModelConfig, {tokenizer file name: text}) from a GGUF file."""
+    from gguf import GGUFReader
+
+    from lmforge.interop.export import param_shapes
+    from lmforge.interop.gguf_vocab import tokenizer_files_from_gguf
+
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise LmforgeError(f"{path}: no such file; pass a .gguf file")
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:  # the reader raises ValueError/struct errors on damaged files
+        raise LmforgeError(f"{path}: not a readable GGUF file ({str(exc).splitlines()[0][:120]})") from None
+    meta = read_metadata(reader)
+    arch = meta.get("general.architecture")
+    if arch not in ARCHES:
+        raise LmforgeError(f"{path}: architecture '{arch}' is not supported; lmforge imports {' and '.join(ARCHES)}")
+    tensors = {t.name: _tensor(t, source) for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise LmforgeError(f"{path}: no token_embd.weight tensor; the file is incomplete")
+    cfg = _config(meta, tensors, source)
+    expected = param_shapes(cfg)
+    state = {}
+    for name, value in tensors.items():
+        if name == "rope_freqs.weight":
+            continue
+        ours = _our_name(name)
+        if ours is None or ours not in expected:
+            raise LmforgeError(f"{path}: tensor '{name}' has no place in an lmforge {arch} model (biases, MoE ...)")
+        if arch == "llama" and ours.endswith("attention.wq.weight"):
+            value = llama_unpermute(value, cfg.num_heads)
+        elif arch == "llama" and ours.endswith("attention.wk.weight"):
+            value = llama_unpermute(value, cfg.num_kv_heads)
+        if tuple(value.shape) != tuple(expected[ours]):
+            raise LmforgeError(
+                f"{path}: tensor '{name}' has shape {tuple(value.shape)} but the metadata implies "
+                f"{tuple(expected[ours])}; the file is inconsistent"
+            )
+        state[ours] = value.contiguous()
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise LmforgeError(f"{path}: tensor for '{missing[0]}' is missing ({len(missing)} in all)")
+    return state, cfg, tokenizer_files_from_gguf(meta, source)
+
+
+def write_weights_folder(
+    state: dict[str, torch.Tensor], cfg: ModelConfig, files: dict[str, str], out: str | Path, overwrite: bool = False
+) -> Path:
+    """`out/` with model.safetensors, config.yaml and the given tokenizer files, as `lmforge export
+    --format safetensors` writes it (loadable by eval/generate/finetune/export); written to a
+    temp folder and renamed when complete."""
+    from safetensors.torch import save_file
+
+    from lmforge.config import config_for_model
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise LmforgeError(f"{out}: already exists and is not empty; choose a new folder or pass overwrite")
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "producer": "lmforge"})
+        for name, text in files.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        config_for_model(cfg).save(tmp / "config.yaml")  # last: a folder with it is complete
+        if out.exists():
+            old = out.with_name(f"{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def import_gguf_to_folder(path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """`lmforge import --gguf FILE --out DIR`."""
+    state, cfg, files = import_gguf(path)
+    return write_weights_folder(state, cfg, files, out, overwrite)

@@ -1,0 +1,203 @@
+"""Tokenizers in GGUF: a byte-level BPE `tokenizer.json` <-> llama.cpp's `tokenizer.ggml.*` keys.
+
+llama.cpp does not run `tokenizer.json`: it keeps the vocabulary, the merges and one named
+pre-tokenizer (`tokenizer.ggml.pre`), a fixed regex set chosen by name. So a tokenizer is
+exported only when its pre-tokenizer is one of the named ones below (byte-level, no normalizer),
+and import rebuilds the `tokenizer.json` that llama.cpp's named regex describes (digit rules
+included: GPT-2 keeps runs of digits, Llama-3 splits them in groups of three, Qwen2 one by one).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lmforge.errors import LmforgeError
+
+# llama.cpp token types (gguf.TokenType)
+NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# llama.cpp pre-tokenizer name -> split regex (None: the GPT-2 regex built into ByteLevel).
+PRE_TOKENIZERS: dict[str, str | None] = {
+    "gpt-2": None,
+    "llama-bpe": LLAMA3_SPLIT,
+    "llama3": LLAMA3_SPLIT,
+    "smaug-bpe": LLAMA3_SPLIT,
+    "qwen2": QWEN2_SPLIT,
+    "deepseek-r1-qwen": QWEN2_SPLIT,
+}
+
+
+def _tokenizer_files(tokenizer: Any) -> Path:
+    """The tokenizer.json of a folder, file or loaded lmforge tokenizer."""
+    path = Path(getattr(tokenizer, "path", tokenizer))
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if path.name != "tokenizer.json" or not path.is_file():
+        raise LmforgeError(
+            f"{path}: GGUF export embeds a byte-level BPE tokenizer.json; SentencePiece and tiktoken "
+            "tokenizers are not supported, pass a folder with tokenizer.json"
+        )
+    return path
+
+
+def _pre_name(spec: dict, source: Path) -> str:
+    """The llama.cpp pre-tokenizer name equivalent to this tokenizer.json, or a one-line refusal."""
+    pre = spec.get("pre_tokenizer") or {}
+    if spec.get("normalizer"):
+        raise LmforgeError(f"{source}: has a normalizer, which llama.cpp's BPE cannot apply; cannot export to GGUF")
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
+        return "gpt-2"
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
+    if steps and len(steps) == 2 and steps[0].get("type") == "Split" and steps[1].get("type") == "ByteLevel":
+        regex = (steps[0].get("pattern") or {}).get("Regex")
+        plain = not steps[1].get("use_regex", True) and not steps[1].get("add_prefix_space")
+        for name, split in PRE_TOKENIZERS.items():
+            if split is not None and regex == split and plain and steps[0].get("behavior") == "Isolated":
+                return name
+    raise LmforgeError(
+        f"{source}: pre-tokenizer {json.dumps(pre)[:80]} has no llama.cpp equivalent "
+        f"(supported: byte-level GPT-2, Llama-3 and Qwen2 splits); cannot export to GGUF"
+    )
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LmforgeError(f"{path}: not valid JSON ({exc}); fix or remove it") from None
+
+
+def gguf_vocab(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
+    """Everything `write_vocab` puts in the file, checked first so nothing is written on a refusal."""
+    from lmforge.tokenizer import load_tokenizer
+
+    path = _tokenizer_files(tokenizer)
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix"):
+        raise LmforgeError(f"{path}: only byte-level BPE tokenizers can be embedded in GGUF")
+    pre = _pre_name(spec, path)
+    ids = {tok: i for tok, i in model["vocab"].items()}
+    types: dict[int, int] = {}
+    for added in spec.get("added_tokens") or []:
+        ids[added["content"]] = added["id"]
+        types[added["id"]] = CONTROL if added.get("special") else USER_DEFINED
+    size = max(ids.values()) + 1
+    if size > vocab_size:
+        raise LmforgeError(f"{path}: {size} tokens but the model has vocab_size {vocab_size}; pass its own tokenizer")
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]  # llama.cpp's filler for ids past the tokenizer
+    token_types = [UNUSED] * vocab_size
+    for tok, i in ids.items():
+        tokens[i] = tok
+        token_types[i] = types.get(i, NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    tok = load_tokenizer(path.parent)
+    config = _read_config(path.parent)
+    template = config.get("chat_template")
+    return {
+        "pre": pre,
+        "tokens": tokens,
+        "token_types": token_types,
+        "merges": merges,
+        "bos": tok.bos_id,
+        "eos": tok.eos_id,
+        "pad": tok.pad_id,
+        # lmforge starts every training document with BOS, so llama.cpp should too.
+        "add_bos": tok.bos_id is not None,
+        "chat_template": template if isinstance(template, str) else None,
+    }
+
+
+def write_vocab(writer, vocab: dict[str, Any]) -> None:
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(vocab["pre"])
+    writer.add_token_list(vocab["tokens"])
+    writer.add_token_types(vocab["token_types"])
+    writer.add_token_merges(vocab["merges"])
+    for role in ("bos", "eos", "pad"):
+        if vocab[role] is not None:
+            getattr(writer, f"add_{role}_token_id")(vocab[role])
+    writer.add_add_bos_token(vocab["add_bos"])
+    writer.add_add_eos_token(False)
+    if vocab["chat_template"]:
+        writer.add_chat_template(vocab["chat_template"])
+
+
+def tokenizer_files_from_gguf(meta: dict[str, Any], source: str) -> dict[str, str]:
+    """{file name: text} for tokenizer.json and tokenizer_config.json rebuilt from GGUF metadata
+    (empty when the file carries no tokenizer)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    kind = meta.get("tokenizer.ggml.model")
+    if kind is None:
+        return {}
+    if kind != "gpt2":
+        raise LmforgeError(
+            f"{source}: tokenizer.ggml.model '{kind}' is not supported (only byte-level BPE, 'gpt2'); "
+            "import the weights from a GGUF with a BPE vocabulary"
+        )
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZERS:
+        raise LmforgeError(
+            f"{source}: tokenizer.ggml.pre '{pre}' is not supported (supported: {', '.join(PRE_TOKENIZERS)})"
+        )
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    types = list(meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
+    while tokens and types[-1] == UNUSED and tokens[-1].startswith("[PAD"):  # llama.cpp's padding
+        tokens.pop()
+        types.pop()
+    # Added tokens stay in the BPE vocabulary too (as tokenizers' trainer leaves them), so adding
+    # them below marks them whole-match without giving them new ids.
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise LmforgeError(f"{source}: the vocabulary lists a token twice; the file is damaged")
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
+    split = PRE_TOKENIZERS[pre]
+    if split is None:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    tok.decoder = decoders.ByteLevel()
+    # Added tokens in id order so each keeps the id the file gives it.
+    for i, (t, kind_id) in enumerate(zip(tokens, types)):
+        if kind_id in (CONTROL, USER_DEFINED):
+            added = AddedToken(t, special=kind_id == CONTROL, normalized=False)
+            tok.add_special_tokens([added]) if kind_id == CONTROL else tok.add_tokens([added])
+            if tok.token_to_id(t) != i:
+                raise LmforgeError(f"{source}: token {i} {t!r} is duplicated or out of order in the vocabulary")
+    config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+        "clean_up_tokenization_spaces": False,
+    }
+    for role in ("bos", "eos", "pad", "unk"):
+        key = "unknown" if role == "unk" else "padding" if role == "pad" else role
+        token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if token_id is not None and token_id < len(tokens):
+            config[f"{role}_token"] = tokens[token_id]
+    if meta.get("tokenizer.chat_template"):
+        config["chat_template"] = meta["tokenizer.chat_template"]
+    return {
+        "tokenizer.json": tok.to_str(pretty=True),
+        "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+    }
