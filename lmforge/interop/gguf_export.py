@@ -21,7 +21,9 @@ import torch
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 
-DTYPES = ("f32", "f16", "bf16", "q8_0")
+# q8_0 is the one quantisation worth shipping from Python; the 4/5-bit block types are offered for
+# quick experiments (llama.cpp's llama-quantize makes better 4-bit files, e.g. Q4_K_M).
+DTYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 # lmforge name -> llama.cpp name (per layer: the part after `layers.{i}.`)
 TOP_NAMES = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
@@ -102,9 +104,10 @@ def _encode(name: str, value: torch.Tensor, dtype: str):
         return value.half().numpy(), None
     if dtype == "bf16":
         return value.bfloat16().view(torch.int16).numpy().view(np.uint8), GGMLQuantizationType.BF16
-    if value.shape[-1] % 32:  # Q8_0 blocks are 32 wide; llama.cpp falls back to f16 too
+    if value.shape[-1] % 32:  # the block types are 32 wide; llama.cpp falls back to f16 too
         return value.half().numpy(), None
-    return quants.quantize(value.float().numpy(), GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0
+    kind = GGMLQuantizationType[dtype.upper()]
+    return quants.quantize(value.float().numpy(), kind), kind
 
 
 def _write_hparams(writer, cfg: ModelConfig, arch: str, name: str, dtype: str) -> None:
@@ -113,10 +116,10 @@ def _write_hparams(writer, cfg: ModelConfig, arch: str, name: str, dtype: str) -
     from lmforge.model.layers import resolve_intermediate_size
 
     file_type = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
-                 "bf16": LlamaFileType.MOSTLY_BF16, "q8_0": LlamaFileType.MOSTLY_Q8_0}[dtype]
+                 "bf16": LlamaFileType.MOSTLY_BF16}.get(dtype) or LlamaFileType[f"MOSTLY_{dtype.upper()}"]
     writer.add_name(name)
     writer.add_file_type(file_type)
-    if dtype == "q8_0":
+    if dtype.startswith("q"):
         writer.add_quantization_version(GGML_QUANT_VERSION)
     head_dim = cfg.resolved_head_dim
     writer.add_vocab_size(cfg.vocab_size)
@@ -151,7 +154,7 @@ def export_gguf(
     name: str = "lmforge",
     overwrite: bool = False,
 ) -> Path:
-    """Write `out_file` (.gguf) for llama.cpp: weights (f32/f16/bf16/q8_0), hyperparameters and the
+    """Write `out_file` (.gguf) for llama.cpp: weights (f32/f16/bf16/q8_0/...), hyperparameters and the
     tokenizer (a folder/tokenizer.json/loaded tokenizer; required: llama.cpp needs a vocabulary).
     Everything is checked before writing; the file appears only when complete."""
     from gguf import GGUFWriter
