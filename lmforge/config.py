@@ -133,6 +133,9 @@ class ParallelConfig(Section):
     activation_checkpoint: Literal["none", "full", "selective"] = "none"
     ac_every: int = Field(1, ge=1)  # full AC on every N-th block
     compile: bool = False
+    # blocks: each block compiled on its own (FSDP-friendly); model: the whole forward and the
+    # fused loss kernel (lmforge/parallel/compile.py)
+    compile_mode: Literal["blocks", "model"] = "blocks"
     cpu_offload: bool = False
     param_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     reduce_dtype: Literal["bfloat16", "float32"] = "float32"

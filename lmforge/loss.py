@@ -60,6 +60,18 @@ def _chunk_loss_and_logit_grad(
     return loss, grad.to(hidden.dtype)
 
 
+_chunk_kernel = _chunk_loss_and_logit_grad
+
+
+def set_loss_compile(enabled: bool) -> None:
+    """Run the per-chunk math (matmul, logsumexp, softmax gradient) through torch.compile, which
+    fuses the element-wise passes over the [chunk, vocab] block (parallel.compile_mode: model)."""
+    global _chunk_kernel
+    _chunk_kernel = (
+        torch.compile(_chunk_loss_and_logit_grad, dynamic=False) if enabled else _chunk_loss_and_logit_grad
+    )
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk):
@@ -70,7 +82,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start : start + chunk]
-            loss, grad = _chunk_loss_and_logit_grad(
+            loss, grad = _chunk_kernel(
                 h, weight, labels[start : start + chunk], need_h or need_w
             )
             total += loss
@@ -148,7 +160,7 @@ def fused_linear_cross_entropy(
         if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
             total = torch.zeros((), device=hidden.device, dtype=torch.float32)
             for start in range(0, hidden.shape[0], chunk):
-                loss, _ = _chunk_loss_and_logit_grad(
+                loss, _ = _chunk_kernel(
                     hidden[start : start + chunk], weight, labels[start : start + chunk], False
                 )
                 total = total + loss
