@@ -143,31 +143,37 @@ def test_gpt2_style_tokenizer_has_no_bos(corpus, tmp_path):
     assert doc == list(DOCS[1].encode()) + [256]  # bytes then <|endoftext|>, no BOS
 
 
-def test_interrupted_prepare_looks_unfinished_and_rerun_redoes_it(tok_dir, corpus, tmp_path, monkeypatch):
-    import lmforge.data.sources as sources
+def test_interrupted_prepare_resumes_per_unit(tok_dir, corpus, tmp_path, monkeypatch):
+    import lmforge.data.encode as encode
 
+    kw = dict(progress=False, shard_tokens=300, chunk_bytes=200, val_fraction=0.05)
     reference = tmp_path / "ref"
-    prepare_dataset(corpus, tok_dir, reference, progress=False, shard_tokens=300, chunk_bytes=200)
-    real = sources.iter_documents
+    prepare_dataset(corpus, tok_dir, reference, **kw)
+    real, calls = encode.encode_unit, []
 
-    def dies_midway(*args, **kwargs):
-        for n, doc in enumerate(real(*args, **kwargs)):
-            if n == 50:
-                raise KeyboardInterrupt
-            yield doc
+    def dies_at_unit_5(unit, *args, **kwargs):
+        calls.append(unit["id"])
+        if unit["id"] == 5:
+            raise KeyboardInterrupt
+        return real(unit, *args, **kwargs)
 
     out = tmp_path / "out"
-    monkeypatch.setattr(sources, "iter_documents", dies_midway)
+    monkeypatch.setattr(encode, "encode_unit", dies_at_unit_5)
     with pytest.raises(KeyboardInterrupt):
-        prepare_dataset(corpus, tok_dir, out, progress=False, shard_tokens=300, chunk_bytes=200)
-    assert not (out / "meta.json").exists()
-    assert not list(out.glob("*.tmp"))
-    assert list(out.glob("train_*.bin"))  # finished shards exist, but nothing says "complete"
+        prepare_dataset(corpus, tok_dir, out, **kw)
+    assert not (out / "meta.json").exists() and not list(out.glob("*.tmp"))
+    assert len(list((out / "prepare.state").glob("u*.json"))) == 5
     with pytest.raises(DataError, match="meta.json"):
         TokenDataset.open(out, "train")
-    monkeypatch.setattr(sources, "iter_documents", real)
-    prepare_dataset(corpus, tok_dir, out, progress=False, shard_tokens=300, chunk_bytes=200)
-    assert shard_bytes(out) == shard_bytes(reference)
+    calls.clear()
+    monkeypatch.setattr(encode, "encode_unit", lambda unit, *a, **k: calls.append(unit["id"]) or real(unit, *a, **k))
+    s = prepare_dataset(corpus, tok_dir, out, **kw)
+    assert calls[0] == 5 and 0 not in calls  # units 0-4 were not redone
+    assert s["units"] > 5 and shard_bytes(out) == shard_bytes(reference)
+    assert json.loads((out / "meta.json").read_text())["splits"] == json.loads(
+        (reference / "meta.json").read_text()
+    )["splits"]
+    assert not (out / "prepare.state").exists()
 
 
 def test_complete_prepare_is_reused_or_refused(tok_dir, corpus, tmp_path):
@@ -185,7 +191,7 @@ def test_complete_prepare_is_reused_or_refused(tok_dir, corpus, tmp_path):
 
 def test_bad_arguments(tok_dir, corpus, tmp_path):
     with pytest.raises(DataError, match="val_fraction"):
-        prepare_dataset(corpus, tok_dir, tmp_path / "o", val_fraction=1.0, progress=False)
+        prepare_dataset(corpus, tok_dir, tmp_path / "o", val_fraction=1.5, progress=False)
     with pytest.raises(DataError, match="not a shard dtype"):
         prepare_dataset(corpus, tok_dir, tmp_path / "o", dtype="int8", progress=False)
     (tmp_path / "file").write_text("x")
@@ -217,8 +223,9 @@ def test_summary_labels_skips_by_reason():
 
 
 def test_in_memory_tokenizer_with_workers_fails_cleanly(corpus, tmp_path):
+    # Several units, so workers are started (one unit is encoded in this process).
     with pytest.raises(LmforgeError, match="tokenizer not found"):
-        prepare_dataset(corpus, WideTokenizer(), tmp_path / "o", workers=2, progress=False)
+        prepare_dataset(corpus, WideTokenizer(), tmp_path / "o", workers=2, progress=False, chunk_bytes=500)
     assert not (tmp_path / "o" / "meta.json").exists()
 
 

@@ -1,199 +1,111 @@
-"""`lmforge prepare`: documents -> token shards + meta.json, in parallel, deterministically.
+"""`lmforge prepare`: documents -> token shards + meta.json, in parallel, deterministically, resumably.
 
-Pipeline: the main process streams documents (`iter_documents`) into chunks of about
-`chunk_bytes` of text; worker processes (each loading the tokenizer once) turn a chunk into one
-flat array of [bos] + ids + [eos] per document plus the document lengths; results come back in
-input order, and the main process routes each document to the train or val `ShardWriter`. At most `2 * workers + 2` chunks are in flight, so memory does not depend on the
-corpus size. Output bytes depend only on the inputs and the tokenizer, never on `workers`.
+The corpus is cut into work units (`units.py`: byte ranges of JSON-lines files, Parquet row
+groups, whole text files, `hf:` datasets read with streaming=True). Each unit is read, tokenized
+and written to its own shard files by one worker (`encode.py`: local processes by default, Ray
+tasks with engine="ray"), which then records it as done in `prepare.state/`. The driver only plans,
+shows progress and finally writes `meta.json` (the one index: every unit's shards in unit order).
+Memory per worker is bounded by one encode batch and the shard writer's buffer, whatever the
+corpus size. Output bytes depend only on the inputs, the tokenizer and the settings, never on
+the number of workers or the engine.
 
-Split rule: documents are numbered 0, 1, 2, ... in input order (after skips); document i goes to
-val when ceil((i+1)*f) > ceil(i*f) for f = val_fraction, i.e. documents 0, 1/f, 2/f, ... (evenly
-spread, ceil(n*f) of n, so any non-empty corpus has a val document when f > 0).
+An interrupted prepare (Ctrl-C, SIGKILL, a lost node) leaves no meta.json, so the folder never
+looks complete; running the same command again skips the units already recorded as done. A
+folder this function did not write is never cleared: a non-empty folder without lmforge's
+meta.json or prepare.state/ is refused unless overwrite=True, and even then only lmforge's own
+files there (meta.json, *_NNNNN.bin/.idx, prepare.state/) are ever removed.
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-import multiprocessing as mp
-import os
+import json
+import shutil
 import sys
 import time
-import types
-from collections import deque
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lmforge.data.encode import SPLIT_RULE, STATE_DIR, record_path, run_local
 from lmforge.data.shards import (
     DEFAULT_SHARD_TOKENS,
     DTYPES,
     META_NAME,
-    ShardWriter,
     clear_prepared,
     dtype_for_vocab,
-    file_sha256,
     read_meta,
     write_meta,
 )
+from lmforge.data.units import UNIT_BYTES, plan_units
 from lmforge.errors import DataError
 from lmforge.tokenizer import Tokenizer, load_tokenizer
 
-CHUNK_BYTES = 1 << 18  # 256 KiB: enough chunks to keep every worker busy on small corpora
-SPLIT_RULE = "document i (input order) is val when ceil((i+1)*val_fraction) > ceil(i*val_fraction)"
-
-# -- worker side -------------------------------------------------------------------------------
-_W: dict[str, Any] = {}
+CHUNK_BYTES = UNIT_BYTES
+PLAN_NAME = "plan.json"
+ENGINES = ("local", "ray")
 
 
-def _init_worker(tok_path: str, fingerprint: str, dtype: str) -> None:
-    # Processes, not threads, give the parallelism; keep each worker's encoder single-threaded.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    os.environ["RAYON_NUM_THREADS"] = "1"
-    # An initializer exception only shows as a broken pool; report the real one with the first chunk.
-    try:
-        tok = load_tokenizer(tok_path)
-        if tok.fingerprint != fingerprint:
-            raise DataError(
-                f"{tok_path}: reloading the tokenizer in a worker gave a different fingerprint "
-                "(file changed, or an in-memory tokenizer); use workers=1 or a tokenizer loaded from disk"
+class Progress:
+    """Bytes and tokens done, rate and ETA for the whole corpus: a bar on a terminal, a plain line
+    every `every` seconds otherwise (log files get no carriage-return clutter)."""
+
+    def __init__(
+        self, total_bytes: int | None, units: int, done_bytes: int, enabled: bool, every: float = 30
+    ):
+        self.enabled, self.total, self.units, self.every = enabled, total_bytes, units, every
+        self.bytes, self.tokens, self.units_done = done_bytes, 0, 0
+        self.start = self.last = time.perf_counter()
+        self.first_bytes = done_bytes
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total_bytes,
+                initial=done_bytes,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1000,
+                desc="prepare",
+                smoothing=0.1,
             )
-    except Exception as exc:  # noqa: BLE001 - re-raised in _encode_chunk
-        _W["error"] = exc
-        return
-    _set_encoder(tok, dtype)
 
+    def _rate(self) -> tuple[float, float]:
+        dt = max(time.perf_counter() - self.start, 1e-9)
+        return self.tokens / dt, (self.bytes - self.first_bytes) / dt
 
-def _set_encoder(tok: Tokenizer, dtype: str) -> None:
-    _W["tok"] = tok
-    _W["prefix"] = () if tok.bos_id is None else (tok.bos_id,)
-    _W["suffix"] = (tok.eos_id,)
-    _W["dtype"] = DTYPES[dtype]
+    def line(self) -> str:
+        tok_s, byte_s = self._rate()
+        eta = ""
+        if self.total and byte_s > 0:
+            eta = f", ETA {max(self.total - self.bytes, 0) / byte_s:,.0f} s"
+        total = f"/{self.total / 1e6:,.1f}" if self.total else ""
+        return (
+            f"prepare: {self.bytes / 1e6:,.1f}{total} MB, {self.tokens:,} tokens, units "
+            f"{self.units_done}/{self.units}, {byte_s / 1e6:.2f} MB/s, {tok_s:,.0f} tok/s{eta}"
+        )
 
-
-def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """One chunk -> (all documents' [bos]+ids+[eos] back to back, per-document lengths)."""
-    if "error" in _W:
-        raise _W["error"]
-    batch = _W["tok"].encode_batch(texts)
-    pre, post = _W["prefix"], _W["suffix"]
-    extra = len(pre) + len(post)
-    lengths = np.fromiter((len(ids) + extra for ids in batch), dtype=np.int64, count=len(batch))
-    flat = np.fromiter(
-        itertools.chain.from_iterable(itertools.chain(pre, ids, post) for ids in batch),
-        dtype=_W["dtype"],
-        count=int(lengths.sum()),
-    )
-    return flat, lengths
-
-
-# -- main process ------------------------------------------------------------------------------
-def _source_files(inputs) -> list[dict[str, Any]]:
-    """Every input file (expanded exactly as the readers expand it) with its sha256 and size;
-    `hf:` dataset specs are recorded by name. Raises DataError for missing inputs."""
-    from lmforge.data.sources import expand_inputs
-
-    sources = []
-    for item in expand_inputs(inputs):
-        if isinstance(item, str):
-            sources.append({"path": item, "sha256": None, "bytes": None})
-        else:
-            sources.append(
-                {"path": str(item.resolve()), "sha256": file_sha256(item), "bytes": item.stat().st_size}
+    def update(self, nbytes: int, ntokens: int) -> None:
+        self.bytes += nbytes
+        self.tokens += ntokens
+        if self.bar is not None:
+            self.bar.update(nbytes)
+            self.bar.set_postfix_str(
+                f"{self._rate()[0]:,.0f} tok/s, {self.units_done}/{self.units} units", refresh=False
             )
-    return sources
+        elif self.enabled and time.perf_counter() - self.last >= self.every:
+            self.last = time.perf_counter()
+            print(self.line(), file=sys.stderr, flush=True)
 
+    def unit_done(self, record: dict) -> None:
+        self.units_done += 1
+        self.update(0, 0)
 
-def _skips(stats, counters: dict[str, int]) -> dict[str, int]:
-    """Skipped records by reason (from the readers' SourceStats) plus prepare's own counts."""
-    found = {str(k): int(v) for k, v in sorted(getattr(stats, "skipped", {}).items())}
-    if getattr(stats, "empty_files", 0):
-        found["empty_files"] = int(stats.empty_files)
-    found.update({k: v for k, v in counters.items() if v})
-    return found
-
-
-def _chunks(documents, chunk_bytes: int, counters: dict[str, int]):
-    """(texts, UTF-8 bytes) of about `chunk_bytes` each, in document order."""
-    texts, size = [], 0
-    for doc in documents:
-        text = doc.text
-        if not text:
-            counters["empty_documents"] += 1
-            continue
-        texts.append(text)
-        size += len(text.encode("utf-8"))
-        if size >= chunk_bytes:
-            yield texts, size
-            texts, size = [], 0
-    if texts:
-        yield texts, size
-
-
-@contextlib.contextmanager
-def _caller_main_hidden():
-    """Start spawn workers without re-running the caller's `__main__` in them: workers need only
-    this module, and hiding it lets scripts without an `if __name__ == "__main__"` guard, stdin
-    and notebooks use workers > 1 (spawn would otherwise re-execute the script in every worker)."""
-    real = sys.modules["__main__"]
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        yield
-    finally:
-        sys.modules["__main__"] = real
-
-
-def _worker_ready() -> None:
-    if "error" in _W:
-        raise _W["error"]
-
-
-def _encode_in_workers(chunks, workers: int, tok: Tokenizer, dtype: str):
-    """Yield (flat, lengths, nbytes) per chunk in input order, encoded by `workers` processes.
-
-    At most 2 * workers + 2 chunks are in flight, so memory stays bounded whatever the corpus
-    size. (Pool.imap would read the whole corpus into its task queue, and Pool respawns workers
-    that die at start-up forever; a ProcessPoolExecutor reports them as BrokenProcessPool.)"""
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-
-    ahead = 2 * workers + 2
-    executor = ProcessPoolExecutor(
-        workers,
-        mp_context=mp.get_context("spawn"),  # no inherited locks or thread pools from the caller
-        initializer=_init_worker,
-        initargs=(str(tok.path), tok.fingerprint, dtype),
-    )
-    pending: deque = deque()
-    try:
-        with _caller_main_hidden():  # each submit starts one worker until all are running
-            started = [executor.submit(_worker_ready) for _ in range(workers)]
-        for future in started:
-            future.result()
-        for texts, nbytes in chunks:
-            pending.append((executor.submit(_encode_chunk, texts), nbytes))
-            while len(pending) >= ahead:
-                future, size = pending.popleft()
-                yield (*future.result(), size)
-        while pending:
-            future, size = pending.popleft()
-            yield (*future.result(), size)
-    except BrokenProcessPool as exc:
-        raise DataError(
-            f"{tok.path}: a tokenizer worker process died ({exc}); run with workers=1 to see why"
-        ) from None
-    finally:
-        for future, _ in pending:
-            future.cancel()
-        executor.shutdown(wait=True, cancel_futures=True)
-
-
-def _encode_here(chunks, tok: Tokenizer, dtype: str):
-    _set_encoder(tok, dtype)
-    for texts, nbytes in chunks:
-        yield (*_encode_chunk(texts), nbytes)
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _resolve_dtype(tok: Tokenizer, dtype: str | None) -> str:
@@ -209,30 +121,77 @@ def _resolve_dtype(tok: Tokenizer, dtype: str | None) -> str:
     return dtype
 
 
-def _check_out_dir(
-    out: Path, fingerprint: str, sources: list, settings: dict, overwrite: bool
-) -> dict | None:
-    """The existing meta when `out` already holds this exact prepare; DataError when it holds a
-    complete prepare of something else (unless overwrite); None when there is work to do."""
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def _claim_out_dir(out: Path, plan: dict, overwrite: bool) -> tuple[str, Any]:
+    """("reuse", meta) when `out` holds this exact complete prepare, ("resume", done records) for
+    an unfinished prepare of the same plan, else ("fresh", None) after clearing only lmforge's own
+    files. DataError for a complete prepare of something else or a folder of someone else's
+    files (unless overwrite)."""
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a folder; choose another output folder")
-    if not (out / META_NAME).is_file() or overwrite:
-        return None
-    try:
-        meta = read_meta(out)
-    except DataError:
-        return None  # unreadable meta: treat as unfinished and redo
-    same = (
-        meta.get("tokenizer_fingerprint") == fingerprint
-        and meta.get("sources") == sources
-        and meta.get("settings") == settings
-    )
-    if same:
-        return meta
-    raise DataError(
-        f"{out}: already holds a complete prepare of other inputs, tokenizer or settings; "
-        "choose another output folder or pass overwrite (--overwrite)"
-    )
+    state = out / STATE_DIR
+    if (out / META_NAME).is_file():
+        try:
+            meta = read_meta(out)
+        except DataError:
+            meta = {}
+        same = all(meta.get(k) == plan[k] for k in ("tokenizer_fingerprint", "sources", "settings"))
+        if same and not overwrite:
+            return "reuse", meta
+        if not same and not overwrite:
+            raise DataError(
+                f"{out}: already holds a complete prepare of other inputs, tokenizer or settings; "
+                "choose another output folder or pass --overwrite (only lmforge's own files there are replaced)"
+            )
+    elif (state / PLAN_NAME).is_file():
+        if _read_json(state / PLAN_NAME) == plan and not overwrite:
+            done = {}
+            for unit in plan["units"]:
+                rec = _read_json(record_path(out, unit["id"]))
+                if rec and rec.get("unit") == unit and _files_there(out, rec):
+                    done[unit["id"]] = rec
+            return "resume", done
+        # An unfinished prepare of other inputs: ours to replace.
+    elif out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise DataError(
+            f"{out}: not empty and not written by lmforge prepare; choose an empty or new folder, or pass "
+            "--overwrite to write beside its files (none of them is deleted)"
+        )
+    clear_prepared(out)
+    shutil.rmtree(state, ignore_errors=True)
+    state.mkdir(parents=True)
+    tmp = state / (PLAN_NAME + ".tmp")
+    tmp.write_text(json.dumps(plan), encoding="utf-8")
+    tmp.replace(state / PLAN_NAME)
+    return "fresh", None
+
+
+def _files_there(out: Path, record: dict) -> bool:
+    for split in record["splits"].values():
+        for s in split["shards"]:
+            if not (out / s["file"]).is_file() or not (out / s["index"]).is_file():
+                return False
+    return True
+
+
+def _merge(records: list[dict]) -> dict[str, Any]:
+    """Every unit's shards in unit order: the one index meta.json holds."""
+    splits = {}
+    for name in ("train", "val"):
+        shards = [s for r in records for s in r["splits"][name]["shards"]]
+        splits[name] = {
+            "shards": shards,
+            "tokens": sum(s["tokens"] for s in shards),
+            "docs": sum(s["docs"] for s in shards),
+            "max_id": max((s["max_id"] for s in shards), default=-1),
+        }
+    return splits
 
 
 def prepare_dataset(
@@ -249,111 +208,143 @@ def prepare_dataset(
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     overwrite: bool = False,
     chunk_bytes: int = CHUNK_BYTES,
+    split: str | None = None,
+    engine: str = "local",
+    address: str | None = None,
 ) -> dict[str, Any]:
-    """Tokenize `inputs` into train/val shards in `out_dir` and return a summary dict. See the
-    module docstring for the pipeline and the split rule. `tokenizer` is a `Tokenizer` or a path."""
-    from lmforge.data.sources import FORMATS, SourceStats, iter_documents
+    """Tokenize `inputs` into train/val shards in `out_dir` and return a summary dict (see the
+    module docstring). `tokenizer` is a `Tokenizer` or a path; `chunk_bytes` is the input size of a
+    work unit (the resume granularity); `split="val"` (= val_fraction 1) writes a validation-only
+    folder; `engine` "local" (processes) or "ray" (Ray Data, `address` "auto"/HOST:PORT or a local Ray)."""
+    from lmforge.data.sources import FORMATS
 
     start = time.perf_counter()
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
-    if not 0 <= val_fraction < 1:
-        raise DataError(f"val_fraction {val_fraction}: must be in [0, 1)")
+    if split not in (None, "train", "val"):
+        raise DataError(f"split {split!r}: choose train (with val_fraction of it held out) or val")
+    if split == "val":
+        val_fraction = 1.0
+    elif split == "train" and val_fraction == 1:
+        raise DataError("split train with val_fraction 1 leaves no training data; use split val")
+    if not 0 <= val_fraction <= 1:
+        raise DataError(f"val_fraction {val_fraction}: must be in [0, 1] (1 = a validation-only folder)")
     if workers < 1:
         raise DataError(f"workers {workers}: must be >= 1")
-    if fmt not in ("auto", *FORMATS):  # checked before clear_prepared can remove an old prepare
+    if engine not in ENGINES:
+        raise DataError(f"engine {engine!r}: choose local or ray")
+    if fmt not in ("auto", *FORMATS):  # checked before anything in out_dir is touched
         raise DataError(f"unknown format {fmt!r}; choose auto, {', '.join(FORMATS)}")
+    if shard_tokens < 1:
+        raise DataError(f"shard_tokens {shard_tokens}: must be >= 1")
     dtype = _resolve_dtype(tok, dtype)
-    out = Path(out_dir)
-    sources = _source_files(inputs)
+    out = Path(out_dir).resolve()
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder; choose another output folder")
+    sources, units = plan_units(inputs, fmt, chunk_bytes)
     settings = {
         "fmt": fmt,
         "text_field": text_field,
         "val_fraction": val_fraction,
         "dtype": dtype,
         "shard_tokens": shard_tokens,
+        "unit_bytes": chunk_bytes,
     }
-    done = _check_out_dir(out, tok.fingerprint, sources, settings, overwrite)
-    if done is not None:
-        summary = dict(done.get("summary", {}), out_dir=str(out), reused=True)
+    plan = {
+        "tokenizer_fingerprint": tok.fingerprint,
+        "sources": sources,
+        "settings": settings,
+        "units": units,
+    }
+    status, found = _claim_out_dir(out, plan, overwrite)
+    if status == "reuse":
         if progress:
             print(f"{out}: already prepared with the same inputs and tokenizer; nothing to do")
-        return summary
-    clear_prepared(out)  # meta.json goes first, so the folder stops looking complete at once
+        return dict(found.get("summary", {}), out_dir=str(out), reused=True)
 
     frac = Fraction(val_fraction).limit_denominator(1_000_000)
-    p, q = frac.numerator, frac.denominator
-    stats = SourceStats()
-    counters = {"empty_documents": 0}
-    documents = iter_documents(inputs, fmt=fmt, text_field=text_field, strict=strict, stats=stats)
-    chunks = _chunks(documents, chunk_bytes, counters)
-    if workers > 1:
-        results = _encode_in_workers(chunks, workers, tok, dtype)
-    else:
-        results = _encode_here(chunks, tok, dtype)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(unit="B", unit_scale=True, unit_divisor=1000, desc=f"prepare {out.name}", smoothing=0.1)
-    n_docs = n_tokens = text_bytes = 0
-    splits: dict[str, Any] = {}
+    job = {
+        "out": str(out),
+        "tok_path": str(Path(tok.path).resolve()),
+        "fingerprint": tok.fingerprint,
+        "dtype": dtype,
+        "shard_tokens": shard_tokens,
+        "text_field": text_field,
+        "strict": strict,
+        "p": frac.numerator,
+        "q": frac.denominator,
+    }
+    done = dict(found or {})
+    todo = [u for u in units if u["id"] not in done]
+    unknown = any(u["kind"] == "hf" for u in units)
+    total = None if unknown else sum(u["bytes"] for u in units)
+    bar = Progress(total, len(units), sum(r["unit"]["bytes"] for r in done.values()), progress)
+    bar.units_done = len(done)
+    if progress and done:
+        print(
+            f"{out}: resuming an interrupted prepare: {len(done)} of {len(units)} units already done",
+            file=sys.stderr,
+        )
     try:
-        with (
-            ShardWriter(out, "train", dtype, shard_tokens) as train_w,
-            ShardWriter(out, "val", dtype, shard_tokens) as val_w,
-        ):
-            for flat, lengths, nbytes in results:
-                offsets = np.concatenate(([0], np.cumsum(lengths)))
-                for j in range(len(lengths)):
-                    i = n_docs + j
-                    is_val = p and -(-(i + 1) * p // q) > -(-i * p // q)
-                    # A copy, not a view: ShardWriter buffers documents until 1M tokens, and a view
-                    # would pin the whole chunk (the val split fills that buffer ~100x slower).
-                    doc = flat[offsets[j] : offsets[j + 1]].copy()
-                    (val_w if is_val else train_w).add_document(doc)
-                n_docs += len(lengths)
-                n_tokens += int(offsets[-1])
-                text_bytes += nbytes
-                if bar is not None:
-                    bar.update(nbytes)
-                    rate = n_tokens / max(bar.format_dict["elapsed"], 1e-9)
-                    bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
-            splits = {"train": train_w.close(), "val": val_w.close()}
+        if engine == "ray":
+            from lmforge.data.ray_engine import run_ray
+
+            records = run_ray(todo, job, workers, address, bar)
+        else:
+            records = run_local(todo, job, tok, workers, bar)
     finally:
-        results.close()  # stops the workers now, also on errors and Ctrl-C
-        if bar is not None:
-            bar.close()
+        bar.close()
+    for r in records:
+        done[r["unit"]["id"]] = r
+    ordered = [done[u["id"]] for u in units]
+    return _finish(out, tok, inputs, ordered, plan, workers, engine, time.perf_counter() - start, progress)
+
+
+def _finish(out, tok, inputs, records, plan, workers, engine, seconds, progress) -> dict[str, Any]:
+    settings = plan["settings"]
+    splits = _merge(records)
+    n_docs = sum(r["documents"] for r in records)
+    n_tokens = sum(r["tokens"] for r in records)
+    skipped: dict[str, int] = {}
+    for r in records:
+        for k, v in r["skipped"].items():
+            skipped[k] = skipped.get(k, 0) + v
     if n_docs == 0:
         clear_prepared(out)
+        seen = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(skipped.items())) or "nothing"
         raise DataError(
-            f"{inputs}: no documents found (empty corpus); check the input paths and --text-field"
+            f"{inputs}: no documents found (empty corpus; skipped: {seen}); check the input paths, --format and --text-field"
         )
-    if p and splits["train"]["docs"] == 0:
+    val_only = settings["val_fraction"] == 1
+    if settings["val_fraction"] and not val_only and splits["train"]["docs"] == 0:
         clear_prepared(out)
         raise DataError(
             f"{inputs}: only {n_docs} document(s), all in the val split; add documents or set val_fraction 0"
         )
-    seconds = time.perf_counter() - start
+    if val_only:
+        del splits["train"]
+    text_bytes = sum(r["text_bytes"] for r in records)
     specials = n_docs * ((tok.bos_id is not None) + 1)
     summary = {
         "documents": n_docs,
         "tokens": n_tokens,
-        "train_tokens": splits["train"]["tokens"],
+        "train_tokens": splits.get("train", {}).get("tokens", 0),
         "val_tokens": splits["val"]["tokens"],
-        "train_docs": splits["train"]["docs"],
+        "train_docs": splits.get("train", {}).get("docs", 0),
         "val_docs": splits["val"]["docs"],
         "text_bytes": text_bytes,
         "bytes_per_token": round(text_bytes / max(n_tokens - specials, 1), 4),
-        "skipped": _skips(stats, counters),
-        "skip_examples": list(getattr(stats, "examples", [])),
+        "skipped": dict(sorted(skipped.items())),
+        "skip_examples": [e for r in records for e in r["examples"]][:5],
+        "units": len(records),
         "seconds": round(seconds, 3),
         "tokens_per_s": round(n_tokens / max(seconds, 1e-9), 1),
         "workers": workers,
-        "dtype": dtype,
+        "engine": engine,
+        "dtype": settings["dtype"],
         "splits": {k: {"docs": v["docs"], "tokens": v["tokens"]} for k, v in splits.items()},
     }
     meta = {
-        "dtype": dtype,
+        "dtype": settings["dtype"],
         "vocab_size": tok.vocab_size,
         "tokenizer_fingerprint": tok.fingerprint,
         "tokenizer": {"kind": tok.kind, "name": tok.name, "path": str(Path(tok.path).resolve())},
@@ -362,11 +353,14 @@ def prepare_dataset(
         "pad_id": tok.pad_id,
         "splits": splits,
         "split_rule": SPLIT_RULE,
-        "sources": sources,
+        "sources": plan["sources"],
         "settings": settings,
-        "summary": {k: v for k, v in summary.items() if k not in ("seconds", "tokens_per_s", "workers")},
+        "summary": {
+            k: v for k, v in summary.items() if k not in ("seconds", "tokens_per_s", "workers", "engine")
+        },
     }
     write_meta(out, meta)  # last: from here on the folder is a complete prepare
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
     summary["out_dir"] = str(out)
     if progress:
         print(format_summary(summary))
@@ -376,11 +370,12 @@ def prepare_dataset(
 def format_summary(s: dict[str, Any]) -> str:
     skipped = ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in s["skipped"].items()) or "none"
     mb_per_s = s["text_bytes"] / 1e6 / max(s["seconds"], 1e-9)
+    engine = f", {s['engine']} engine" if s.get("engine", "local") != "local" else ""
     return (
         f"prepared {s['documents']:,} documents -> {s['tokens']:,} tokens "
         f"(train {s['train_docs']:,} docs / {s['train_tokens']:,} tok, val {s['val_docs']:,} docs / "
         f"{s['val_tokens']:,} tok), {s['text_bytes'] / 1e6:.1f} MB text, {s['bytes_per_token']:.2f} bytes/token, "
         f"{s['dtype']}, skipped: {skipped}, {s['seconds']:.1f} s ({mb_per_s:.2f} MB/s, {s['tokens_per_s']:,.0f} tok/s, "
-        f"{s['workers']} worker{'s' if s['workers'] > 1 else ''})"
+        f"{s['workers']} worker{'s' if s['workers'] > 1 else ''}{engine})"
         + "".join(f"\n  e.g. {example}" for example in s.get("skip_examples", []))
     )

@@ -100,14 +100,16 @@ class ShardWriter:
     which deletes the temp files of the shard in progress.
     """
 
-    def __init__(self, out_dir: str | Path, split: str, dtype: str, shard_tokens: int = DEFAULT_SHARD_TOKENS):
+    def __init__(
+        self, out_dir: str | Path, split: str, dtype: str, shard_tokens: int = DEFAULT_SHARD_TOKENS, prefix: str = ""
+    ):
         if dtype not in DTYPES:
             raise DataError(f"shard dtype '{dtype}' is not supported; use one of {sorted(DTYPES)}")
         if shard_tokens < 1:
             raise ValueError("shard_tokens must be >= 1")
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.split = split
+        self.split, self.prefix = split, prefix or split  # files are <prefix>_NNNNN.bin/.idx
         self.dtype = DTYPES[dtype]
         self.max_value = int(np.iinfo(self.dtype).max)
         self.shard_tokens = shard_tokens
@@ -117,12 +119,12 @@ class ShardWriter:
 
     # -- one shard in progress ----------------------------------------------------------------
     def _start_shard(self) -> None:
-        self._name = name = f"{self.split}_{len(self.shards):05d}"
+        self._name = name = f"{self.prefix}_{len(self.shards):05d}"
         self._bin_tmp = self.out_dir / f"{name}.bin.tmp"
         self._file = open(self._bin_tmp, "wb")  # noqa: SIM115  (kept open across add_document calls)
         self._hash = hashlib.sha256()
         # array('q'): 8 bytes per document instead of ~40 for a list of Python ints.
-        self._offsets, self._tokens, self._max_id = array("q", [0]), 0, -1
+        self._offsets, self._tokens, self._max_id, self._max_doc = array("q", [0]), 0, -1, 0
         self._pending: list[np.ndarray] = []
         self._pending_tokens = 0
 
@@ -151,6 +153,7 @@ class ShardWriter:
                 "tokens": self._tokens,
                 "docs": len(self._offsets) - 1,
                 "max_id": self._max_id,
+                "max_doc": self._max_doc,  # longest document: padded mode checks it without the index
                 "sha256": self._hash.hexdigest(),
                 "index_sha256": hashlib.sha256(index).hexdigest(),
             }
@@ -179,10 +182,47 @@ class ShardWriter:
         self._tokens += arr.size
         self._offsets.append(self._tokens)
         self._max_id = max(self._max_id, hi)
+        self._max_doc = max(self._max_doc, arr.size)
         if self._pending_tokens >= _FLUSH_TOKENS:
             self._flush()
         if self._tokens >= self.shard_tokens:
             self._finish_shard()
+
+    def add_documents(self, flat: np.ndarray, lengths: np.ndarray) -> None:
+        """Append many documents at once: `flat` holds them back to back, `lengths` their sizes
+        (> 0). Same files as one add_document per document, without a Python step per document."""
+        if self._closed:
+            raise RuntimeError("ShardWriter is closed")
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if not len(lengths):
+            return
+        lo, hi = int(flat.min()), int(flat.max())
+        if lo < 0 or hi > self.max_value:
+            raise DataError(
+                f"{self.out_dir}: token id {hi if hi > self.max_value else lo} does not fit shard dtype "
+                f"{self.dtype.name}; prepare with dtype uint32 (vocab larger than 65,536?)"
+            )
+        ends = np.cumsum(lengths)
+        done_docs = done_tok = 0
+        while done_docs < len(lengths):
+            if self._file is None:
+                self._start_shard()
+            # Documents up to and including the one that brings the shard to shard_tokens.
+            room = self.shard_tokens - self._tokens
+            last = int(np.searchsorted(ends, done_tok + room, side="left"))
+            stop = min(last + 1, len(lengths))
+            part = flat[done_tok : int(ends[stop - 1])]
+            self._pending.append(part.astype(self.dtype, copy=True))
+            self._pending_tokens += part.size
+            self._offsets.extend((self._tokens + ends[done_docs:stop] - done_tok).tolist())
+            self._tokens += part.size
+            self._max_id = max(self._max_id, int(part.max()))
+            self._max_doc = max(self._max_doc, int(lengths[done_docs:stop].max()))
+            done_docs, done_tok = stop, int(ends[stop - 1])
+            if self._pending_tokens >= _FLUSH_TOKENS:
+                self._flush()
+            if self._tokens >= self.shard_tokens:
+                self._finish_shard()
 
     def close(self) -> dict[str, Any]:
         """Finish the open shard and return the split summary for meta.json (see class doc)."""

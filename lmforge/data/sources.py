@@ -160,11 +160,20 @@ def _open_binary(path: Path):
     return opener(path, "rb")
 
 
-def _lines(path: Path, stats: SourceStats, strict: bool) -> Iterator[tuple[int, str]]:
-    """(line number, decoded line without newline); undecodable lines are counted skips."""
+def _lines(
+    path: Path, stats: SourceStats, strict: bool, start: int = 0, stop: int | None = None, first_line: int = 1
+) -> Iterator[tuple[int, str]]:
+    """(line number, decoded line without newline); undecodable lines are counted skips. With
+    `start`/`stop` (byte offsets at line starts) only the lines of that range, numbered from `first_line`."""
     try:
         with _open_binary(path) as f:
-            for lineno, raw in enumerate(f, 1):
+            if start:
+                f.seek(start)
+            pos = start
+            for lineno, raw in enumerate(f, first_line):
+                if stop is not None and pos >= stop:
+                    break
+                pos += len(raw)
                 stats.bytes += len(raw)
                 if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                     raw = raw[3:]  # UTF-8 byte-order mark
@@ -203,12 +212,16 @@ def _record(obj, where: str, source: str, line, text_field, stats, strict):
     return None
 
 
-def _read_jsonl(path: Path, text_field: str, stats: SourceStats, strict: bool) -> Iterator[Document]:
-    with _open_binary(path) as f:
-        head = f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
-    if head.startswith(b"["):  # a whole-file JSON array cannot be streamed
-        raise DataError(f"{path}: holds one JSON array, not JSON lines; write one object per line")
-    for lineno, line in _lines(path, stats, strict):
+def _read_jsonl(
+    path: Path, text_field: str, stats: SourceStats, strict: bool, span: tuple[int, int | None, int] = (0, None, 1)
+) -> Iterator[Document]:
+    """JSON lines of `path`, or of the byte range `span` = (start, stop, first line number)."""
+    if span[0] == 0:
+        with _open_binary(path) as f:
+            head = f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
+        if head.startswith(b"["):  # a whole-file JSON array cannot be streamed
+            raise DataError(f"{path}: holds one JSON array, not JSON lines; write one object per line")
+    for lineno, line in _lines(path, stats, strict, *span):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
