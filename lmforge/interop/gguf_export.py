@@ -115,8 +115,7 @@ def _write_hparams(writer, cfg: ModelConfig, arch: str, name: str, dtype: str) -
 
     from lmforge.model.layers import resolve_intermediate_size
 
-    file_type = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
-                 "bf16": LlamaFileType.MOSTLY_BF16}.get(dtype) or LlamaFileType[f"MOSTLY_{dtype.upper()}"]
+    file_type = LlamaFileType.ALL_F32 if dtype == "f32" else LlamaFileType[f"MOSTLY_{dtype.upper()}"]
     writer.add_name(name)
     writer.add_file_type(file_type)
     if dtype.startswith("q"):

@@ -1,0 +1,301 @@
+"""GGUF export and import: transformers' own GGUF loader as the independent reader, bit-exact
+re-import, quantisation error bounds, the embedded tokenizer, and GGUFs written without lmforge."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge.config import ModelConfig, MoEConfig, RopeScaling
+from lmforge.errors import LmforgeError
+from lmforge.interop.gguf_export import export_gguf
+from lmforge.interop.gguf_import import import_gguf, import_gguf_to_folder
+from lmforge.interop.gguf_vocab import LLAMA3_SPLIT, QWEN2_SPLIT
+from lmforge.model import Transformer
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")  # transformers' GGUF loader needs it
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+VOCAB = 320
+TEXT = "Hello world 12345, naïve café! Привет, мир 2024. 日本語のテキスト。 <|im_start|>user\n  x=3.14159"
+SCALING = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32)
+
+
+def _corpus():
+    lines = ["Hello world 12345 the quick brown fox jumps", "Привет мир, как дела? 2024 год",
+             "日本語のテキストです。東京", "naïve café — ünïcödé 3.14159 x=42", "  indented\tcode()\n"]
+    return lines * 40
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    from lmforge.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("tok")
+    (root / "c.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in _corpus()), encoding="utf-8")
+    return train_tokenizer([str(root / "c.jsonl")], VOCAB - 16, root / "tok")  # model vocab padded past it
+
+
+def _model(qk_norm, kv_heads, tied, scaling, seed=0):
+    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=kv_heads,
+                      intermediate_size=80, max_position_embeddings=64, rope_theta=10000.0, norm_eps=1e-5,
+                      qk_norm=qk_norm, tie_embeddings=tied, rope_scaling=scaling)
+    torch.manual_seed(seed)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():  # norms away from 1 so a swapped or unused norm shows in the logits
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.uniform_(0.5, 1.5)
+    return model, cfg
+
+
+def _hf_from_gguf(folder, name, cfg):
+    kwargs = {}
+    if cfg.qk_norm:
+        # transformers' qwen3 GGUF mapping drops attention.key_length (it assumes Qwen3's 128).
+        kwargs["head_dim"] = cfg.resolved_head_dim
+    if cfg.rope_scaling is not None:
+        # transformers ignores llama.cpp's rope_freqs tensor; the scaling is checked against
+        # llama.cpp's formula in test_rope_freqs_follow_llama_cpp instead.
+        kwargs["rope_parameters"] = {"rope_type": "llama3", "rope_theta": cfg.rope_theta,
+                                     **cfg.rope_scaling.model_dump()}
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(folder), gguf_file=name, dtype=torch.float32, **kwargs
+    ).eval()
+
+
+CASES = [  # (qk_norm, kv_heads, tied, rope scaling)
+    (False, 4, True, None),
+    (False, 1, False, SCALING),
+    (False, 1, True, SCALING),
+    (True, 4, False, None),
+    (True, 1, True, None),
+]
+
+
+@pytest.mark.parametrize("qk_norm,kv_heads,tied,scaling", CASES)
+def test_f32_round_trip_through_transformers(tmp_path, tokenizer_dir, qk_norm, kv_heads, tied, scaling):
+    model, cfg = _model(qk_norm, kv_heads, tied, scaling)
+    path = export_gguf(model, cfg, tokenizer_dir, tmp_path / "m.gguf")
+    hf = _hf_from_gguf(tmp_path, "m.gguf", cfg)
+    assert type(hf).__name__ == ("Qwen3ForCausalLM" if qk_norm else "LlamaForCausalLM")
+    ids = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, hf(ids).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+    state, cfg_back, files = import_gguf(path)
+    assert cfg_back == cfg
+    expected = model.state_dict()
+    assert set(state) == set(expected)
+    for name, value in expected.items():
+        assert state[name].dtype == torch.float32 and torch.equal(state[name], value), name
+    assert set(files) == {"tokenizer.json", "tokenizer_config.json"}
+
+
+def test_rope_freqs_follow_llama_cpp(tmp_path, tokenizer_dir):
+    """rope_freqs as llama.cpp's converter computes it for Llama 3.1 (scalar Python arithmetic)."""
+    model, cfg = _model(False, 1, True, SCALING)
+    path = export_gguf(model, cfg, tokenizer_dir, tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(str(path))
+    freqs = next(t for t in reader.tensors if t.name == "rope_freqs.weight").data
+    s, dim = SCALING, cfg.resolved_head_dim
+    want = []
+    for i in range(0, dim, 2):
+        wavelen = 2 * math.pi / (1.0 / cfg.rope_theta ** (i / dim))
+        if wavelen < s.original_max_position_embeddings / s.high_freq_factor:
+            want.append(1.0)
+        elif wavelen > s.original_max_position_embeddings / s.low_freq_factor:
+            want.append(s.factor)
+        else:
+            smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+                s.high_freq_factor - s.low_freq_factor)
+            want.append(1 / ((1 - smooth) / s.factor + smooth))
+    np.testing.assert_allclose(np.asarray(freqs), np.asarray(want, dtype=np.float32), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,torch_dtype", [("f16", torch.float16), ("bf16", torch.bfloat16)])
+def test_half_exports_reimport_exactly(tmp_path, tokenizer_dir, dtype, torch_dtype):
+    model, cfg = _model(True, 1, False, None)
+    state, _, _ = import_gguf(export_gguf(model, cfg, tokenizer_dir, tmp_path / "m.gguf", dtype=dtype))
+    for name, value in model.state_dict().items():
+        want = value if value.ndim == 1 else value.to(torch_dtype)  # norms stay f32 as in llama.cpp
+        assert state[name].dtype == want.dtype and torch.equal(state[name], want), name
+
+
+# Stated tolerances: worst relative Frobenius error of any weight tensor, and max logit error over
+# the logits' std, on this tiny random model. Measured: q8_0 0.0055 / 0.037, q5_1 0.038 / 0.24,
+# q5_0 0.044 / 0.30, q4_1 0.080 / 0.62, q4_0 0.089 / 0.57 (bounds ~1.4x that).
+QUANT_BOUNDS = {"q8_0": (0.008, 0.06), "q5_1": (0.055, 0.35), "q5_0": (0.062, 0.43),
+                "q4_1": (0.11, 0.87), "q4_0": (0.125, 0.8)}
+
+
+@pytest.mark.parametrize("dtype", list(QUANT_BOUNDS))
+def test_quantised_exports_reimport_within_tolerance(tmp_path, tokenizer_dir, dtype):
+    model, cfg = _model(False, 1, False, None)
+    path = export_gguf(model, cfg, tokenizer_dir, tmp_path / "m.gguf", dtype=dtype)
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert kinds["blk.0.attn_q.weight"] == dtype.upper() and kinds["blk.0.attn_norm.weight"] == "F32"
+    assert kinds["blk.0.ffn_down.weight"] == "F16"  # 80 columns: not a multiple of the 32-wide block
+    state, cfg_back, _ = import_gguf(path)
+    assert cfg_back == cfg
+    weight_bound, logit_bound = QUANT_BOUNDS[dtype]
+    for name, value in model.state_dict().items():
+        err = (state[name] - value).norm() / value.norm()
+        assert err < weight_bound, (name, err.item())
+    back = Transformer(cfg).eval()
+    back.load_state_dict(state)
+    ids = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, back(ids).logits
+    assert ((ours - theirs).abs().max() / ours.std()).item() < logit_bound
+
+
+def _train_split_tokenizer(folder, regex):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 8, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+              "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe", "qwen2"])
+def test_embedded_tokenizer_encodes_like_ours(tmp_path, tokenizer_dir, pre):
+    from lmforge.tokenizer import load_tokenizer
+
+    if pre == "gpt-2":
+        src = tokenizer_dir
+    else:
+        src = _train_split_tokenizer(tmp_path / "src", LLAMA3_SPLIT if pre == "llama-bpe" else QWEN2_SPLIT)
+    model, cfg = _model(False, 1, True, None)
+    path = export_gguf(model, cfg, src, tmp_path / "m.gguf")
+    meta = {k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items() if k.startswith("tokenizer")}
+    assert meta["tokenizer.ggml.pre"] == pre and meta["tokenizer.ggml.model"] == "gpt2"
+    assert meta["tokenizer.ggml.add_bos_token"] is True and meta["tokenizer.ggml.bos_token_id"] == 1
+    assert len(meta["tokenizer.ggml.tokens"]) == VOCAB  # padded with llama.cpp's [PAD] fillers
+    ours = load_tokenizer(src)
+    out = import_gguf_to_folder(path, tmp_path / "imported")
+    back = load_tokenizer(out)
+    want = ours.encode(TEXT)
+    assert len(want) > 30 and back.encode(TEXT) == want
+    assert (back.bos_id, back.eos_id, back.pad_id) == (ours.bos_id, ours.eos_id, ours.pad_id)
+    # transformers' independent GGUF tokenizer reader agrees on the ids too.
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    assert hf_tok(TEXT, add_special_tokens=False)["input_ids"] == want
+    if pre != "gpt-2":
+        assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"].startswith("{% for m")
+
+
+def _write_hf_style_gguf(hf_model, arch, path, tok_dir, rope_freqs=None):
+    """A GGUF written the way llama.cpp's converter writes one, from an HF model, with gguf's own
+    name map: nothing of lmforge's export is used."""
+    c = hf_model.config
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_key_length(c.head_dim)
+    writer.add_value_length(c.head_dim)
+    writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    from lmforge.interop.gguf_vocab import gguf_vocab, write_vocab
+
+    write_vocab(writer, gguf_vocab(tok_dir, c.vocab_size))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN3,
+                                     c.num_hidden_layers)
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", rope_freqs)
+    for name, value in hf_model.state_dict().items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        base, suffix = name.rsplit(".", 1)
+        data = value.float().numpy()
+        if arch == "llama" and base.endswith(("q_proj", "k_proj")):
+            heads = c.num_attention_heads if base.endswith("q_proj") else c.num_key_value_heads
+            data = data.reshape(heads, 2, data.shape[0] // heads // 2, *data.shape[1:])
+            data = data.swapaxes(1, 2).reshape(value.shape)
+        writer.add_tensor(f"{names.get_name(base)}.{suffix}", np.ascontiguousarray(data))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_gguf_written_from_an_hf_model_imports_with_its_logits(tmp_path, tokenizer_dir, arch):
+    from lmforge.interop.gguf_export import rope_factors
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                  rms_norm_eps=1e-6, tie_word_embeddings=False)
+    torch.manual_seed(3)
+    freqs = None
+    if arch == "llama":  # a Llama-3.1-style scaling given only as rope_freqs, as llama.cpp writes it
+        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, rope_parameters=rope))
+        probe = ModelConfig(hidden_size=16, num_heads=1, num_kv_heads=1, rope_theta=500000.0,
+                            rope_scaling=RopeScaling(factor=8.0, original_max_position_embeddings=8192))
+        freqs = rope_factors(probe).numpy()
+    else:
+        hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, rope_theta=1e6))
+    hf.eval()
+    _write_hf_style_gguf(hf, arch, tmp_path / "hf.gguf", tokenizer_dir, freqs)
+    state, cfg, _ = import_gguf(tmp_path / "hf.gguf")
+    assert cfg.qk_norm == (arch == "qwen3") and not cfg.tie_embeddings
+    assert (cfg.rope_scaling is not None) == (arch == "llama")
+    ours = Transformer(cfg).eval()
+    ours.load_state_dict(state)
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (ours(ids).logits - hf(ids).logits).abs().max().item() < 1e-4
+
+
+def test_refusals_are_one_line(tmp_path, tokenizer_dir):
+    model, cfg = _model(False, 1, True, None)
+    bad = [
+        (cfg.model_copy(update={"moe": MoEConfig()}), "dense models only"),
+        (cfg.model_copy(update={"attention_bias": True}), "biases"),
+        (cfg.model_copy(update={"qk_norm": True, "rope_scaling": SCALING}), "rope frequency factors"),
+    ]
+    for bad_cfg, words in bad:
+        with pytest.raises(LmforgeError, match=words) as err:
+            export_gguf(model.state_dict(), bad_cfg, tokenizer_dir, tmp_path / "x.gguf")
+        assert "\n" not in str(err.value)
+    with pytest.raises(LmforgeError, match="not supported"):
+        export_gguf(model, cfg, tokenizer_dir, tmp_path / "x.gguf", dtype="q2_k")
+    path = export_gguf(model, cfg, tokenizer_dir, tmp_path / "m.gguf")
+    with pytest.raises(LmforgeError, match="already exists"):
+        export_gguf(model, cfg, tokenizer_dir, path)
+    assert not list(tmp_path.glob("*.tmp-*"))
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
+    with pytest.raises(LmforgeError, match="not a readable GGUF"):
+        import_gguf(tmp_path / "junk.gguf")
+    writer = gguf.GGUFWriter(str(tmp_path / "gpt2.gguf"), "gpt2")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(LmforgeError, match="architecture 'gpt2' is not supported"):
+        import_gguf(tmp_path / "gpt2.gguf")
