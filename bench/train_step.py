@@ -24,7 +24,8 @@ from lmforge.parallel import build_parallel_model, clip_grad_norm, init_distribu
 from lmforge.train.metrics import fmt_count, peak_memory_bytes
 from lmforge.train.mfu import model_flops_per_token, peak_flops
 from lmforge.train.optim import build_optimizer
-from lmforge.train.step import accumulate_gradients, autocast_context, make_scaler, resolve_dtype
+from lmforge.train.step import accumulate_gradients, autocast_context, make_scaler
+from lmforge.weights.dtypes import compute_dtype as resolve_dtype
 
 
 def _sync(device: torch.device) -> None:

@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("name", help="corpus name (see `lmforge data list`)")
     q.add_argument("--out", default="data/raw", help="destination folder")
     q.add_argument("--force", action="store_true", help="fetch again even when the folder is complete")
+    q.add_argument("--overwrite", action="store_true", help="write into a non-empty folder lmforge did not write")
     _sub(data_sub, "list", "list the corpora `data fetch` knows")
 
     p = _sub(sub, "tokenizer", "train tokenizers")
@@ -82,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--format", default="auto", help="input format: auto, txt, jsonl, parquet, ...")
     q.add_argument("--text-field", default="text", help="field holding the text in jsonl/parquet")
     q.add_argument("--max-docs", type=int, default=None, help="train on at most this many documents")
+    q.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping")
+    q.add_argument("--overwrite", action="store_true", help="write into a non-empty folder lmforge did not write")
 
     p = _sub(sub, "prepare", "tokenize text into train/val token shards")
     p.add_argument("--input", nargs="+", required=True, help="text files, folders or globs")
@@ -93,7 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text", help="field holding the text in jsonl/parquet")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping")
     p.add_argument("--dtype", default=None, choices=["uint16", "uint32"], help="shard dtype (from vocab)")
-    p.add_argument("--overwrite", action="store_true", help="replace a complete prepare of other inputs")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a complete prepare of other inputs, or write into a non-empty folder (only lmforge's files are replaced)",
+    )
+    p.add_argument("--split", default=None, choices=["train", "val"], help="val: a validation-only folder")
+    p.add_argument("--engine", default="local", choices=["local", "ray"], help="local processes or Ray Data")
+    p.add_argument("--address", default=None, help="Ray cluster: auto or HOST:PORT (default: a local Ray)")
+    p.add_argument("--chunk-mb", type=float, default=64, help="input MB per work unit (resume granularity)")
 
     p = _sub(
         sub,
@@ -248,7 +259,7 @@ def cmd_data(args) -> None:
         for name, description in fetch.list_corpora():
             print(f"{name:24s} {description}")
     else:
-        print(fetch.fetch_corpus(args.name, args.out, force=args.force))
+        print(fetch.fetch_corpus(args.name, args.out, force=args.force, overwrite=args.overwrite))
 
 
 def cmd_tokenizer(args) -> None:
@@ -261,6 +272,8 @@ def cmd_tokenizer(args) -> None:
         fmt=args.format,
         text_field=args.text_field,
         max_docs=args.max_docs,
+        strict=args.strict,
+        overwrite=args.overwrite,
     )
     print(out)
 
@@ -279,6 +292,10 @@ def cmd_prepare(args) -> None:
         strict=args.strict,
         dtype=args.dtype,
         overwrite=args.overwrite,
+        split=args.split,
+        engine=args.engine,
+        address=args.address,
+        chunk_bytes=max(1, int(args.chunk_mb * 2**20)),
     )  # prints its own summary
     print(f"prepared dataset written to {args.out}")
 
@@ -349,7 +366,7 @@ def cmd_report(args) -> None:
 
 
 def cmd_checkpoint(args) -> None:
-    from lmforge.train.checkpoint import consolidate
+    from lmforge.weights.files import consolidate
 
     print(consolidate(args.dir, args.out, dtype=args.dtype) or args.out)
 

@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 from lmforge.config import config_from_dict, load_config
 from lmforge.errors import CheckpointError
 from lmforge.model import Transformer
-from lmforge.train import checkpoint as ckpt
 from lmforge.train.optim import build_optimizer
+from lmforge.weights import checkpoint as ckpt
+from lmforge.weights import files
 
 
 def _model(hidden=64, seed=0):
@@ -134,7 +135,7 @@ def test_hostile_metadata_is_refused_before_dcp_unpickles_it(tmp_path):
 def test_consolidate_and_export_weights(tmp_path):
     cfg, model, opt = _model()
     _save(tmp_path / "ck", 3, cfg, model, opt)
-    out = ckpt.consolidate(tmp_path / "ck", tmp_path / "out" / "model.safetensors")
+    out = files.consolidate(tmp_path / "ck", tmp_path / "out" / "model.safetensors")
     tensors = load_file(str(out))
     ref = model.state_dict()
     assert set(tensors) == set(ref)
@@ -143,9 +144,9 @@ def test_consolidate_and_export_weights(tmp_path):
     # The config beside the file loads as it stands (the default seq_len 512 would not fit).
     assert cfg.model.max_position_embeddings < 512
     assert load_config(tmp_path / "out" / "config.yaml").model_dump() == cfg.model_dump()
-    half = ckpt.consolidate(tmp_path / "ck" / "step_3", tmp_path / "half.safetensors", dtype="float16")
+    half = files.consolidate(tmp_path / "ck" / "step_3", tmp_path / "half.safetensors", dtype="float16")
     assert load_file(str(half))["norm.weight"].dtype == torch.float16
-    exported = ckpt.export_weights(
+    exported = files.export_weights(
         model, tmp_path / "exp" / "w.safetensors", "bfloat16", cfg.model.model_dump(mode="json")
     )
     got = load_file(str(exported))
@@ -154,5 +155,5 @@ def test_consolidate_and_export_weights(tmp_path):
     assert got["tok_embeddings.weight"].dtype == torch.bfloat16
     assert torch.equal(got["tok_embeddings.weight"], ref["tok_embeddings.weight"].to(torch.bfloat16))
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
-        ckpt.consolidate(tmp_path / "exp", tmp_path / "x.safetensors")
+        files.consolidate(tmp_path / "exp", tmp_path / "x.safetensors")
     assert json.loads((tmp_path / "ck" / "step_3" / "state.json").read_text())["world_size"] == 1

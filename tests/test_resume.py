@@ -16,6 +16,7 @@ import pytest
 import torch
 from test_train_utils import make_dataset, reaped_popen, tiny_config
 
+from lmforge.train import step as step_mod
 from lmforge.train import trainer
 
 STEPS = 6
@@ -54,10 +55,25 @@ def reference(tmp_path_factory):
     return data, curve
 
 
-def _subprocess(cfg, tmp, env_extra):
+# Test-only hook, kept out of the package: sleep after DCP wrote step N's tensors into its
+# temporary folder, so the test can SIGKILL the trainer in the middle of a checkpoint write.
+PAUSE_AT_STEP = """
+import time, torch.distributed.checkpoint as dcp
+_save = dcp.save
+def _slow_save(*args, **kwargs):
+    out = _save(*args, **kwargs)
+    if "step_{step}.tmp-" in str(kwargs.get("checkpoint_id")):
+        time.sleep({seconds})
+    return out
+dcp.save = _slow_save
+"""
+
+
+def _subprocess(cfg, tmp, env_extra, pause: tuple[int, float] | None = None):
     path = tmp / "cfg.yaml"
     cfg.save(path)
-    code = (
+    hook = PAUSE_AT_STEP.format(step=pause[0], seconds=pause[1]) if pause else ""
+    code = hook + (
         "import json, sys; from lmforge.config import load_config; "
         "from lmforge.train.trainer import run_training; "
         "print('SUMMARY ' + json.dumps(run_training(load_config(sys.argv[1]))), flush=True)"
@@ -87,7 +103,7 @@ def _wait_for(predicate, proc, timeout=240):
 def test_stop_at_step_and_resume_is_bitwise_identical(tmp_path, reference, monkeypatch, one_thread):
     data, ref = reference
     real = trainer._Trainer._should_stop
-    monkeypatch.setattr(trainer._Trainer, "_should_stop", lambda self: self.step == 3 or real(self))
+    monkeypatch.setattr(trainer._Trainer, "_should_stop", lambda self: self.state.step == 3 or real(self))
     stopped = trainer.run_training(_cfg(tmp_path, data, "b"))
     assert stopped["preempted"] and stopped["steps"] == 3 and stopped["checkpoint"].endswith("step_3")
     monkeypatch.undo()
@@ -100,7 +116,7 @@ def test_sigkill_while_writing_a_checkpoint_then_resume_is_bitwise_identical(tmp
     data, ref = reference
     cfg = _cfg(tmp_path, data, "k", data__prefetch=2)  # read-ahead must not leak into the resume point
     ckpts = tmp_path / "runs" / "k" / "checkpoints"
-    with _subprocess(cfg, tmp_path, {"LMFORGE_TEST_CKPT_PAUSE": "4:120"}) as proc:
+    with _subprocess(cfg, tmp_path, {}, pause=(4, 120)) as proc:
         _wait_for(
             lambda: ckpts.is_dir() and any(p.name.startswith("step_4.tmp-") for p in ckpts.iterdir()), proc
         )
@@ -130,3 +146,67 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path, reference):
     ckpts = tmp_path / "runs" / "s" / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == f"step_{summary['steps']}"
     assert (ckpts / f"step_{summary['steps']}" / "state.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume honours the run config's hyperparameters (checkpoint: moments and schedule position)
+
+
+def _stop_at_3_then_resume(tmp_path, data, monkeypatch, capsys, name, **changed):
+    real = trainer._Trainer._should_stop
+    monkeypatch.setattr(trainer._Trainer, "_should_stop", lambda self: self.state.step == 3 or real(self))
+    trainer.run_training(_cfg(tmp_path, data, name))
+    monkeypatch.undo()
+    capsys.readouterr()
+    groups = []
+    real_step = step_mod.TrainStep.__call__
+
+    def spy(self, batches):
+        groups.append([dict(g) for g in self.optimizer.param_groups])
+        return real_step(self, batches)
+
+    monkeypatch.setattr(step_mod.TrainStep, "__call__", spy)
+    resumed = trainer.run_training(_cfg(tmp_path, data, name, **changed))
+    captured = capsys.readouterr()
+    assert resumed["resumed_from"].endswith("step_3") and resumed["steps"] == STEPS
+    return groups, captured.out + captured.err
+
+
+def _lrs(curve):
+    return {step: lr for step, loss, _, _, lr in curve if loss is not None}
+
+
+def test_resume_with_doubled_lr_follows_the_doubled_schedule(
+    tmp_path, reference, monkeypatch, capsys, one_thread
+):
+    data, ref = reference
+    _, out = _stop_at_3_then_resume(tmp_path, data, monkeypatch, capsys, "lr2", optim__lr=6e-3)
+    ref_lr, got_lr = _lrs(ref), _lrs(_curve(tmp_path, "lr2"))
+    assert [got_lr[s] for s in (1, 2, 3)] == [ref_lr[s] for s in (1, 2, 3)]
+    for s in (4, 5, 6):  # same schedule position and shape, twice the base rate
+        assert got_lr[s] == pytest.approx(2 * ref_lr[s], rel=1e-12) and got_lr[s] > 0
+    notes = [line for line in out.splitlines() if line.startswith("note: resumed with this run's config")]
+    assert len(notes) == 1 and "optim.lr 0.003 -> 0.006" in notes[0]
+
+
+def test_resume_with_changed_weight_decay_and_betas_uses_them(
+    tmp_path, reference, monkeypatch, capsys, one_thread
+):
+    data, _ = reference
+    groups, out = _stop_at_3_then_resume(
+        tmp_path, data, monkeypatch, capsys, "wd", optim__weight_decay=0.5, optim__betas=[0.8, 0.9]
+    )
+    assert len(groups) == STEPS - 3
+    decayed, plain = groups[0]  # decayed matrices, then norms/biases
+    assert decayed["weight_decay"] == 0.5 and plain["weight_decay"] == 0.0
+    assert tuple(decayed["betas"]) == (0.8, 0.9) and tuple(plain["betas"]) == (0.8, 0.9)
+    note = next(line for line in out.splitlines() if line.startswith("note: resumed with"))
+    assert "optim.weight_decay 0.1 -> 0.5" in note and "optim.betas [0.9, 0.95] -> [0.8, 0.9]" in note
+    assert "optim.lr" not in note
+
+
+def test_resume_without_changes_prints_no_change_note(tmp_path, reference, monkeypatch, capsys, one_thread):
+    data, ref = reference
+    groups, out = _stop_at_3_then_resume(tmp_path, data, monkeypatch, capsys, "same")
+    assert "note: resumed with" not in out and "resumed from" in out
+    assert _curve(tmp_path, "same") == ref  # still bitwise the uninterrupted run

@@ -195,8 +195,8 @@ def test_training_reduces_loss_and_writes_metrics_checkpoints_plots(tmp_path):
 def test_fp16_grad_scaler_path_on_cpu(tmp_path):
     from test_train_utils import make_dataset, tiny_config
 
-    from lmforge.train.checkpoint import read_state
     from lmforge.train.trainer import run_training
+    from lmforge.weights.checkpoint import read_state
 
     data = make_dataset(tmp_path / "data")
     cfg = tiny_config(tmp_path, data, train__max_steps=2, train__dtype="float16", train__eval_interval=0)
@@ -251,9 +251,9 @@ def test_non_finite_loss_skips_steps_then_stops_without_overwriting(tmp_path, mo
     from test_train_utils import make_dataset, tiny_config
 
     from lmforge.errors import LmforgeError
-    from lmforge.train import trainer
+    from lmforge.train import step, trainer
 
-    real = trainer.accumulate_gradients
+    real = step.accumulate_gradients
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -261,7 +261,7 @@ def test_non_finite_loss_skips_steps_then_stops_without_overwriting(tmp_path, mo
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] >= 3 else loss), n
 
-    monkeypatch.setattr(trainer, "accumulate_gradients", poisoned)
+    monkeypatch.setattr(step, "accumulate_gradients", poisoned)
     data = make_dataset(tmp_path / "data")
     cfg = tiny_config(tmp_path, data, train__max_steps=8, train__max_bad_steps=2, checkpoint__interval=2)
     with pytest.raises(LmforgeError) as err:

@@ -19,6 +19,8 @@ from lmforge.infer.loading import (
     save_weights,
     tokenizer_source,
 )
+from lmforge.weights.outdir import check_output_dir
+from lmforge.weights.shapes import check_shapes, config_shapes
 
 
 def _need_tokenizer(tokenizer, checkpoint) -> None:
@@ -49,23 +51,13 @@ def open_eval_data(data: list[str] | str, split: str, tokenizer, vocab_size: int
 def check_run_model(run_cfg: Config, model_cfg, checkpoint) -> None:
     """Refuse weights whose tensor shapes differ from the model a run config describes (predict and
     eval modes), instead of silently using a model other than the one the config names."""
-    import torch
-
-    from lmforge.model import Transformer
-
-    with torch.device("meta"):
-        want = {k: tuple(v.shape) for k, v in Transformer(run_cfg.model).state_dict().items()}
-        have = {k: tuple(v.shape) for k, v in Transformer(model_cfg).state_dict().items()}
-    diffs = [
-        f"{k} {have.get(k, 'absent')} vs {want.get(k, 'absent')}"
-        for k in sorted(set(want) | set(have))
-        if want.get(k) != have.get(k)
-    ]
-    if diffs:
-        raise LmforgeError(
-            f"{checkpoint}: weights do not fit the run config's model (checkpoint vs config: {', '.join(diffs[:3])}); "
-            "make model: in the config match the checkpoint, or use lmforge generate/eval --checkpoint"
-        )
+    check_shapes(
+        config_shapes(model_cfg),
+        config_shapes(run_cfg.model),
+        checkpoint,
+        "the run config's model",
+        "make model: in the config match the checkpoint, or use lmforge generate/eval --checkpoint",
+    )
 
 
 def evaluate_checkpoint(
@@ -148,29 +140,33 @@ def generate_from_checkpoint(
 
 
 def export_checkpoint(checkpoint, out, fmt="hf", dtype=None, overwrite=False) -> Path:
+    if fmt not in ("hf", "safetensors"):
+        raise LmforgeError(f"export: unknown format '{fmt}'; use hf or safetensors")
+    check_output_dir(out, overwrite)  # refuse before the (slow) load
     state, cfg, folder = load_weights(checkpoint)
     tokenizer = find_tokenizer(folder, cfg)
     dtype = dtype or cfg.checkpoint.export_dtype
     if fmt == "safetensors":
-        return save_weights(state, cfg, out, dtype=dtype, tokenizer=tokenizer)
-    if fmt != "hf":
-        raise LmforgeError(f"export: unknown format '{fmt}'; use hf or safetensors")
-    from lmforge.interop import export_hf
+        return save_weights(state, cfg, out, dtype=dtype, tokenizer=tokenizer, overwrite=overwrite)
+    from lmforge.interop import export_hf  # the HF name mapping; interop imports nothing of infer
 
     return export_hf(
         state, cfg.model, out, dtype=dtype, tokenizer=tokenizer_source(tokenizer), overwrite=overwrite
     )
 
 
-def import_hf_folder(hf_dir, out) -> Path:
+def import_hf_folder(hf_dir, out, overwrite=False) -> Path:
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise LmforgeError(f"{hf_dir}: no config.json; pass a Hugging Face model folder")
+    check_output_dir(out, overwrite)  # refuse before the (slow) import
     from lmforge.interop import import_hf
 
     state, model_cfg = import_hf(hf_dir)
-    tokenizer = find_tokenizer(hf_dir, config_for_model(model_cfg))
-    return save_weights(state, config_for_model(model_cfg), out, dtype=None, tokenizer=tokenizer)
+    cfg = config_for_model(model_cfg)
+    return save_weights(
+        state, cfg, out, dtype=None, tokenizer=find_tokenizer(hf_dir, cfg), overwrite=overwrite
+    )
 
 
 def _checkpoint_of(cfg: Config) -> str:

@@ -13,23 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from lmforge.loss import IGNORE_INDEX, summed_cross_entropy
-from lmforge.parallel import grad_sync
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """train.dtype auto: bf16 on a CUDA device that supports it, else fp32 (CPU included)."""
-    if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return DTYPES[name]
+from lmforge.parallel import clip_grad_norm, grad_sync
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype):
@@ -57,8 +47,17 @@ def count_targets(batches: list[dict], ctx) -> torch.Tensor:
     return ctx.reduce_sum(local.to(torch.float32))
 
 
+def loss_fn(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and loss of ONE micro batch: (summed token cross-entropy, auxiliary loss).
+
+    The swappable seam of a step: a fused linear+cross-entropy from hidden states, or a pipeline
+    stage's loss, replaces this function and nothing else (autocast is already entered)."""
+    out = model(batch["input_ids"])
+    return summed_cross_entropy(out.logits, batch["labels"]), out.aux_loss.float()
+
+
 def accumulate_gradients(
-    model, batches: list[dict], ctx, amp, scaler=None
+    model, batches: list[dict], ctx, amp, scaler=None, loss=loss_fn
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward/backward over the micro batches of one step. Returns (this rank's share of the
     step loss as a device tensor, global target-token count). Gradients are reduced across ranks
@@ -71,12 +70,52 @@ def accumulate_gradients(
     for i, batch in enumerate(batches):
         with grad_sync(model, enabled=i == last):
             with amp:
-                out = model(batch["input_ids"])
-            ce_sum = summed_cross_entropy(out.logits, batch["labels"])
-            loss = ce_sum * scale / denom + out.aux_loss.float() / len(batches)
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-        total += loss.detach()
+                ce_sum, aux = loss(model, batch)
+            micro_loss = ce_sum * scale / denom + aux / len(batches)
+            (scaler.scale(micro_loss) if scaler is not None else micro_loss).backward()
+        total += micro_loss.detach()
     return total, n_targets
+
+
+@dataclass
+class StepResult:
+    """One optimizer step's outcome; loss and grad_norm stay on the device until logged."""
+
+    loss: torch.Tensor  # mean over data-parallel ranks
+    grad_norm: torch.Tensor
+    lr: float  # the rate this step used
+    finite: bool  # False: the update was skipped
+
+
+class TrainStep:
+    """`train_step(batches) -> StepResult`: gradients, unscale (fp16), clip, then step the optimizer,
+    or skip the update when the loss or norm is not finite. Pipeline parallel plugs in another
+    object with this call signature; `loss` is the per-micro-batch seam (see loss_fn)."""
+
+    def __init__(self, model, optimizer, scheduler, scaler, ctx, amp, grad_clip: float, loss=loss_fn):
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.ctx, self.amp, self.grad_clip, self.loss = ctx, amp, grad_clip, loss
+
+    def __call__(self, batches: list[dict]) -> StepResult:
+        scaler, optimizer = self.scaler, self.optimizer
+        loss, _ = accumulate_gradients(self.model, batches, self.ctx, self.amp, scaler, self.loss)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        norm = clip_grad_norm(self.model, self.grad_clip)
+        loss = self.ctx.reduce_mean(loss)
+        # Under fp16 the scaler already skips steps with inf/nan gradients (and lowers its scale).
+        finite = torch.isfinite(loss) if scaler is not None else torch.isfinite(loss) & torch.isfinite(norm)
+        lr = optimizer.param_groups[0]["lr"]
+        finite = bool(finite)  # the step's one host synchronisation
+        if scaler is not None:
+            if finite:
+                scaler.step(optimizer)
+            scaler.update()
+        elif finite:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return StepResult(loss, norm, lr, finite)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,8 +40,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lmforge.errors import CheckpointError
-from lmforge.train.safe_meta import tensor_shapes
-from lmforge.train.weights import consolidate, export_weights, model_state_shapes  # noqa: F401 (re-export)
+from lmforge.weights.safe_meta import tensor_shapes
+from lmforge.weights.shapes import check_shapes, model_state_shapes
 
 STEP_RE = re.compile(r"^step_(\d+)$")
 STATE_FILE = "state.json"
@@ -108,7 +108,8 @@ def _agreed_tmp_name(step: int) -> str:
 
 
 def is_complete(path: Path) -> bool:
-    return path.is_dir() and STEP_RE.match(path.name) is not None and (path / STATE_FILE).is_file()
+    """The one rule: a checkpoint folder is complete when it holds state.json, written last."""
+    return path.is_dir() and (path / STATE_FILE).is_file()
 
 
 def complete_checkpoints(root: str | Path) -> list[Path]:
@@ -116,7 +117,7 @@ def complete_checkpoints(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if is_complete(p)]
+    found = [p for p in root.iterdir() if STEP_RE.match(p.name) and is_complete(p)]
     return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))
 
 
@@ -129,7 +130,7 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     named = None
     if pointer.is_file():
         candidate = root / pointer.read_text(encoding="utf-8").strip()
-        if is_complete(candidate):
+        if STEP_RE.match(candidate.name) and is_complete(candidate):
             named = candidate
     if named is not None and (not complete or _step_of(named) >= _step_of(complete[-1])):
         return named
@@ -148,6 +149,23 @@ def clean_temporaries(root: str | Path) -> None:
     for p in root.iterdir():
         if ".tmp-" in p.name:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def resolve_checkpoint_dir(path: Path) -> Path | None:
+    """The complete step folder `path` means: itself, the newest under it, or under its
+    `checkpoints` folder (a run folder); None when it holds no training checkpoint."""
+    path = Path(path)
+    if is_complete(path):
+        return path
+    for base in (path, path / "checkpoints"):
+        found = latest_checkpoint(base)
+        if found is not None:
+            return found
+    if (path / "latest").is_file() or (path / "checkpoints" / "latest").is_file():
+        raise CheckpointError(
+            f"{path}: its `latest` names no complete checkpoint folder; pass a step_<N> folder"
+        )
+    return None
 
 
 def resolve_resume(resume: str, root: Path) -> Path | None:
@@ -198,7 +216,6 @@ def save_checkpoint(
         model_sd, optim_sd = get_state_dict(model, optimizer)
         with quiet_single_process():
             dcp.save({"model": model_sd, "optim": {"state": optim_sd["state"]}}, checkpoint_id=str(tmp))
-        _test_pause(step)
         torch.save(rank_state, tmp / f"rank_{_rank()}.pt")
         _barrier()
         if _rank() == 0:
@@ -285,15 +302,6 @@ def _jsonable_groups(groups: list[dict]) -> list[dict]:
     return [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in groups]
 
 
-def _test_pause(step: int) -> None:
-    """Test hook: LMFORGE_TEST_CKPT_PAUSE=<step>:<seconds> sleeps mid-write so a test can SIGKILL."""
-    spec = os.environ.get("LMFORGE_TEST_CKPT_PAUSE")
-    if spec:
-        at, _, seconds = spec.partition(":")
-        if int(at) == step:
-            time.sleep(float(seconds))
-
-
 # ---------------------------------------------------------------------------------------------
 # Loading
 
@@ -335,16 +343,7 @@ def check_compatible(
             raise CheckpointError(
                 f"{path}: checkpoint model differs from this run's: {', '.join(diffs)}; {hint}"
             )
-    saved = tensor_shapes(path)
-    current = model_state_shapes(model)
-    bad = [
-        f"{k} {saved.get(k)} vs {current.get(k)}"
-        for k in sorted(set(saved) | set(current))
-        if saved.get(k) != current.get(k)
-    ]
-    if bad:
-        shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
-        raise CheckpointError(f"{path}: checkpoint tensors do not match the model ({shown}); {hint}")
+    check_shapes(tensor_shapes(path), model_state_shapes(model), path, "this run's model", hint)
 
 
 def load_checkpoint(

@@ -1,0 +1,114 @@
+"""`Checkpointer`: owns everything a training checkpoint holds and decides when to write one.
+
+It holds the model, optimizer, scheduler, scaler, loader and `TrainState`, and this rank's RNG
+streams. The folder format (DCP tensors, state.json, rank_<r>.pt, atomic publish) is
+lmforge.weights.checkpoint's; this class only says what goes in and what comes back.
+
+Resume semantics: the run config is the source of truth for hyperparameters. The checkpoint
+gives the weights, the optimizer's moment estimates, the schedule POSITION, the loader position,
+the counters and the RNG; optim.lr, min_lr_ratio, weight_decay, betas, eps, grad_clip, the
+schedule's shape and the step budget come from this run's config, and every value that differs
+from the checkpoint's config is listed in one note line. Changes that cannot be honoured (model
+shape, the data's seq_len or tokenizer) are refused by the shape check and the loader.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmforge.errors import CheckpointError
+from lmforge.train.state import TrainState
+from lmforge.train.step import rng_state, seed_everything, set_rng_state
+from lmforge.weights import checkpoint as ckpt
+
+# Optimizer settings that live in param groups and that the config, not the checkpoint, decides.
+GROUP_HYPERPARAMETERS = ("initial_lr", "weight_decay", "betas", "eps")
+# Config keys whose change on resume is honoured (and reported), beyond the optim section.
+HONOURED_TRAIN_KEYS = ("max_steps", "max_tokens", "epochs")
+
+
+class Checkpointer:
+    def __init__(self, cfg, ctx, root: Path, model, optimizer, scheduler, scaler, loader, state: TrainState):
+        self.cfg, self.ctx, self.root = cfg, ctx, Path(root)
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.scaler, self.loader, self.state = scaler, loader, state
+        self.interval, self.keep = cfg.checkpoint.interval, cfg.checkpoint.keep
+        self.last_saved: Path | None = None
+        self.last_saved_step = -1
+        self.resumed_from: Path | None = None
+        self.changes: list[str] = []  # "key old -> new" for honoured config changes on resume
+
+    # -- writing ---------------------------------------------------------------------------------
+    def maybe_save(self, last_step: bool) -> None:
+        """Save on the interval and at the end of the run."""
+        step = self.state.step
+        if (self.interval and step % self.interval == 0) or last_step:
+            self.save()
+
+    def save(self) -> Path | None:
+        if self.last_saved_step == self.state.step:
+            return self.last_saved
+        shared = {
+            **self.state.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "loader": self.loader.state_dict(),  # global position: the same on every rank
+            "config": self.cfg.model_dump(mode="json"),
+        }
+        self.last_saved = ckpt.save_checkpoint(
+            self.root, self.state.step, self.model, self.optimizer, shared, {"rng": rng_state()}, self.keep
+        )
+        self.last_saved_step = self.state.step
+        return self.last_saved
+
+    # -- reading ---------------------------------------------------------------------------------
+    def load(self) -> Path | None:
+        """Resume from the checkpoint train.resume names (None: a fresh start)."""
+        cfg = self.cfg
+        ckpt.clean_temporaries(self.root)
+        found = ckpt.resolve_resume(cfg.train.resume, self.root)
+        if cfg.train.resume == "never" and ckpt.complete_checkpoints(self.root):
+            raise CheckpointError(
+                f"{self.root}: holds checkpoints of an earlier run and train.resume=never would mix them "
+                "with this one; pick another run.name or checkpoint.dir, delete them, or resume with train.resume=auto"
+            )
+        if found is None:
+            return None
+        configured = [{k: g[k] for k in GROUP_HYPERPARAMETERS} for g in self.optimizer.param_groups]
+        saved, rank_state = ckpt.load_checkpoint(
+            found, self.model, self.optimizer, cfg.model.model_dump(mode="json")
+        )
+        for group, values in zip(self.optimizer.param_groups, configured):
+            group.update(values)
+        self._restore_schedule_position(saved["scheduler"])
+        if self.scaler is not None and saved.get("scaler"):
+            self.scaler.load_state_dict(saved["scaler"])
+        self.state.load_state_dict(saved)
+        self.loader.load_state_dict(saved["loader"])
+        if rank_state is not None:
+            set_rng_state(rank_state["rng"])
+        else:  # a different world size: new per-rank streams, derived from the step
+            seed_everything(cfg.run.seed + self.ctx.rank + 1_000_003 * self.state.step)
+        self.changes = config_changes(saved.get("config") or {}, cfg.model_dump(mode="json"))
+        self.last_saved, self.last_saved_step = found, self.state.step
+        self.resumed_from = found
+        return found
+
+    def _restore_schedule_position(self, saved: dict) -> None:
+        """Only the position comes back; base rates and shape are this run's, so lr follows the config."""
+        sched = self.scheduler
+        sched.last_epoch = int(saved["last_epoch"])
+        sched._step_count = int(saved.get("_step_count", sched.last_epoch + 1))
+        rates = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, rates):
+            group["lr"] = lr
+        sched._last_lr = rates
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """'optim.lr 0.001 -> 0.002' for each honoured hyperparameter that differs from the checkpoint's."""
+    pairs = [(f"optim.{k}", (saved.get("optim") or {}).get(k), v) for k, v in current["optim"].items()]
+    pairs += [
+        (f"train.{k}", (saved.get("train") or {}).get(k), current["train"][k]) for k in HONOURED_TRAIN_KEYS
+    ]
+    return [f"{key} {old} -> {new}" for key, old, new in pairs if saved and old != new]

@@ -1,0 +1,123 @@
+"""lmforge's weights-only forms, and consolidation of a training checkpoint into one of them.
+
+Two forms, both loadable by `lmforge.infer.load_weights` and as `train.load_checkpoint`:
+- a folder: `model.safetensors` + `config.yaml` (+ the tokenizer files, + the lmforge marker),
+  written by `lmforge export --format safetensors`, `lmforge import` and
+  `lmforge checkpoint consolidate --out DIR`;
+- a lone `.safetensors` file with `config.yaml` beside it (`consolidate --out FILE.safetensors`).
+The model config also goes into the file's safetensors metadata. `config.yaml` is a loadable run
+config: the checkpoint's full resolved config, or the model plus a `data.seq_len` within its
+positions (config_for_model). Consolidation builds the model on the meta device, materialises
+it empty on the CPU, fills it with `dcp.load` in no-process-group mode (any number of saving
+ranks) and never reads the optimizer state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from lmforge.config import Config, config_for_model, config_from_dict
+from lmforge.errors import CheckpointError
+from lmforge.model import Transformer
+from lmforge.parallel import full_state_dict
+from lmforge.weights.checkpoint import quiet_single_process, read_state, resolve_checkpoint_dir
+from lmforge.weights.outdir import check_output_file, output_dir
+from lmforge.weights.safe_meta import tensor_shapes
+from lmforge.weights.safetensors_io import WEIGHTS_NAME, plain_tensors, write_safetensors
+from lmforge.weights.shapes import check_shapes, state_shapes
+from lmforge.weights.tokenizer_files import copy_tokenizer_files
+
+CONFIG_NAME = "config.yaml"
+
+
+def _metadata(cfg: Config) -> dict[str, str]:
+    return {"lmforge_model_config": json.dumps(cfg.model.model_dump(mode="json"))}
+
+
+def save_weights(
+    state: dict, cfg: Config, out: str | Path, dtype=None, tokenizer_src: Path | None = None, overwrite=False
+) -> Path:
+    """The folder form: `model.safetensors` + `config.yaml` (+ tokenizer files) at `out`."""
+    tensors = plain_tensors(state, dtype)  # checks the dtype name before anything is written
+    with output_dir(out, overwrite, kind="weights", info={"dtype": str(dtype or "as-stored")}) as tmp:
+        write_safetensors(tensors, tmp / WEIGHTS_NAME, _metadata(cfg))
+        (tmp / CONFIG_NAME).write_text(cfg.to_yaml(), encoding="utf-8")
+        copy_tokenizer_files(tokenizer_src, tmp)
+    return Path(out).resolve()
+
+
+def write_weights_file(state: dict, cfg: Config, out_file: str | Path, dtype=None, overwrite=False) -> Path:
+    """The file form: `out_file` with `config.yaml` beside it, which is replaced only when it is
+    absent, identical, or --overwrite is given (it is what makes the file loadable)."""
+    out_file = check_output_file(out_file, overwrite)
+    config_file = out_file.parent / CONFIG_NAME
+    text = cfg.to_yaml()
+    if config_file.is_file() and not overwrite and config_file.read_text(encoding="utf-8") != text:
+        raise CheckpointError(
+            f"{config_file}: already exists with another config; pass --overwrite, or write to a new folder"
+        )
+    write_safetensors(plain_tensors(state, dtype), out_file, _metadata(cfg))
+    tmp = config_file.with_name(f"{CONFIG_NAME}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, config_file)
+    return out_file
+
+
+def load_model_state(ckpt_dir: str | Path) -> tuple[dict[str, torch.Tensor], Config]:
+    """(plain model state_dict on CPU, run Config) of a training checkpoint, in one process."""
+    ckpt_dir = Path(ckpt_dir)
+    state = read_state(ckpt_dir)
+    if not isinstance(state.get("config"), dict):
+        raise CheckpointError(f"{ckpt_dir}/state.json: no run config recorded; the model shape is unknown")
+    cfg = config_from_dict(state["config"], f"{ckpt_dir}/state.json")
+    saved = tensor_shapes(ckpt_dir)  # also vets the DCP index before dcp.load unpickles it
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    model.to_empty(device="cpu")
+    sd = model.state_dict()
+    check_shapes(saved, state_shapes(sd), ckpt_dir, "its own recorded model config", "pick another step")
+    try:
+        # Inside a live process group, read this checkpoint alone rather than collectively.
+        extra = {"no_dist": True} if dist.is_available() and dist.is_initialized() else {}
+        with quiet_single_process():
+            dcp.load({"model": sd}, checkpoint_id=str(ckpt_dir), **extra)
+    # DCP's CheckpointException derives from BaseException, so `Exception` alone misses it.
+    except (Exception, dcp.api.CheckpointException) as exc:  # noqa: BLE001 - I/O and shape errors
+        raise CheckpointError(
+            f"{ckpt_dir}: cannot read the checkpoint ({type(exc).__name__}); pick another step"
+        ) from None
+    return sd, cfg
+
+
+def consolidate(
+    ckpt_dir: str | Path, out: str | Path, dtype=None, overwrite=False, tokenizer_src=None
+) -> Path:
+    """One weights file or folder from a (possibly sharded) checkpoint, without a process group.
+    `out` ending in .safetensors is the file form, anything else the folder form."""
+    step = resolve_checkpoint_dir(Path(ckpt_dir)) if Path(ckpt_dir).is_dir() else None
+    if step is None:
+        raise CheckpointError(
+            f"{ckpt_dir}: no complete checkpoint here; pass a step_<N> folder or a checkpoints folder"
+        )
+    sd, cfg = load_model_state(step)
+    if str(out).endswith(".safetensors"):
+        return write_weights_file(sd, cfg, out, dtype, overwrite)
+    return save_weights(sd, cfg, out, dtype, tokenizer_src, overwrite)
+
+
+def export_weights(
+    model, path: str | Path, dtype="bfloat16", model_cfg: dict | None = None, run_cfg: dict | None = None
+):
+    """The file form from a live (possibly sharded) model: all ranks call it (gathering is
+    collective), rank 0 writes and gets the path. `run_cfg` (the full config) wins over `model_cfg`."""
+    state = full_state_dict(model, cpu_offload=True)
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    cfg = config_from_dict(run_cfg, "<run config>") if run_cfg is not None else config_for_model(model_cfg)
+    return write_weights_file(state, cfg, path, dtype, overwrite=True)
