@@ -203,9 +203,10 @@ def test_embedded_tokenizer_encodes_like_ours(tmp_path, tokenizer_dir, pre):
         assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"].startswith("{% for m")
 
 
-def _write_hf_style_gguf(hf_model, arch, path, tok_dir, rope_freqs=None):
+def _write_hf_style_gguf(hf_model, arch, path, tok_dir, rope_freqs=None, raw=None):
     """A GGUF written the way llama.cpp's converter writes one, from an HF model, with gguf's own
-    name map: nothing of lmforge's export is used."""
+    name map: nothing of lmforge's export is used. `raw` maps HF names to (bytes, quant type)
+    stored instead of the model's values."""
     c = hf_model.config
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_context_length(c.max_position_embeddings)
@@ -234,6 +235,9 @@ def _write_hf_style_gguf(hf_model, arch, path, tok_dir, rope_freqs=None):
             heads = c.num_attention_heads if base.endswith("q_proj") else c.num_key_value_heads
             data = data.reshape(heads, 2, data.shape[0] // heads // 2, *data.shape[1:])
             data = data.swapaxes(1, 2).reshape(value.shape)
+        if raw and name in raw:
+            writer.add_tensor(f"{names.get_name(base)}.{suffix}", raw[name][0], raw_dtype=raw[name][1])
+            continue
         writer.add_tensor(f"{names.get_name(base)}.{suffix}", np.ascontiguousarray(data))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -269,6 +273,42 @@ def test_gguf_written_from_an_hf_model_imports_with_its_logits(tmp_path, tokeniz
     ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert (ours(ids).logits - hf(ids).logits).abs().max().item() < 1e-4
+
+
+def _k_quant_bytes(rows, cols, kind, rng):
+    """Random blocks of a K-quant type (gguf cannot quantise these in Python) with sane fp16 scales."""
+    block_bytes = gguf.GGML_QUANT_SIZES[kind][1]
+    data = rng.integers(0, 256, size=(rows, cols // 256, block_bytes), dtype=np.uint8)
+    scale = np.frombuffer(np.float16(0.01).tobytes(), dtype=np.uint8)
+    if kind == gguf.GGMLQuantizationType.Q6_K:  # d is the last field
+        data[..., -2:] = scale
+    else:  # Q4_K: d and dmin first
+        data[..., 0:2] = scale
+        data[..., 2:4] = scale
+    return data.reshape(rows, -1)
+
+
+def test_k_quant_tensors_are_dequantised_and_unpermuted(tmp_path, tokenizer_dir):
+    from lmforge.interop.gguf_export import llama_unpermute
+
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=256, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    rng = np.random.default_rng(0)
+    q6k, q4k = gguf.GGMLQuantizationType.Q6_K, gguf.GGMLQuantizationType.Q4_K
+    raw = {"model.layers.0.self_attn.q_proj.weight": (_k_quant_bytes(256, 256, q6k, rng), q6k),
+           "model.layers.0.self_attn.k_proj.weight": (_k_quant_bytes(128, 256, q4k, rng), q4k),
+           "model.layers.0.mlp.down_proj.weight": (_k_quant_bytes(256, 256, q4k, rng), q4k)}
+    _write_hf_style_gguf(hf, "llama", tmp_path / "k.gguf", tokenizer_dir, raw=raw)
+    state, _, _ = import_gguf(tmp_path / "k.gguf")
+    for ours, theirs, heads in (("attention.wq", "self_attn.q_proj", 4), ("attention.wk", "self_attn.k_proj", 2),
+                                ("feed_forward.w2", "mlp.down_proj", None)):
+        data, kind = raw[f"model.layers.0.{theirs}.weight"]
+        want = torch.from_numpy(gguf.quants.dequantize(data, kind).astype(np.float32))
+        want = llama_unpermute(want, heads) if heads else want
+        got = state[f"layers.0.{ours}.weight"]
+        assert got.dtype == torch.float32 and torch.isfinite(got).all() and torch.equal(got, want)
+    assert torch.equal(state["layers.0.feed_forward.w1.weight"], hf.model.layers[0].mlp.gate_proj.weight)
 
 
 def test_refusals_are_one_line(tmp_path, tokenizer_dir):
