@@ -46,6 +46,10 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
 
 
+# Same flag, same rule on every command that writes weights (lmforge.weights.outdir).
+WEIGHTS_OVERWRITE_HELP = "write into a non-empty --out; only files lmforge wrote there are replaced"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmforge",
@@ -166,10 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="hf", choices=["hf", "safetensors"], help="output format")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weight dtype")
+    p.add_argument("--overwrite", action="store_true", help=WEIGHTS_OVERWRITE_HELP)
 
     p = _sub(sub, "import", "convert a Hugging Face model folder into lmforge weights")
     p.add_argument("--hf", required=True, help="folder with config.json and *.safetensors")
     p.add_argument("--out", required=True, help="output folder (usable as --checkpoint / load_checkpoint)")
+    p.add_argument("--overwrite", action="store_true", help=WEIGHTS_OVERWRITE_HELP)
 
     p = _sub(sub, "model-info", "parameter counts and FLOPs per token of model presets")
     p.add_argument("names", nargs="+", help="preset names")
@@ -187,8 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     ck_sub = p.add_subparsers(dest="checkpoint_command", metavar="ACTION", required=True)
     q = _sub(ck_sub, "consolidate", "merge a (sharded) checkpoint into one safetensors weights file")
     q.add_argument("dir", help="checkpoint folder")
-    q.add_argument("--out", required=True, help="output .safetensors file")
+    q.add_argument("--out", required=True, help="output folder, or a .safetensors file (config.yaml beside it)")
     q.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weight dtype")
+    q.add_argument("--overwrite", action="store_true", help=WEIGHTS_OVERWRITE_HELP)
     return parser
 
 
@@ -334,13 +341,14 @@ def cmd_generate(args) -> None:
 def cmd_export(args) -> None:
     from lmforge.infer import export_checkpoint
 
-    print(export_checkpoint(args.checkpoint, args.out, fmt=args.format, dtype=args.dtype))
+    fmt, dtype = args.format, args.dtype
+    print(export_checkpoint(args.checkpoint, args.out, fmt=fmt, dtype=dtype, overwrite=args.overwrite))
 
 
 def cmd_import(args) -> None:
     from lmforge.infer import import_hf_folder
 
-    print(import_hf_folder(args.hf, args.out))
+    print(import_hf_folder(args.hf, args.out, overwrite=args.overwrite))
 
 
 def cmd_model_info(args) -> None:
@@ -368,7 +376,7 @@ def cmd_report(args) -> None:
 def cmd_checkpoint(args) -> None:
     from lmforge.weights.files import consolidate
 
-    print(consolidate(args.dir, args.out, dtype=args.dtype) or args.out)
+    print(consolidate(args.dir, args.out, dtype=args.dtype, overwrite=args.overwrite))
 
 
 def _handler(command: str):

