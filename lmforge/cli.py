@@ -183,8 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(sub, "plan", "memory and throughput plan for a config on N GPUs")
     p.add_argument("--config", required=True, help="YAML run config")
     p.add_argument("--gpus", type=int, required=True, help="number of GPUs")
-    p.add_argument("--gpu-memory", type=float, default=80.0, help="memory per GPU in GiB")
+    p.add_argument("--gpu-type", default="H100", help="H100, H200, A100-40, A100-80, B200, MI300X, Ascend-910B, ...")
+    p.add_argument("--gpu-memory", type=float, default=None, help="memory per GPU in GiB (default: the GPU type's)")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation")
+
+    p = _sub(sub, "config", "run config tools")
+    cf_sub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    q = _sub(cf_sub, "convert", "write a MindFormers run config (YAML) as an lmforge run config")
+    q.add_argument("source", help="MindFormers YAML (pretrain_llama2_7b.yaml, ...)")
+    q.add_argument("--out", required=True, help="lmforge YAML to write")
+    q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     p = _sub(sub, "report", "redraw a run's plots and print its summary")
     p.add_argument("run_dir", help="runs/<name> folder")
@@ -204,21 +212,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train_config(args):
-    from lmforge.config import Config, apply_override, config_from_dict, load_yaml, parse_overrides
+    from lmforge.config import Config, apply_overrides, config_from_dict, load_yaml, parse_overrides
+    from lmforge.mindformers import convert_if_mindformers, print_once
 
     overrides = parse_overrides(args.overrides)
     if args.config is None and not args.help_config:
         raise LmforgeError("train: --config FILE is required (see configs/ for examples)")
     tree = load_yaml(args.config) if args.config else {}
     source = args.config or "<defaults>"
+    tree = convert_if_mindformers(tree, source, report=print_once)
     aliases = [
         ("run_mode", args.run_mode),
         ("data.train", [args.train_dataset_dir] if args.train_dataset_dir else None),
         ("train.load_checkpoint", args.load_checkpoint),
         ("train.resume", args.resume_training),
     ]
-    for key, value in overrides + [(k, v) for k, v in aliases if v is not None]:
-        apply_override(tree, key, value, source)
+    for note in apply_overrides(tree, overrides + [(k, v) for k, v in aliases if v is not None], source):
+        print_once(f"note: {note}")
     if overrides:
         source += " (with overrides)"
     if not tree and args.help_config:
@@ -358,11 +368,15 @@ def cmd_model_info(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    from lmforge.config import load_config
-    from lmforge.parallel.plan import plan_report
+    from lmforge.parallel.plan_search import plan_command
 
-    cfg = load_config(args.config)
-    print(plan_report(cfg, args.gpus, gpu_memory_gib=args.gpu_memory, mfu=args.mfu))
+    plan_command(args.config, args.gpus, args.gpu_type, args.gpu_memory, args.mfu)
+
+
+def cmd_config(args) -> None:
+    from lmforge.mindformers import convert_file
+
+    convert_file(args.source, args.out, overwrite=args.overwrite)
 
 
 def cmd_report(args) -> None:

@@ -1,19 +1,20 @@
-"""Output folders: lmforge never deletes or mixes into files it did not write.
+"""Output folders: lmforge never deletes, or writes over, a file it did not write.
 
-Every command that writes a folder (export, import, checkpoint consolidate; prepare, tokenizer
-train and data fetch should adopt it too) goes through `output_dir`:
+Every command that writes a folder goes through `output_dir` (export, import and checkpoint
+consolidate do; prepare, tokenizer train and data fetch can adopt it as it stands):
 
     with output_dir(args.out, overwrite=args.overwrite, kind="weights") as tmp:
         ...write files into tmp...
-    # now published at args.out, with the marker file MARKER in it
+    # now published at args.out, with the manifest MARKER listing what lmforge wrote
 
-Rules: a missing or empty folder is written; a non-empty folder without lmforge's marker is
-refused (one line; lmforge never replaces what it did not create, --overwrite or not); a
-folder lmforge wrote (it holds MARKER) is replaced only with --overwrite. The files are written
-into a temporary sibling and renamed into place when complete, so a crash leaves the old folder
-(or nothing) and at most a `.tmp-` sibling. `--out .` (the current folder) works when it is
-empty; it is never replaced wholesale, because a process must not pull the floor from under its
-own working directory.
+Rules, checked before any work (`check_output_dir`) and again when publishing:
+- a missing or empty folder is written: the temporary sibling is renamed into place;
+- a non-empty folder is refused (one line) unless --overwrite is given; with it, lmforge
+  replaces only the files its manifest says it wrote there, keeps every other file, and refuses
+  when one of the files it is about to write is a file it did not write;
+- files are written into a temporary sibling `.<name>.tmp-*` and moved in when complete, the
+  manifest last; a crash leaves the earlier files and at most that sibling.
+`--out .` works like any folder: the current folder is filled, never renamed or removed.
 """
 
 from __future__ import annotations
@@ -30,65 +31,64 @@ from lmforge.errors import LmforgeError
 MARKER = "lmforge.json"
 
 
-def is_lmforge_output(folder: Path) -> bool:
-    return (Path(folder) / MARKER).is_file()
+def written_by_lmforge(folder: Path) -> set[str]:
+    """Names of the files lmforge's manifest in `folder` lists (empty when there is none)."""
+    try:
+        record = json.loads((Path(folder) / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    names = record.get("files") if isinstance(record, dict) else None
+    return {n for n in names if isinstance(n, str) and "/" not in n} if isinstance(names, list) else set()
 
 
 def check_output_dir(out: str | Path, overwrite: bool) -> Path:
-    """The absolute output folder, after refusing what must not be written over (call it before
-    doing expensive work, so a refusal is immediate)."""
+    """The absolute output folder, after refusing what must not be written into."""
     out = Path(out).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise LmforgeError(f"{out}: exists and is not a folder; choose a folder path for --out")
-    if not out.is_dir() or not any(out.iterdir()):
-        return out
-    if not is_lmforge_output(out):
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        whose = "an earlier lmforge output" if (out / MARKER).is_file() else "files lmforge did not write"
         raise LmforgeError(
-            f"{out}: not empty and not written by lmforge; choose a new or empty folder for --out "
-            "(lmforge only replaces folders it wrote itself, and only with --overwrite)"
-        )
-    if not overwrite:
-        raise LmforgeError(
-            f"{out}: already exists (an earlier lmforge output); pass --overwrite to replace it, or choose a new folder"
-        )
-    if Path.cwd() == out or out in Path.cwd().parents:
-        raise LmforgeError(
-            f"{out}: is the current folder (or holds it) and cannot be replaced; run from elsewhere"
+            f"{out}: already exists and is not empty ({whose}); choose a new folder, or pass --overwrite "
+            "(lmforge then replaces only files it wrote there)"
         )
     return out
 
 
-def publish(tmp: Path, out: Path) -> None:
-    """Move a finished temporary folder into place; an earlier lmforge output is removed only after."""
-    if out.is_dir() and not any(out.iterdir()):
-        for child in sorted(tmp.iterdir(), key=lambda p: p.name == MARKER):  # marker last
-            os.replace(child, out / child.name)
-        tmp.rmdir()
-    elif out.exists():
-        if not is_lmforge_output(out):  # filled by someone else since check_output_dir
-            raise LmforgeError(
-                f"{out}: not empty and not written by lmforge; left untouched; run again with a new folder"
-            )
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+def _merge(tmp: Path, out: Path) -> None:
+    """Move tmp's files into the existing folder `out`, replacing only lmforge's own files."""
+    ours = written_by_lmforge(out) | {MARKER}
+    new = {p.name for p in tmp.iterdir()}
+    foreign = sorted(n for n in new if (out / n).exists() and n not in ours)
+    if foreign:
+        raise LmforgeError(
+            f"{out / foreign[0]}: exists and was not written by lmforge; move it away or choose another --out"
+        )
+    (out / MARKER).unlink(missing_ok=True)  # the folder is incomplete until the new manifest lands
+    for name in sorted(ours - new):
+        target = out / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    for child in sorted(tmp.iterdir(), key=lambda p: p.name == MARKER):  # manifest last
+        os.replace(child, out / child.name)
 
 
 @contextlib.contextmanager
 def output_dir(out: str | Path, overwrite: bool = False, kind: str = "output", info: dict | None = None):
-    """Yield a temporary folder to write into; on success it becomes `out` (see module doc)."""
+    """Yield a temporary folder to write into; on success its files are published at `out`."""
     out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     tmp.mkdir()
     try:
         yield tmp
-        record = {"producer": "lmforge", "kind": kind, **(info or {})}
+        files = sorted(p.name for p in tmp.iterdir())
+        record = {"producer": "lmforge", "kind": kind, **(info or {}), "files": files}
         (tmp / MARKER).write_text(json.dumps(record) + "\n", encoding="utf-8")
-        publish(tmp, out)
+        if out.exists():
+            check_output_dir(out, overwrite)  # again: the folder may have been filled meanwhile
+            _merge(tmp, out)
+        else:
+            os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
