@@ -19,6 +19,8 @@ from pydantic import (
 )
 
 from lmforge.errors import ConfigError
+from lmforge.mindformers import convert as convert_mindformers
+from lmforge.mindformers import looks_like_mindformers
 from lmforge.model.config import ModelConfig, MoEConfig, RopeScaling, Section  # noqa: F401 (re-exported)
 from lmforge.model.presets import get_preset
 
@@ -68,6 +70,8 @@ class OptimConfig(Section):
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     warmup_steps: int = Field(100, ge=0)
+    # Warm-up as a fraction of the run's steps (MindFormers' warmup_ratio); replaces warmup_steps.
+    warmup_ratio: float | None = Field(None, ge=0.0, le=1.0)
     # WSD: fraction of the run spent in the final decay.
     decay_ratio: float = Field(0.2, ge=0.0, le=1.0)
     weight_decay: float = Field(0.1, ge=0.0)
@@ -330,6 +334,34 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
+# Model keys that describe no shape: a command-line preset keeps them from the file.
+_NOT_SHAPE = ("preset", "init_std", "dropout")
+
+
+def apply_overrides(tree: dict, parsed: list[tuple[str, Any]], source: str) -> list[str]:
+    """Apply parsed `key=value` overrides to `tree` and return notes for the user.
+
+    `model.preset=X` goes first and replaces the file's model shape keys with the preset's (a
+    model called X must have X's shape): the note names every file key it dropped. Shape keys
+    given on the command line beside it still customise the preset."""
+    notes = []
+    presets = [(k, v) for k, v in parsed if k == "model.preset"]
+    if presets:
+        model = tree.get("model")
+        if isinstance(model, dict):
+            dropped = [k for k in model if k not in _NOT_SHAPE]
+            if dropped:
+                keys = ", ".join(f"model.{k}" for k in dropped)
+                notes.append(
+                    f"model.preset={presets[-1][1]} on the command line replaces {source}'s {keys} with the "
+                    "preset's shape; set shape keys on the command line to change the preset"
+                )
+            tree["model"] = {k: v for k, v in model.items() if k in _NOT_SHAPE}
+    for key, value in presets + [(k, v) for k, v in parsed if k != "model.preset"]:
+        apply_override(tree, key, value, source)
+    return notes
+
+
 def _expand_preset(tree: dict, source: str) -> None:
     model = tree.get("model")
     if not isinstance(model, dict) or not model.get("preset"):
@@ -385,13 +417,24 @@ def load_yaml(path: str | Path) -> dict:
     return tree
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML file (or defaults) and apply `key=value` overrides, then validate."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, notes: list[str] | None = None
+) -> Config:
+    """Load a YAML file (or defaults; a MindFormers run config is converted) and apply `key=value`
+    overrides, then validate. Lines the user should see are appended to `notes` when given."""
     tree = load_yaml(path) if path is not None else {}
     source = str(path) if path is not None else "<defaults>"
+    if looks_like_mindformers(tree):
+        tree, mapped, ignored = convert_mindformers(tree, source)
+        if notes is not None:
+            notes.append(
+                f"{source}: MindFormers run config: {len(mapped)} keys mapped, {len(ignored)} ignored "
+                f"(`lmforge config convert {source} --out lmforge.yaml` lists them)"
+            )
     parsed = parse_overrides(overrides or [])
-    for key, value in parsed:
-        apply_override(tree, key, value, source)
+    found = apply_overrides(tree, parsed, source)
+    if notes is not None:
+        notes.extend(found)
     if parsed:
         source = f"{source} (with overrides)"
     return config_from_dict(tree, source)

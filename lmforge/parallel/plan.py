@@ -1,126 +1,133 @@
-"""Memory and throughput planner: what one GPU holds for a layout, and the smallest layout that fits.
+"""Memory and step-time model of one training layout: what each GPU holds and how long a step takes.
 
-Accounting (bytes per GPU; N_local = this rank's parameter elements after TP and FSDP sharding,
-FSDP2 pads dim 0 of each shard up to a multiple of dp_shard):
-  parameters   4 * N_local. Parameters stay fp32 in every layout: under FSDP2 mixed precision the
-               sharded fp32 parameter *is* the master copy, and bf16 copies exist only while a
-               block is all-gathered (counted in temporaries); single/DDP use autocast.
-  gradients    4 * N_local (fp32: FSDP2 reduces in reduce_dtype fp32 into the fp32 shard).
-  optimizer    AdamW exp_avg + exp_avg_sq in fp32, 8 * N_local, plus a 4-byte `step` per tensor.
-  activations  saved for backward, per token of the micro batch (s = compute dtype bytes):
-                 block, no AC  2 * norm + 4*q_dim*s + 4*heads + 4*I*s
-                     norm = 4*h (fp32 input copy) + 4 (rsqrt) + 2*h*s (normalised, weighted)
-                     attention saves q, k, v expanded to all heads and its output (flash-style
-                     SDPA: no T x T matrix) plus fp32 log-sum-exp; SwiGLU saves w1, w3, silu,
-                     product (4*I). RoPE saves nothing (its tables need no grad).
-                 block, full AC  h*s (the block input), plus one block recomputed in backward
-                 selective AC    h*s input + outputs of every matmul (q, k, v, wo, w1, w3, w2) and
-                                 attention (q_dim*s + 4*heads)
-                 outside blocks  final norm + 4*V (fp32 log-softmax) + 16 (input ids, targets)
-               With TP (sequence parallel) the norms, heads and FFN columns divide by tp, but the
-               all-gathered inputs of attention and FFN (2*h*s) and the logits are full size.
-               This matches Korthikanti et al. (2022) with flash attention (no 5*a*s/h term).
-  temporaries  logits: B*T*V*(s + 8) (model logits, their fp32 copy and fp32 gradient);
-               FSDP: two all-gathered blocks in param dtype + one block's unsharded gradient
-               (param dtype) + its fp32 reduce-scatter buffer; the root's embedding/output
-               gathered; DDP: gradient buckets (4 * N); 2 GiB for CUDA context, NCCL, fragmentation.
-Step time = max(compute, FSDP traffic) + TP traffic. Compute = FLOPs per step / (MFU * peak *
-GPUs), with full AC adding a forward (x 4/3) and selective AC ~5%: the MFU you state is the
-utilisation of the hardware on model FLOPs without recomputation. FSDP moves each micro-step
-(2*s + 4) bytes per local-to-TP parameter (all-gather forward and backward, fp32 reduce-scatter)
-and overlaps with compute; TP moves 8 * tokens * h * s bytes per layer and micro-step (two
-all-gathers and two reduce-scatters each way) on NVLink and is not overlapped. Bandwidths: 300 GB/s
-inside a node, 45 GB/s per GPU between nodes. Layouts are ranked by this step time.
+Parameter shapes come from the model itself, built on the meta device (no memory), so the planner
+cannot drift from `lmforge.model`. A layout is pp x dp_replicate x dp_shard x tp on the mesh
+`parallel/mesh.py` builds (tp innermost: inside a node; pp outermost: across nodes).
+
+Memory per GPU, on the pipeline rank that needs the most (bytes; N_local = that rank's parameter
+elements after pipeline split, TP and FSDP sharding, FSDP2 padding dim 0 to a multiple of dp_shard):
+  parameters   4 * N_local (fp32: under FSDP2 mixed precision the sharded fp32 parameter is the
+               master copy; bf16 copies exist only while gathered, counted in temporaries).
+  gradients    4 * N_local.  optimizer  AdamW exp_avg + exp_avg_sq, 8 * N_local + 4 bytes per tensor.
+  activations  saved for backward per token and layer (s = compute dtype bytes):
+                 no AC     2 * norm + 4*q_dim*s + 4*heads + 4*I*s, norm = 4*h + 4 + 2*h*s
+                 full AC   h*s (the block input), plus one block recomputed in backward
+                 selective h*s + every matmul output (q, k, v, wo, w1, w3, w2) + attention output
+                 last stage: final norm + 4*V (fp32 log-softmax) + 16 (ids, targets)
+               TP (sequence parallel) divides norms, heads and FFN columns by tp; the gathered
+               inputs of attention and FFN (2*h*s) and the logits stay full size (Korthikanti et al.
+               2022 with flash attention). Micro batches in flight on pipeline rank r (of p, m
+               micro batches, v stages per rank, each in-flight chunk holding 1/v of its layers):
+                 gpipe m; 1f1b min(m, p - r); interleaved_1f1b and zero_bubble
+                 min(m*v, 2*(p - r - 1) + (v - 1)*p + 1) chunks (torch's warm-up count);
+                 zbv min(2m, 2p) chunks on every rank (ZB-V keeps 1F1B's peak, balanced).
+  temporaries  logits B*T*V*(s + 8) on the last stage (model logits, fp32 copy, fp32 gradient;
+               / tp with loss_parallel); FSDP without PP: two gathered blocks + one block's
+               unsharded gradient + its fp32 reduce-scatter buffer, the root's tensors gathered;
+               FSDP with PP: the rank's whole stage stays gathered for the step with its unsharded
+               gradients accumulating (torch.distributed.pipelining's FSDP handling), plus one
+               block's fp32 reduce-scatter buffer; DDP: gradient buckets (4 * N_local);
+               PP: send/receive buffers; 2 GiB for context, NCCL and fragmentation.
+Step time = max(compute, data-parallel traffic) + tensor-parallel traffic + pipeline P2P.
+  compute   FLOPs per token of the slowest pipeline rank (its layers; the output layer on the
+            last stage) x tokens per data-parallel rank / (MFU * peak * tp), x 4/3 under full AC
+            and x 1.05 under selective AC, x (1 + bubble). Bubble (idle time over useful time):
+            gpipe and 1f1b (p-1)/m, interleaved_1f1b (p-1)/(v*m), zero_bubble (p-1)/(3*v*m)
+            (ZB-H1: the weight-gradient pass fills a third), zbv (p-1)/(6*m) (ZB-V with v = 2).
+  DP        FSDP without PP: (2*s + 4) bytes per local parameter per micro step (all-gather
+            forward and backward, fp32 reduce-scatter); FSDP with PP: (s + 4) once per step;
+            DDP: 4 once per step; ring cost (dp-1)/dp; overlapped with compute.
+  TP        8 * tokens * h * s * (tp-1)/tp bytes per layer and micro step, not overlapped.
+  PP P2P    2 * micro tokens * h * s / tp bytes (activation forward, gradient backward) per
+            micro batch and stage boundary of the rank, counted as not overlapped (upper bound).
+  Bandwidth inside a node: the accelerator's link; between nodes 45 GB/s per GPU. A data-parallel
+            group leaves the node when tp * dp > GPUs per node; stage neighbours are tp * dp ranks
+            apart, so P2P leaves the node when tp * dp >= GPUs per node.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
+from lmforge.hardware import NETWORK_GBS, Accelerator, find_accelerator
 from lmforge.model.flops import count_params, flops_per_token
 from lmforge.model.layers import resolve_intermediate_size
 
 GIB = 1024**3
-H100_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 SXM (also H200); A100 is 312
-NVLINK_BYTES_S = 300e9  # achievable per-GPU collective bandwidth inside an H100 node (NVLink 4)
-NETWORK_BYTES_S = 45e9  # between nodes: one 400 Gb/s InfiniBand NIC per GPU
-GPUS_PER_NODE = 8
 OVERHEAD = 2 * GIB
 AC_MODES = ("none", "selective", "full")
+PP_SCHEDULES = ("1f1b", "interleaved_1f1b", "zero_bubble", "zbv", "gpipe")
+DEFAULT_GPU = "H100"
 
 
 @dataclass(frozen=True)
 class Layout:
-    strategy: str = "single"  # single, ddp, fsdp, hsdp, fsdp+tp
+    strategy: str = "single"  # single, ddp, fsdp, hsdp, fsdp+tp (per pipeline stage)
     dp_replicate: int = 1
     dp_shard: int = 1
     tp: int = 1
     ac: str = "none"
     micro_batch: int = 1
     compute_bytes: int = 2  # 2 for bf16/fp16 compute, 4 for fp32
+    pp: int = 1
+    schedule: str = "1f1b"
+    virtual: int = 1  # pipeline stages per rank
+    pp_layers: tuple[int, ...] | None = None  # explicit layers per stage (parallel.pp_layers)
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
 
     @property
     def gpus(self) -> int:
-        return self.dp_replicate * self.dp_shard * self.tp
+        return self.dp * self.tp * self.pp
 
     @property
     def fsdp(self) -> bool:
-        return self.strategy in ("fsdp", "hsdp", "fsdp+tp")
+        return self.strategy in ("fsdp", "hsdp") or (self.strategy == "fsdp+tp" and self.dp_shard > 1)
 
-    def describe(self) -> str:
-        parts = [self.strategy]
-        if self.dp_replicate > 1:
-            parts.append(f"rep{self.dp_replicate}")
-        if self.fsdp:
-            parts.append(f"shard{self.dp_shard}")
-        if self.tp > 1:
-            parts.append(f"tp{self.tp}")
-        return f"{' '.join(parts)}, AC {self.ac}, micro batch {self.micro_batch}"
+
+# ---------------------------------------------------------------------------------------------
+# Parameters, from the model built on the meta device
+
+
+@functools.lru_cache(maxsize=8)
+def _meta_shapes(model_json: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    import torch
+
+    from lmforge.model import Transformer
+    from lmforge.model.config import ModelConfig
+
+    with torch.device("meta"):
+        model = Transformer(ModelConfig.model_validate_json(model_json))
+    return tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
+
+
+def _tp_dim(name: str) -> int | None:
+    """Dimension tensor parallel splits, as parallel/tensor_parallel.py's plan does: column-wise
+    (and the vocab rows of embedding/output) dim 0, row-wise dim 1; norms and routers replicated."""
+    if name in ("tok_embeddings.weight", "output.weight"):
+        return 0
+    module, kind = name.split(".")[-2:]
+    if module in ("wq", "wk", "wv", "w1", "w3"):
+        return 0
+    if module in ("wo", "w2"):
+        return 1 if kind == "weight" else None
+    return None
 
 
 def param_shapes(m) -> list[tuple[str, tuple[int, ...], int | None]]:
-    """(name, shape, tensor-parallel dim) of every parameter of Transformer(m), without building it.
-    TP dim 0 = column-wise (or vocab rows), 1 = row-wise, None = replicated."""
-    h, hd = m.hidden_size, m.resolved_head_dim
-    q, kv = m.num_heads * hd, m.num_kv_heads * hd
-    out = [("tok_embeddings.weight", (m.vocab_size, h), 0)]
+    """(name, shape, tensor-parallel dim) of every parameter of Transformer(m)."""
+    return [(n, s, _tp_dim(n)) for n, s in _meta_shapes(m.model_dump_json())]
 
-    def linear(name, n_in, n_out, dim, bias):
-        out.append((f"{name}.weight", (n_out, n_in), dim))
-        if bias:
-            out.append((f"{name}.bias", (n_out,), 0 if dim == 0 else None))
 
-    def ffn(prefix, width):
-        linear(f"{prefix}.w1", h, width, 0, m.mlp_bias)
-        linear(f"{prefix}.w2", width, h, 1, m.mlp_bias)
-        linear(f"{prefix}.w3", h, width, 0, m.mlp_bias)
-
-    for i in range(m.num_layers):
-        p = f"layers.{i}"
-        out.append((f"{p}.attention_norm.weight", (h,), None))
-        for name, n_out in (("wq", q), ("wk", kv), ("wv", kv)):
-            linear(f"{p}.attention.{name}", h, n_out, 0, m.attention_bias)
-        linear(f"{p}.attention.wo", q, h, 1, m.attention_bias)
-        if m.qk_norm:
-            out += [
-                (f"{p}.attention.q_norm.weight", (hd,), None),
-                (f"{p}.attention.k_norm.weight", (hd,), None),
-            ]
-        out.append((f"{p}.ffn_norm.weight", (h,), None))
-        if m.moe is None:
-            ffn(f"{p}.feed_forward", resolve_intermediate_size(m))
-        else:
-            width = m.moe.expert_intermediate_size or resolve_intermediate_size(m)
-            out.append((f"{p}.feed_forward.router.weight", (m.moe.num_experts, h), None))
-            for e in range(m.moe.num_experts):
-                ffn(f"{p}.feed_forward.experts.{e}", width)
-            for s in range(m.moe.num_shared_experts):
-                ffn(f"{p}.feed_forward.shared_experts.{s}", width)
-    out.append(("norm.weight", (h,), None))
-    if not m.tie_embeddings:
-        out.append(("output.weight", (m.vocab_size, h), 0))
-    return out
+def _part(name: str) -> str | int:
+    """Layer index for block parameters, else 'embedding' / 'head' (final norm and output)."""
+    if name.startswith("layers."):
+        return int(name.split(".")[1])
+    return "embedding" if name.startswith("tok_embeddings") else "head"
 
 
 def _local_numel(shape, tp_dim, tp: int, shard: int) -> int:
@@ -132,18 +139,79 @@ def _local_numel(shape, tp_dim, tp: int, shard: int) -> int:
     return math.prod(dims)
 
 
-def state_bytes(model_cfg, layout: Layout) -> dict[str, int]:
-    shapes = param_shapes(model_cfg)
-    shard = layout.dp_shard if layout.fsdp else 1
-    n_local = sum(_local_numel(s, d, layout.tp, shard) for _, s, d in shapes)
-    return {"parameters": 4 * n_local, "gradients": 4 * n_local, "optimizer": 8 * n_local + 4 * len(shapes)}
+@functools.lru_cache(maxsize=256)
+def _part_numel(model_json: str, tp: int, shard: int) -> dict:
+    """{part: (local elements, tensor count)} for parts = layer indices, 'embedding', 'head'."""
+    out: dict = {}
+    for name, shape in _meta_shapes(model_json):
+        n, c = out.get(_part(name), (0, 0))
+        out[_part(name)] = (n + _local_numel(shape, _tp_dim(name), tp, shard), c + 1)
+    return out
 
 
-def activation_bytes(
-    model_cfg, seq_len: int, micro_batch: int, ac: str, s: int = 2, tp: int = 1
-) -> dict[str, int]:
-    """Saved-for-backward bytes of one micro batch: {"saved", "recompute"} (recompute: the one block
-    whose activations exist again during backward under full AC)."""
+# ---------------------------------------------------------------------------------------------
+# Pipeline stages
+
+
+def balanced_stage_layers(num_layers: int, stages: int, first_extra: float, last_extra: float) -> list[int]:
+    """Layers per stage minimising the most expensive stage, where the first and last stages also
+    carry `first_extra` / `last_extra` layers' worth of work (embedding; final norm, output, loss):
+    each layer goes to the currently cheapest stage, middle stages first on ties."""
+    counts = [0] * stages
+    extra = [0.0] * stages
+    extra[0] += first_extra
+    extra[-1] += last_extra
+    middle = (stages - 1) / 2
+    for _ in range(num_layers):
+        i = min(range(stages), key=lambda k: (counts[k] + extra[k], abs(k - middle)))
+        counts[i] += 1
+    return counts
+
+
+def stage_layers(m, layout: Layout, seq_len: int) -> list[int]:
+    stages = layout.pp * layout.virtual
+    if layout.pp_layers is not None and len(layout.pp_layers) == stages:
+        return list(layout.pp_layers)
+    return list(_balanced(m.num_layers, stages, _head_flops(m) / _layer_flops(m, seq_len)))
+
+
+@functools.lru_cache(maxsize=256)
+def _balanced(num_layers: int, stages: int, last_extra: float) -> tuple[int, ...]:
+    return tuple(balanced_stage_layers(num_layers, stages, 0.0, last_extra))
+
+
+def rank_stages(layout: Layout, rank: int) -> list[int]:
+    """Stage indices pipeline rank `rank` runs: looped for interleaved schedules, V-shaped for zbv."""
+    p, v = layout.pp, layout.virtual
+    if layout.schedule == "zbv":
+        return [rank, 2 * p - 1 - rank]
+    return [rank + k * p for k in range(v)]
+
+
+def _head_flops(m) -> float:
+    return 6.0 * m.vocab_size * m.hidden_size + 6.0 * m.hidden_size
+
+
+def _layer_flops(m, seq_len: int) -> float:
+    return _layer_flops_cached(m.model_dump_json(), seq_len)
+
+
+@functools.lru_cache(maxsize=64)
+def _layer_flops_cached(model_json: str, seq_len: int) -> float:
+    from lmforge.model.config import ModelConfig
+
+    m = ModelConfig.model_validate_json(model_json)
+    return (flops_per_token(m, seq_len) - _head_flops(m)) / m.num_layers
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+
+
+def activation_bytes(model_cfg, seq_len: int, micro_batch: int, ac: str, s: int = 2, tp: int = 1) -> dict:
+    """Saved-for-backward bytes of one micro batch through the whole model: {"saved", "recompute",
+    "per_layer", "head"} (recompute: the block whose activations exist again in backward under
+    full AC; per_layer / head: the parts per token, for pipeline stages)."""
     m = model_cfg
     h, heads = m.hidden_size, m.num_heads
     q = heads * m.resolved_head_dim
@@ -164,174 +232,155 @@ def activation_bytes(
         per_layer = h * s / tp + matmuls * s + (q * s + 4 * heads) / tp
     else:
         per_layer = block
-    outside = norm_local / tp + gathered + 4 * m.vocab_size + 16
+    head = norm_local / tp + gathered + 4 * m.vocab_size + 16
     tokens = micro_batch * seq_len
-    saved = int(tokens * (m.num_layers * per_layer + outside))
-    recompute = int(tokens * block) if ac == "full" else 0
-    return {"saved": saved, "recompute": recompute}
+    return {
+        "saved": int(tokens * (m.num_layers * per_layer + head)),
+        "recompute": int(tokens * block) if ac == "full" else 0,
+        "per_layer": per_layer,
+        "head": head,
+    }
 
 
-def plan(cfg, layout: Layout, peak_tflops: float = H100_BF16_TFLOPS, mfu: float = 0.4) -> dict:
-    """Per-GPU bytes and per-step costs of training cfg's model under `layout`."""
+def in_flight(layout: Layout, rank: int, micro_batches: int) -> float:
+    """Micro batches' worth of this rank's layers whose activations are alive at its peak."""
+    p, v, m = layout.pp, layout.virtual, micro_batches
+    if p == 1:
+        return 1.0
+    if layout.schedule == "gpipe":
+        return float(m)
+    if layout.schedule == "1f1b":
+        return float(min(m, p - rank))
+    if layout.schedule == "zbv":
+        return min(2 * m, 2 * p) / 2
+    return min(m * v, 2 * (p - rank - 1) + (v - 1) * p + 1) / v
+
+
+def bubble_fraction(layout: Layout, micro_batches: int) -> float:
+    """Pipeline idle time over useful time."""
+    p, v, m = layout.pp, layout.virtual, micro_batches
+    if p == 1:
+        return 0.0
+    return {
+        "gpipe": (p - 1) / m,
+        "1f1b": (p - 1) / m,
+        "interleaved_1f1b": (p - 1) / (v * m),
+        "zero_bubble": (p - 1) / (3 * v * m),
+        "zbv": (p - 1) / (6 * m),
+    }[layout.schedule]
+
+
+def rank_memory(cfg, layout: Layout, rank: int, loss_parallel: bool = False) -> dict[str, float]:
+    """Bytes per GPU on pipeline rank `rank` by category, plus its FLOPs per token and P2P load."""
     m, seq, s = cfg.model, cfg.data.seq_len, layout.compute_bytes
-    out = state_bytes(m, layout)
-    act = activation_bytes(m, seq, layout.micro_batch, layout.ac, s, layout.tp)
-    out["activations"] = act["saved"]
-    out["activations_no_ac"] = activation_bytes(m, seq, layout.micro_batch, "none", s, layout.tp)["saved"]
+    key = m.model_dump_json()
+    shard = layout.dp_shard if layout.fsdp else 1
+    parts, full = _part_numel(key, layout.tp, shard), _part_numel(key, layout.tp, 1)
+    layers_per_stage = stage_layers(m, layout, seq)
+    stages = rank_stages(layout, rank)
+    starts = [sum(layers_per_stage[:i]) for i in range(len(layers_per_stage) + 1)]
+    layers = [i for st in stages for i in range(starts[st], starts[st + 1])]
+    first, last = 0 in stages, len(layers_per_stage) - 1 in stages
+    owned = (
+        list(layers)
+        + (["embedding"] if first or (last and m.tie_embeddings) else [])
+        + (["head"] if last else [])
+    )
+    n_local = sum(parts[k][0] for k in owned)
+    tensors = sum(parts[k][1] for k in owned)
+    out = {"parameters": 4 * n_local, "gradients": 4 * n_local, "optimizer": 8 * n_local + 4 * tensors}
+    micro = cfg.train.global_batch_size // (layout.micro_batch * layout.dp)
     tokens = layout.micro_batch * seq
-    temp = tokens * m.vocab_size * (s + 8) + act["recompute"]
-    shapes = param_shapes(m)
-    if layout.fsdp:
-        block = sum(_local_numel(sh, d, layout.tp, 1) for n, sh, d in shapes if n.startswith("layers.0."))
-        root = sum(_local_numel(sh, d, layout.tp, 1) for n, sh, d in shapes if not n.startswith("layers."))
+    act = activation_bytes(m, seq, layout.micro_batch, layout.ac, s, layout.tp)
+    flight = in_flight(layout, rank, micro)
+    saved = tokens * len(layers) * act["per_layer"] * flight
+    if last:
+        saved += tokens * act["head"] * (micro if layout.schedule == "gpipe" and layout.pp > 1 else 1)
+    out["activations"] = int(saved)
+    temp = float(act["recompute"]) if layers else 0.0
+    if last:
+        temp += tokens * m.vocab_size * (s + 8) / (layout.tp if loss_parallel and layout.tp > 1 else 1)
+    full_local = sum(full[k][0] for k in owned)
+    block = max((full[i][0] for i in layers), default=0)
+    if layout.fsdp and layout.pp > 1:
+        # torch.distributed.pipelining keeps an FSDP stage unsharded through the step and
+        # accumulates unsharded gradients until the last micro batch, then reduce-scatters block
+        # by block through an fp32 buffer.
+        temp += full_local * 2 * s + block * 4
+    elif layout.fsdp:
+        root = sum(full[k][0] for k in ("embedding", "head") if k in owned)
         temp += block * (3 * s + 4) + root * s
-    elif layout.strategy == "ddp":
+    elif layout.strategy == "ddp" and layout.dp > 1:
         temp += out["gradients"]
-    out["temporaries"] = temp + OVERHEAD
+    if layout.pp > 1:
+        temp += 2 * tokens * m.hidden_size * s / layout.tp * layout.virtual
+    out["temporaries"] = int(temp + OVERHEAD)
     out["total"] = sum(out[k] for k in ("parameters", "gradients", "optimizer", "activations", "temporaries"))
-    dp = layout.dp_replicate * layout.dp_shard
-    global_batch = cfg.train.global_batch_size
-    step_flops = flops_per_token(m, seq) * global_batch * seq
+    out["flops_per_token"] = len(layers) * _layer_flops(m, seq) + (_head_flops(m) if last else 0.0)
+    out["layers"] = len(layers)
+    out["params_local_tp"] = full_local
+    return out
+
+
+def state_bytes(model_cfg, layout: Layout) -> dict[str, int]:
+    """Parameter, gradient and optimizer bytes of the whole model under TP and FSDP (no pipeline)."""
+    parts = _part_numel(model_cfg.model_dump_json(), layout.tp, layout.dp_shard if layout.fsdp else 1)
+    n_local, tensors = sum(n for n, _ in parts.values()), sum(c for _, c in parts.values())
+    return {"parameters": 4 * n_local, "gradients": 4 * n_local, "optimizer": 8 * n_local + 4 * tensors}
+
+
+# ---------------------------------------------------------------------------------------------
+# Step time
+
+
+def plan(cfg, layout: Layout, gpu: Accelerator | None = None, mfu: float = 0.4) -> dict:
+    """Per-GPU bytes (of the pipeline rank that needs most) and per-step costs of `layout`."""
+    gpu = gpu or find_accelerator(DEFAULT_GPU)
+    m, seq, s = cfg.model, cfg.data.seq_len, layout.compute_bytes
+    loss_parallel = bool(getattr(cfg.parallel, "loss_parallel", False))
+    ranks = [rank_memory(cfg, layout, r, loss_parallel) for r in range(layout.pp)]
+    worst = max(range(layout.pp), key=lambda r: ranks[r]["total"])
+    out = {
+        k: ranks[worst][k]
+        for k in ("parameters", "gradients", "optimizer", "activations", "temporaries", "total")
+    }
+    out["stage_totals"] = [r["total"] for r in ranks]
+    link, net = gpu.link_gbs * 1e9, NETWORK_GBS * 1e9
+    dp, gb = layout.dp, cfg.train.global_batch_size
+    micro_steps = gb // (layout.micro_batch * dp)
+    tokens_per_dp = gb * seq / dp
     recompute = {"none": 1.0, "selective": 1.05, "full": 4 / 3}[layout.ac]
-    compute_time = step_flops * recompute / (mfu * peak_tflops * 1e12 * layout.gpus)
-    micro_steps = global_batch // (layout.micro_batch * dp)
+    bubble = bubble_fraction(layout, micro_steps)
+    slowest = max(r["flops_per_token"] for r in ranks)
+    compute = slowest * tokens_per_dp * recompute * (1 + bubble) / (mfu * gpu.bf16_tflops * 1e12 * layout.tp)
+    heavy = max(ranks, key=lambda r: r["params_local_tp"])
     comm = 0.0
     if dp > 1:
-        tp_local = sum(_local_numel(sh, d, layout.tp, 1) for _, sh, d in shapes)
-        per_micro = (2 * s + 4) if layout.fsdp else 4 / micro_steps  # DDP all-reduces once per step
-        volume = micro_steps * tp_local * per_micro * (dp - 1) / dp  # ring collectives, bytes sent per GPU
-        bandwidth = NETWORK_BYTES_S if layout.gpus > GPUS_PER_NODE else NVLINK_BYTES_S
-        comm = volume / bandwidth
+        if layout.fsdp:
+            volume = heavy["params_local_tp"] * ((s + 4) if layout.pp > 1 else micro_steps * (2 * s + 4))
+        else:
+            volume = heavy["params_local_tp"] * 4
+        comm = volume * (dp - 1) / dp / (net if layout.tp * dp > gpu.per_node else link)
+    tokens = layout.micro_batch * seq
     tp_time = 0.0
     if layout.tp > 1:
-        tp_bytes = 8 * tokens * m.hidden_size * s * (layout.tp - 1) / layout.tp
-        tp_time = micro_steps * m.num_layers * tp_bytes / NVLINK_BYTES_S
-    step_time = max(compute_time, comm) + tp_time
+        busiest = max(r["layers"] for r in ranks)
+        tp_time = micro_steps * busiest * 8 * tokens * m.hidden_size * s * (layout.tp - 1) / layout.tp / link
+    p2p = 0.0
+    if layout.pp > 1:
+        per_boundary = 2 * tokens * m.hidden_size * s / layout.tp
+        p2p = micro_steps * layout.virtual * per_boundary / (net if layout.tp * dp >= gpu.per_node else link)
+    step = max(compute, comm) + tp_time + p2p
     out.update(
-        compute_time_s=compute_time,
+        compute_time_s=compute,
         dp_comm_time_s=comm,
         tp_comm_time_s=tp_time,
-        flops_per_step=step_flops,
-        grad_accum_steps=global_batch // (layout.micro_batch * dp),
-        step_time_s=step_time,
-        tokens_per_s=global_batch * seq / step_time,
+        pp_p2p_time_s=p2p,
+        bubble=bubble,
+        flops_per_step=flops_per_token(m, seq) * gb * seq,
+        grad_accum_steps=micro_steps,
+        step_time_s=step,
+        tokens_per_s=gb * seq / step,
         params_total=count_params(m)["total"],
     )
     return out
-
-
-def _compute_bytes(cfg) -> int:
-    return 4 if cfg.parallel.param_dtype == "float32" else 2
-
-
-def candidate_layouts(cfg, gpus: int) -> list[Layout]:
-    """Cheapest first: DDP before FSDP, smaller TP (less communication per layer), less recomputation,
-    larger micro batches. TP stays within an 8-GPU node."""
-    s = _compute_bytes(cfg)
-    m, seq, gb = cfg.model, cfg.data.seq_len, cfg.train.global_batch_size
-    shapes: list[Layout] = []
-    if gpus == 1:
-        shapes.append(Layout("single"))
-    else:
-        shapes.append(Layout("ddp", dp_replicate=gpus))
-        shapes.append(Layout("fsdp", dp_shard=gpus))
-    for tp in (2, 4, 8):
-        ok = gpus % tp == 0 and gpus >= tp and m.moe is None
-        ok = ok and all(v % tp == 0 for v in (m.num_heads, m.num_kv_heads, m.vocab_size, seq))
-        if ok:
-            shapes.append(Layout("fsdp+tp", dp_shard=gpus // tp, tp=tp))
-    out = []
-    for base in shapes:
-        dp = base.dp_replicate * base.dp_shard
-        if gb % dp:
-            continue
-        per_rank = gb // dp
-        micro = [b for b in (per_rank, 16, 8, 4, 2, 1) if b <= per_rank and per_rank % b == 0]
-        for ac in AC_MODES:
-            for b in dict.fromkeys(micro):
-                out.append(replace(base, ac=ac, micro_batch=b, compute_bytes=s))
-    return out
-
-
-def recommend(cfg, gpus: int, gpu_memory_gib: float = 80, mfu: float = 0.4) -> tuple[Layout | None, list]:
-    rows = [(lay, plan(cfg, lay, mfu=mfu)) for lay in candidate_layouts(cfg, gpus)]
-    limit = gpu_memory_gib * GIB
-    fitting = [(p["step_time_s"], i) for i, (lay, p) in enumerate(rows) if p["total"] <= limit]
-    best = rows[min(fitting)[1]][0] if fitting else None
-    return best, rows
-
-
-def _gib(x: float) -> str:
-    return f"{x / GIB:7.1f}"
-
-
-def _groups(rows, limit):
-    """(strategy, tp, AC) groups in cheapest-first order, each with its largest fitting micro batch
-    (or, when none fits, its smallest micro batch) and whether it fits."""
-    groups: dict[tuple, list] = {}
-    for lay, p in rows:
-        groups.setdefault((lay.strategy, lay.tp, lay.ac), []).append((lay, p))
-    out = []
-    for members in groups.values():
-        fitting = [(lay, p) for lay, p in members if p["total"] <= limit]
-        lay, p = fitting[0] if fitting else members[-1]
-        out.append((lay, p, bool(fitting)))
-    return out
-
-
-def plan_report(cfg, gpus: int, gpu_memory_gib: float = 80, mfu: float = 0.4) -> str:
-    """Human-readable plan: one row per layout, the recommendation, and why the cheaper ones fail."""
-    from lmforge.errors import ConfigError
-
-    if gpus < 1 or gpu_memory_gib <= 0 or not 0 < mfu <= 1:
-        raise ConfigError(
-            f"plan: --gpus {gpus}, --gpu-memory {gpu_memory_gib}, --mfu {mfu}; need gpus >= 1, memory > 0, 0 < mfu <= 1"
-        )
-    best, rows = recommend(cfg, gpus, gpu_memory_gib, mfu)
-    if not rows:
-        raise ConfigError(
-            f"train.global_batch_size: {cfg.train.global_batch_size} is not divisible by any data-parallel size "
-            f"possible on {gpus} GPUs; choose a global batch that is a multiple of the GPU count"
-        )
-    m, limit = cfg.model, gpu_memory_gib * GIB
-    lines = [
-        f"model: {m.preset or 'custom'} {count_params(m)['total'] / 1e9:.2f}B params, seq {cfg.data.seq_len}, "
-        f"global batch {cfg.train.global_batch_size} x {cfg.data.seq_len} tokens; "
-        f"{gpus} GPU(s) x {gpu_memory_gib:g} GiB",
-        f"FLOPs/token {flops_per_token(m, cfg.data.seq_len):.3e}; peak {H100_BF16_TFLOPS:g} TFLOP/s bf16 "
-        f"per GPU (H100), MFU {mfu:g}",
-        "",
-        f"{'layout':<48}{'params':>8}{'grads':>8}{'optim':>8}{'activ':>8}{'temp':>8}{'total':>8}"
-        f"{'step s':>8}  (GiB per GPU)",
-    ]
-    keys = ("parameters", "gradients", "optimizer", "activations", "temporaries", "total")
-    groups = _groups(rows, limit)
-    for lay, p, fits in groups:
-        vals = "".join(_gib(p[k]).rjust(8) for k in keys) + f"{p['step_time_s']:8.1f}"
-        lines.append(f"{lay.describe():<48}{vals}  {'fits' if fits else 'too big'}")
-    lines.append("")
-    if best is None:
-        lines.append(
-            f"nothing fits in {gpu_memory_gib:g} GiB per GPU on {gpus} GPU(s): add GPUs, or offload "
-            "parameters and optimizer states to the CPU (parallel.cpu_offload=true, much slower)"
-        )
-        return "\n".join(lines)
-    p = plan(cfg, best, mfu=mfu)
-    lines.append(f"recommended: {best.describe()}, grad_accum_steps {p['grad_accum_steps']}")
-    lines.append(
-        f"  {_gib(p['total']).strip()} GiB per GPU; {p['flops_per_step']:.3e} FLOPs/step; step "
-        f"{p['step_time_s']:.2f} s; {p['tokens_per_s']:,.0f} tokens/s ({p['tokens_per_s'] / gpus:,.0f} per GPU)"
-    )
-    lines.append(
-        f"  compute {p['compute_time_s']:.1f} s, data-parallel traffic {p['dp_comm_time_s']:.1f} s (overlapped), "
-        f"tensor-parallel traffic {p['tp_comm_time_s']:.1f} s"
-    )
-    for lay, q, fits in groups:
-        if (lay.strategy, lay.tp, lay.ac) == (best.strategy, best.tp, best.ac):
-            continue
-        if fits:
-            why = f"fits ({_gib(q['total']).strip()} GiB) but its step takes {q['step_time_s']:.1f} s"
-        else:
-            why = f"needs {_gib(q['total']).strip()} GiB > {gpu_memory_gib:g} even at micro batch {lay.micro_batch}"
-        lines.append(f"  not {lay.strategy} tp{lay.tp} AC {lay.ac}: {why}")
-    return "\n".join(lines)

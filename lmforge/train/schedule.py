@@ -52,7 +52,10 @@ class LrMultiplier:
 
 
 def lr_multiplier(cfg: OptimConfig, total_steps: int) -> LrMultiplier:
-    return LrMultiplier(cfg.schedule, total_steps, cfg.warmup_steps, cfg.min_lr_ratio, cfg.decay_ratio)
+    # warmup_ratio (MindFormers' way of saying it) is a fraction of the run and wins when set.
+    ratio = getattr(cfg, "warmup_ratio", None)
+    warmup = round(ratio * total_steps) if ratio is not None else cfg.warmup_steps
+    return LrMultiplier(cfg.schedule, total_steps, warmup, cfg.min_lr_ratio, cfg.decay_ratio)
 
 
 def build_schedule(optimizer: Optimizer, cfg: OptimConfig, total_steps: int) -> LambdaLR:
