@@ -37,7 +37,7 @@ PRE_TOKENIZERS: dict[str, str | None] = {
 }
 
 
-def _tokenizer_files(tokenizer: Any) -> Path:
+def tokenizer_json_path(tokenizer: Any) -> Path:
     """The tokenizer.json of a folder, file or loaded lmforge tokenizer."""
     path = Path(getattr(tokenizer, "path", tokenizer))
     if path.is_dir():
@@ -84,7 +84,7 @@ def gguf_vocab(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
     """Everything `write_vocab` puts in the file, checked first so nothing is written on a refusal."""
     from lmforge.tokenizer import load_tokenizer
 
-    path = _tokenizer_files(tokenizer)
+    path = tokenizer_json_path(tokenizer)
     spec = json.loads(path.read_text(encoding="utf-8"))
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix"):

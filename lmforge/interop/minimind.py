@@ -218,9 +218,9 @@ def export_minimind(
     out.mkdir(parents=True, exist_ok=True)
     files = {name: None, "config.json": json.dumps(hf, indent=2) + "\n"}
     if tokenizer is not None:
-        from lmforge.interop.gguf_vocab import _tokenizer_files
+        from lmforge.interop.gguf_vocab import tokenizer_json_path
 
-        src = _tokenizer_files(tokenizer).parent
+        src = tokenizer_json_path(tokenizer).parent
         for extra in ("tokenizer.json", "tokenizer_config.json"):
             if (src / extra).is_file():
                 files[extra] = (src / extra).read_text(encoding="utf-8")
@@ -236,3 +236,22 @@ def export_minimind(
             tmp.unlink(missing_ok=True)
     return out / name
 
+
+
+def import_minimind_to_folder(
+    pth: str | Path, out: str | Path, config_json: str | Path | None = None, tokenizer: Any = None,
+    overwrite: bool = False,
+) -> Path:
+    """`lmforge import --minimind FILE.pth --out DIR`: lmforge weights + config.yaml, with the
+    tokenizer files (MiniMind keeps them in its model/ folder) copied when given."""
+    from lmforge.interop.gguf_import import write_weights_folder
+
+    state, cfg = import_minimind(pth, config_json)
+    files = {}
+    if tokenizer is not None:
+        from lmforge.interop.gguf_vocab import tokenizer_json_path
+
+        src = tokenizer_json_path(tokenizer).parent
+        files = {n: (src / n).read_text(encoding="utf-8") for n in ("tokenizer.json", "tokenizer_config.json")
+                 if (src / n).is_file()}
+    return write_weights_folder(state, cfg, files, out, overwrite)
