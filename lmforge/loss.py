@@ -201,15 +201,21 @@ def language_model_loss(
     for key in ("doc_ids", "position_ids"):
         if batch.get(key) is not None:
             model_kwargs[key] = batch[key]
-    if fused and not output_weight_is_tensor_parallel(_output_weight(model)):
+    weight = _output_weight(model) if fused else None
+    if weight is not None and not output_weight_is_tensor_parallel(weight):
         out = model(batch["input_ids"], return_hidden=True, **model_kwargs)
-        return fused_linear_cross_entropy(out.hidden, out.output_weight, batch["labels"]), out.aux_loss
+        ce = fused_linear_cross_entropy(out.hidden, out.output_weight, batch["labels"])
+        return ce, out.aux_loss.float()
     out = model(batch["input_ids"], **model_kwargs)
-    return summed_cross_entropy(out.logits, batch["labels"]), out.aux_loss
+    return summed_cross_entropy(out.logits, batch["labels"]), out.aux_loss.float()
 
 
-def _output_weight(model) -> torch.Tensor:
+def _output_weight(model) -> torch.Tensor | None:
+    """The model's output weight through DDP / compile wrappers; None for a model without one
+    (a pipeline stage), which then takes the plain path."""
     inner = model
-    while not hasattr(inner, "output_weight"):  # DDP / compile wrappers
-        inner = getattr(inner, "module", None) or inner._orig_mod
+    while not hasattr(inner, "output_weight"):
+        inner = getattr(inner, "module", None) or getattr(inner, "_orig_mod", None)
+        if inner is None:
+            return None
     return inner.output_weight()

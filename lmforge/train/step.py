@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lmforge.loss import IGNORE_INDEX, summed_cross_entropy
+from lmforge.loss import IGNORE_INDEX, language_model_loss, summed_cross_entropy
 from lmforge.parallel import clip_grad_norm, grad_sync
 
 
@@ -52,8 +52,16 @@ def loss_fn(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
     The swappable seam of a step: a fused linear+cross-entropy from hidden states, or a pipeline
     stage's loss, replaces this function and nothing else (autocast is already entered)."""
+    if "doc_ids" in batch or "position_ids" in batch:
+        return language_model_loss(model, batch, fused=False)
     out = model(batch["input_ids"])
     return summed_cross_entropy(out.logits, batch["labels"]), out.aux_loss.float()
+
+
+def fused_loss_fn(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """loss_fn through the fused, chunked linear + cross-entropy (train.fused_loss): the same
+    values without [tokens, vocab] logits; a tensor-parallel output layer falls back to loss_fn's."""
+    return language_model_loss(model, batch, fused=True)
 
 
 def accumulate_gradients(

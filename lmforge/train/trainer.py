@@ -21,6 +21,7 @@ import torch
 
 from lmforge.errors import ConfigError, DataError, LmforgeError
 from lmforge.parallel import build_parallel_model, init_distributed, load_full_state_dict, unwrap_model
+from lmforge.parallel.compile import compile_seconds
 from lmforge.train.checkpointer import Checkpointer
 from lmforge.train.evaluation import load_sample_tokenizer, validate, write_samples
 from lmforge.train.metrics import MetricsLogger, console_line, peak_memory_bytes
@@ -29,7 +30,14 @@ from lmforge.train.optim import build_optimizer
 from lmforge.train.schedule import build_schedule, total_steps
 from lmforge.train.signals import StopFlag
 from lmforge.train.state import TrainState
-from lmforge.train.step import TrainStep, autocast_context, make_scaler, seed_everything
+from lmforge.train.step import (
+    TrainStep,
+    autocast_context,
+    fused_loss_fn,
+    loss_fn,
+    make_scaler,
+    seed_everything,
+)
 from lmforge.weights.dtypes import compute_dtype
 from lmforge.weights.shapes import check_shapes, model_state_shapes, state_shapes
 
@@ -111,7 +119,8 @@ class _Trainer:
         self.total = total_steps(cfg, self.train_loader.samples_per_epoch)
         self.scheduler = build_schedule(self.optimizer, cfg.optim, self.total)
         self.train_step = TrainStep(
-            self.model, self.optimizer, self.scheduler, self.scaler, ctx, self.amp, cfg.optim.grad_clip
+            self.model, self.optimizer, self.scheduler, self.scaler, ctx, self.amp, cfg.optim.grad_clip,
+            loss=fused_loss_fn if cfg.train.fused_loss else loss_fn,
         )
         self.state = TrainState()
         ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
@@ -183,10 +192,14 @@ class _Trainer:
         cfg, state = self.cfg, self.state
         window = (time.perf_counter(), state.tokens, state.step)
         first_loss = last_loss = last_eval = None
+        compile_pending = cfg.parallel.compile
         while state.step < self.total:
             batches = [next(self.train_loader) for _ in range(cfg.train.grad_accum_steps)]
             result = self.train_step(batches)
             state.record_step(result.finite, self.tokens_per_step)
+            if compile_pending:  # the first step compiled the graphs: one line with the cost
+                compile_pending = False
+                self.logger.print(f"compile: {compile_seconds():.1f} s ({cfg.parallel.compile_mode})")
             self.logger.advance()
             last_step = state.step == self.total
             if state.step % cfg.log.interval == 0 or last_step:
