@@ -22,12 +22,19 @@ pytest.importorskip("accelerate")  # transformers' GGUF loader needs it
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 VOCAB = 320
 TEXT = "Hello world 12345, naïve café! Привет, мир 2024. 日本語のテキスト。 <|im_start|>user\n  x=3.14159"
-SCALING = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32)
+SCALING = RopeScaling(
+    factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32
+)
 
 
 def _corpus():
-    lines = ["Hello world 12345 the quick brown fox jumps", "Привет мир, как дела? 2024 год",
-             "日本語のテキストです。東京", "naïve café — ünïcödé 3.14159 x=42", "  indented\tcode()\n"]
+    lines = [
+        "Hello world 12345 the quick brown fox jumps",
+        "Привет мир, как дела? 2024 год",
+        "日本語のテキストです。東京",
+        "naïve café — ünïcödé 3.14159 x=42",
+        "  indented\tcode()\n",
+    ]
     return lines * 40
 
 
@@ -41,9 +48,20 @@ def tokenizer_dir(tmp_path_factory):
 
 
 def _model(qk_norm, kv_heads, tied, scaling, seed=0):
-    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=kv_heads,
-                      intermediate_size=80, max_position_embeddings=64, rope_theta=10000.0, norm_eps=1e-5,
-                      qk_norm=qk_norm, tie_embeddings=tied, rope_scaling=scaling)
+    cfg = ModelConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=kv_heads,
+        intermediate_size=80,
+        max_position_embeddings=64,
+        rope_theta=10000.0,
+        norm_eps=1e-5,
+        qk_norm=qk_norm,
+        tie_embeddings=tied,
+        rope_scaling=scaling,
+    )
     torch.manual_seed(seed)
     model = Transformer(cfg).eval()
     with torch.no_grad():  # norms away from 1 so a swapped or unused norm shows in the logits
@@ -61,8 +79,11 @@ def _hf_from_gguf(folder, name, cfg):
     if cfg.rope_scaling is not None:
         # transformers ignores llama.cpp's rope_freqs tensor; the scaling is checked against
         # llama.cpp's formula in test_rope_freqs_follow_llama_cpp instead.
-        kwargs["rope_parameters"] = {"rope_type": "llama3", "rope_theta": cfg.rope_theta,
-                                     **cfg.rope_scaling.model_dump()}
+        kwargs["rope_parameters"] = {
+            "rope_type": "llama3",
+            "rope_theta": cfg.rope_theta,
+            **cfg.rope_scaling.model_dump(),
+        }
     return transformers.AutoModelForCausalLM.from_pretrained(
         str(folder), gguf_file=name, dtype=torch.float32, **kwargs
     ).eval()
@@ -113,7 +134,8 @@ def test_rope_freqs_follow_llama_cpp(tmp_path, tokenizer_dir):
             want.append(s.factor)
         else:
             smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
-                s.high_freq_factor - s.low_freq_factor)
+                s.high_freq_factor - s.low_freq_factor
+            )
             want.append(1 / ((1 - smooth) / s.factor + smooth))
     np.testing.assert_allclose(np.asarray(freqs), np.asarray(want, dtype=np.float32), rtol=1e-6)
 
@@ -130,8 +152,13 @@ def test_half_exports_reimport_exactly(tmp_path, tokenizer_dir, dtype, torch_dty
 # Stated tolerances: worst relative Frobenius error of any weight tensor, and max logit error over
 # the logits' std, on this tiny random model. Measured: q8_0 0.0055 / 0.037, q5_1 0.038 / 0.24,
 # q5_0 0.044 / 0.30, q4_1 0.080 / 0.62, q4_0 0.089 / 0.57 (bounds ~1.4x that).
-QUANT_BOUNDS = {"q8_0": (0.008, 0.06), "q5_1": (0.055, 0.35), "q5_0": (0.062, 0.43),
-                "q4_1": (0.11, 0.87), "q4_0": (0.125, 0.8)}
+QUANT_BOUNDS = {
+    "q8_0": (0.008, 0.06),
+    "q5_1": (0.055, 0.35),
+    "q5_0": (0.062, 0.43),
+    "q4_1": (0.11, 0.87),
+    "q4_0": (0.125, 0.8),
+}
 
 
 @pytest.mark.parametrize("dtype", list(QUANT_BOUNDS))
@@ -159,19 +186,29 @@ def _train_split_tokenizer(folder, regex):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(regex), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 8, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB - 8,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(_corpus(), trainer=trainer)
     folder.mkdir()
     tok.save(str(folder / "tokenizer.json"))
-    config = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-              "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}
+    config = {
+        "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     return folder
 
@@ -186,7 +223,9 @@ def test_embedded_tokenizer_encodes_like_ours(tmp_path, tokenizer_dir, pre):
         src = _train_split_tokenizer(tmp_path / "src", LLAMA3_SPLIT if pre == "llama-bpe" else QWEN2_SPLIT)
     model, cfg = _model(False, 1, True, None)
     path = export_gguf(model, cfg, src, tmp_path / "m.gguf")
-    meta = {k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items() if k.startswith("tokenizer")}
+    meta = {
+        k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items() if k.startswith("tokenizer")
+    }
     assert meta["tokenizer.ggml.pre"] == pre and meta["tokenizer.ggml.model"] == "gpt2"
     assert meta["tokenizer.ggml.add_bos_token"] is True and meta["tokenizer.ggml.bos_token_id"] == 1
     assert len(meta["tokenizer.ggml.tokens"]) == VOCAB  # padded with llama.cpp's [PAD] fillers
@@ -222,8 +261,9 @@ def _write_hf_style_gguf(hf_model, arch, path, tok_dir, rope_freqs=None, raw=Non
     from lmforge.interop.gguf_vocab import gguf_vocab, write_vocab
 
     write_vocab(writer, gguf_vocab(tok_dir, c.vocab_size))
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN3,
-                                     c.num_hidden_layers)
+    names = gguf.get_tensor_name_map(
+        gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN3, c.num_hidden_layers
+    )
     if rope_freqs is not None:
         writer.add_tensor("rope_freqs.weight", rope_freqs)
     for name, value in hf_model.state_dict().items():
@@ -249,17 +289,37 @@ def _write_hf_style_gguf(hf_model, arch, path, tok_dir, rope_freqs=None, raw=Non
 def test_gguf_written_from_an_hf_model_imports_with_its_logits(tmp_path, tokenizer_dir, arch):
     from lmforge.interop.gguf_export import rope_factors
 
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
-                  rms_norm_eps=1e-6, tie_word_embeddings=False)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(3)
     freqs = None
     if arch == "llama":  # a Llama-3.1-style scaling given only as rope_freqs, as llama.cpp writes it
-        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        }
         hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, rope_parameters=rope))
-        probe = ModelConfig(hidden_size=16, num_heads=1, num_kv_heads=1, rope_theta=500000.0,
-                            rope_scaling=RopeScaling(factor=8.0, original_max_position_embeddings=8192))
+        probe = ModelConfig(
+            hidden_size=16,
+            num_heads=1,
+            num_kv_heads=1,
+            rope_theta=500000.0,
+            rope_scaling=RopeScaling(factor=8.0, original_max_position_embeddings=8192),
+        )
         freqs = rope_factors(probe).numpy()
     else:
         hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, rope_theta=1e6))
@@ -291,18 +351,30 @@ def _k_quant_bytes(rows, cols, kind, rng):
 def test_k_quant_tensors_are_dequantised_and_unpermuted(tmp_path, tokenizer_dir):
     from lmforge.interop.gguf_export import llama_unpermute
 
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=256, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=256,
+        intermediate_size=256,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     hf = transformers.LlamaForCausalLM(cfg).eval()
     rng = np.random.default_rng(0)
     q6k, q4k = gguf.GGMLQuantizationType.Q6_K, gguf.GGMLQuantizationType.Q4_K
-    raw = {"model.layers.0.self_attn.q_proj.weight": (_k_quant_bytes(256, 256, q6k, rng), q6k),
-           "model.layers.0.self_attn.k_proj.weight": (_k_quant_bytes(128, 256, q4k, rng), q4k),
-           "model.layers.0.mlp.down_proj.weight": (_k_quant_bytes(256, 256, q4k, rng), q4k)}
+    raw = {
+        "model.layers.0.self_attn.q_proj.weight": (_k_quant_bytes(256, 256, q6k, rng), q6k),
+        "model.layers.0.self_attn.k_proj.weight": (_k_quant_bytes(128, 256, q4k, rng), q4k),
+        "model.layers.0.mlp.down_proj.weight": (_k_quant_bytes(256, 256, q4k, rng), q4k),
+    }
     _write_hf_style_gguf(hf, "llama", tmp_path / "k.gguf", tokenizer_dir, raw=raw)
     state, _, _ = import_gguf(tmp_path / "k.gguf")
-    for ours, theirs, heads in (("attention.wq", "self_attn.q_proj", 4), ("attention.wk", "self_attn.k_proj", 2),
-                                ("feed_forward.w2", "mlp.down_proj", None)):
+    for ours, theirs, heads in (
+        ("attention.wq", "self_attn.q_proj", 4),
+        ("attention.wk", "self_attn.k_proj", 2),
+        ("feed_forward.w2", "mlp.down_proj", None),
+    ):
         data, kind = raw[f"model.layers.0.{theirs}.weight"]
         want = torch.from_numpy(gguf.quants.dequantize(data, kind).astype(np.float32))
         want = llama_unpermute(want, heads) if heads else want
@@ -339,3 +411,32 @@ def test_refusals_are_one_line(tmp_path, tokenizer_dir):
     writer.close()
     with pytest.raises(LmforgeError, match="architecture 'gpt2' is not supported"):
         import_gguf(tmp_path / "gpt2.gguf")
+
+
+def test_minimind_tokenizer_embeds_and_comes_back(tmp_path):
+    """MiniMind's own tokenizer (36 added tokens, ChatML template) through GGUF and back."""
+    from pathlib import Path
+
+    from lmforge.tokenizer import load_tokenizer
+
+    src = Path(__file__).resolve().parents[2] / "shared" / "reference" / "minimind" / "model"
+    if not (src / "tokenizer.json").is_file():
+        pytest.skip(f"MiniMind reference tokenizer not found at {src}")
+    cfg = ModelConfig(
+        vocab_size=6400,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        qk_norm=True,
+    )
+    path = export_gguf(Transformer(cfg), cfg, src, tmp_path / "mm.gguf", dtype="f16")
+    out = import_gguf_to_folder(path, tmp_path / "back")
+    text = "<|im_start|>user\n你好，世界！Hello 2025 年<|im_end|>\n<think>ok</think>"
+    ours, back = load_tokenizer(src), load_tokenizer(out)
+    assert back.encode(text) == ours.encode(text) and len(ours.encode(text)) > 10
+    assert (back.bos_id, back.eos_id, back.pad_id) == (ours.bos_id, ours.eos_id, ours.pad_id) == (1, 2, 0)
+    template = json.loads((src / "tokenizer_config.json").read_text())["chat_template"]
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == template

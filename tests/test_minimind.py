@@ -25,12 +25,21 @@ CASES = {
     # MiniMind's current defaults (hidden 768, 8 heads / 4 KV, FFN ceil(768*pi/64)*64 = 2432), 2 layers
     "default-dense": dict(num_hidden_layers=2),
     # MiniMind2-26M: 512 wide, 8 layers, 8 heads / 2 KV, FFN 1408, vocab 6400
-    "minimind2-26m": dict(hidden_size=512, num_hidden_layers=8, num_key_value_heads=2, intermediate_size=1408),
+    "minimind2-26m": dict(
+        hidden_size=512, num_hidden_layers=8, num_key_value_heads=2, intermediate_size=1408
+    ),
     # current MoE defaults: 4 experts, top-1, renormalised
     "default-moe": dict(num_hidden_layers=2, use_moe=True),
     # MiniMind2-MoE widths (640 wide, 8/2 heads, experts 1728 wide, top-2), 2 layers
-    "minimind2-moe": dict(hidden_size=640, num_hidden_layers=2, num_key_value_heads=2, intermediate_size=1728,
-                          use_moe=True, num_experts=4, num_experts_per_tok=2),
+    "minimind2-moe": dict(
+        hidden_size=640,
+        num_hidden_layers=2,
+        num_key_value_heads=2,
+        intermediate_size=1728,
+        use_moe=True,
+        num_experts=4,
+        num_experts_per_tok=2,
+    ),
 }
 
 
@@ -58,7 +67,9 @@ def test_import_matches_minimind_and_export_loads_strictly(tmp_path, case):
     _save_like_trainer(mm, tmp_path / "pretrain.pth")
     mm.config.save_pretrained(str(tmp_path / "cfg"))
     with_json = case.startswith("minimind2-moe")  # top_k 2 is only in config.json; shapes give the rest
-    state, cfg = import_minimind(tmp_path / "pretrain.pth", tmp_path / "cfg" / "config.json" if with_json else None)
+    state, cfg = import_minimind(
+        tmp_path / "pretrain.pth", tmp_path / "cfg" / "config.json" if with_json else None
+    )
     assert cfg.qk_norm and cfg.tie_embeddings and cfg.norm_eps == 1e-6 and cfg.rope_theta == 1e6
     assert (cfg.moe is not None) == bool(mm.config.use_moe)
     ours = Transformer(cfg).eval()
@@ -94,8 +105,15 @@ def test_moe_load_balancing_loss_matches_minimind(tmp_path):
 
 def test_untied_checkpoint_and_config_checks(tmp_path):
     torch.manual_seed(0)
-    mm = MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=1, vocab_size=300,
-                                            tie_word_embeddings=False, max_position_embeddings=64)).eval()
+    mm = MiniMindForCausalLM(
+        MiniMindConfig(
+            hidden_size=64,
+            num_hidden_layers=1,
+            vocab_size=300,
+            tie_word_embeddings=False,
+            max_position_embeddings=64,
+        )
+    ).eval()
     _save_like_trainer(mm, tmp_path / "p.pth")
     mm.config.save_pretrained(str(tmp_path / "cfg"))
     state, cfg = import_minimind(tmp_path / "p.pth", tmp_path / "cfg" / "config.json")
@@ -119,7 +137,10 @@ def test_untied_checkpoint_and_config_checks(tmp_path):
 def test_refusals(tmp_path):
     import argparse  # any class outside torch's weights-only allow-list stands for arbitrary code
 
-    torch.save({"model.embed_tokens.weight": torch.zeros(2, 2), "x": argparse.Namespace(a=1)}, str(tmp_path / "evil.pth"))
+    torch.save(
+        {"model.embed_tokens.weight": torch.zeros(2, 2), "x": argparse.Namespace(a=1)},
+        str(tmp_path / "evil.pth"),
+    )
     with pytest.raises(LmforgeError, match="not a weights-only MiniMind state dict"):
         import_minimind(tmp_path / "evil.pth")
     with pytest.raises(LmforgeError, match="no such file"):

@@ -26,8 +26,11 @@ from lmforge.errors import LmforgeError
 DTYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 # lmforge name -> llama.cpp name (per layer: the part after `layers.{i}.`)
-TOP_NAMES = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-             "output.weight": "output.weight"}
+TOP_NAMES = {
+    "tok_embeddings.weight": "token_embd.weight",
+    "norm.weight": "output_norm.weight",
+    "output.weight": "output.weight",
+}
 LAYER_NAMES = {
     "attention_norm.weight": "attn_norm.weight",
     "attention.wq.weight": "attn_q.weight",
@@ -64,7 +67,9 @@ def llama_unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
 def gguf_arch(cfg: ModelConfig) -> str:
     """`llama` or `qwen3`, or a one-line refusal naming what GGUF cannot hold."""
     if cfg.moe is not None:
-        raise LmforgeError("model.moe: GGUF export covers dense models only; export MoE models with --format hf")
+        raise LmforgeError(
+            "model.moe: GGUF export covers dense models only; export MoE models with --format hf"
+        )
     if cfg.attention_bias or cfg.mlp_bias:
         raise LmforgeError(
             "model.attention_bias/mlp_bias: llama.cpp's llama and qwen3 graphs have no such biases; "
@@ -160,16 +165,22 @@ def export_gguf(
 
     from lmforge.interop.gguf_vocab import gguf_vocab, write_vocab
 
-    dtype = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}.get(str(dtype).lower(), str(dtype).lower())
+    dtype = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}.get(
+        str(dtype).lower(), str(dtype).lower()
+    )
     if dtype not in DTYPES:
         raise LmforgeError(f"GGUF dtype '{dtype}' is not supported; use one of {', '.join(DTYPES)}")
-    out = Path(out_file)
-    if out.is_dir():
-        raise LmforgeError(f"{out}: is a folder; GGUF export writes one file, e.g. {out / 'model.gguf'}")
-    if out.exists() and not overwrite:
-        raise LmforgeError(f"{out}: already exists; choose a new file name or pass overwrite")
+    from lmforge.weights.outdir import check_output_file
+
+    if Path(out_file).is_dir():
+        raise LmforgeError(
+            f"{out_file}: is a folder; GGUF export writes one file, e.g. {Path(out_file) / 'model.gguf'}"
+        )
+    out = check_output_file(out_file, overwrite)
     if tokenizer is None:
-        raise LmforgeError("GGUF export needs the model's tokenizer (llama.cpp reads the vocabulary from the file)")
+        raise LmforgeError(
+            "GGUF export needs the model's tokenizer (llama.cpp reads the vocabulary from the file)"
+        )
     arch = gguf_arch(model_cfg)
     state = _state(model_or_state, model_cfg)
     vocab = gguf_vocab(tokenizer, model_cfg.vocab_size)

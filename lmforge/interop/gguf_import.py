@@ -8,8 +8,6 @@ is rebuilt as a `tokenizer.json` that splits text like llama.cpp's named pre-tok
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +79,9 @@ def _rope_scaling(meta: dict, freqs: torch.Tensor | None, head_dim: int, theta: 
     factor = float(freqs.max())
     for guess in KNOWN_LLAMA3_SCALINGS:
         scaling = RopeScaling(factor=factor, **guess)
-        probe = ModelConfig(hidden_size=head_dim, num_heads=1, num_kv_heads=1, rope_theta=theta,
-                            rope_scaling=scaling)
+        probe = ModelConfig(
+            hidden_size=head_dim, num_heads=1, num_kv_heads=1, rope_theta=theta, rope_scaling=scaling
+        )
         if torch.allclose(rope_factors(probe), freqs.float(), rtol=1e-5, atol=0):
             return scaling
     raise LmforgeError(
@@ -101,7 +100,9 @@ def _config(meta: dict, tensors: dict[str, torch.Tensor], source: str) -> ModelC
         return value
 
     if meta.get(f"{arch}.expert_count", 0):
-        raise LmforgeError(f"{source}: a mixture-of-experts GGUF ({arch}.expert_count); only dense models import")
+        raise LmforgeError(
+            f"{source}: a mixture-of-experts GGUF ({arch}.expert_count); only dense models import"
+        )
     embed = tensors["token_embd.weight"]
     hidden = key("embedding_length")
     heads = key("attention.head_count")
@@ -110,9 +111,13 @@ def _config(meta: dict, tensors: dict[str, torch.Tensor], source: str) -> ModelC
         raise LmforgeError(f"{source}: per-layer head counts are not supported (all layers must match)")
     head_dim = meta.get(f"{arch}.attention.key_length", hidden // heads)
     if meta.get(f"{arch}.attention.value_length", head_dim) != head_dim:
-        raise LmforgeError(f"{source}: key_length and value_length differ; lmforge attention needs them equal")
+        raise LmforgeError(
+            f"{source}: key_length and value_length differ; lmforge attention needs them equal"
+        )
     if meta.get(f"{arch}.rope.dimension_count", head_dim) != head_dim:
-        raise LmforgeError(f"{source}: partial rotary embeddings (rope.dimension_count < head_dim) are not supported")
+        raise LmforgeError(
+            f"{source}: partial rotary embeddings (rope.dimension_count < head_dim) are not supported"
+        )
     theta = float(key("rope.freq_base", 10000.0))
     scaling = _rope_scaling(meta, tensors.get("rope_freqs.weight"), head_dim, theta, source)
     fields = dict(
@@ -153,8 +158,8 @@ def import_gguf(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig,
     """(state dict with our names, ModelConfig, {tokenizer file name: text}) from a GGUF file."""
     from gguf import GGUFReader
 
-    from lmforge.interop.export import param_shapes
     from lmforge.interop.gguf_vocab import tokenizer_files_from_gguf
+    from lmforge.weights.shapes import config_shapes
 
     path = Path(path)
     source = str(path)
@@ -167,19 +172,23 @@ def import_gguf(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig,
     meta = read_metadata(reader)
     arch = meta.get("general.architecture")
     if arch not in ARCHES:
-        raise LmforgeError(f"{path}: architecture '{arch}' is not supported; lmforge imports {' and '.join(ARCHES)}")
+        raise LmforgeError(
+            f"{path}: architecture '{arch}' is not supported; lmforge imports {' and '.join(ARCHES)}"
+        )
     tensors = {t.name: _tensor(t, source) for t in reader.tensors}
     if "token_embd.weight" not in tensors:
         raise LmforgeError(f"{path}: no token_embd.weight tensor; the file is incomplete")
     cfg = _config(meta, tensors, source)
-    expected = param_shapes(cfg)
+    expected = config_shapes(cfg)
     state = {}
     for name, value in tensors.items():
         if name == "rope_freqs.weight":
             continue
         ours = _our_name(name)
         if ours is None or ours not in expected:
-            raise LmforgeError(f"{path}: tensor '{name}' has no place in an lmforge {arch} model (biases, MoE ...)")
+            raise LmforgeError(
+                f"{path}: tensor '{name}' has no place in an lmforge {arch} model (biases, MoE ...)"
+            )
         if arch == "llama" and ours.endswith("attention.wq.weight"):
             value = llama_unpermute(value, cfg.num_heads)
         elif arch == "llama" and ours.endswith("attention.wk.weight"):
@@ -197,37 +206,30 @@ def import_gguf(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig,
 
 
 def write_weights_folder(
-    state: dict[str, torch.Tensor], cfg: ModelConfig, files: dict[str, str], out: str | Path, overwrite: bool = False
+    state: dict[str, torch.Tensor],
+    cfg: ModelConfig,
+    files: dict[str, str],
+    out: str | Path,
+    overwrite: bool = False,
 ) -> Path:
-    """`out/` with model.safetensors, config.yaml and the given tokenizer files, as `lmforge export
-    --format safetensors` writes it (loadable by eval/generate/finetune/export); written to a
-    temp folder and renamed when complete."""
-    from safetensors.torch import save_file
+    """`out/` in lmforge's weights-folder form (model.safetensors + config.yaml + the given
+    tokenizer files), loadable by eval/generate/finetune/export; lmforge.weights owns the writing
+    (temp sibling, refuses a folder it did not write unless overwrite)."""
+    import tempfile
 
     from lmforge.config import config_for_model
+    from lmforge.weights.files import save_weights
 
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise LmforgeError(f"{out}: already exists and is not empty; choose a new folder or pass overwrite")
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "producer": "lmforge"})
+    with tempfile.TemporaryDirectory(prefix="lmforge-tok-") as tok_dir:
         for name, text in files.items():
-            (tmp / name).write_text(text, encoding="utf-8")
-        config_for_model(cfg).save(tmp / "config.yaml")  # last: a folder with it is complete
-        if out.exists():
-            old = out.with_name(f"{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+            (Path(tok_dir) / name).write_text(text, encoding="utf-8")
+        return save_weights(
+            state,
+            config_for_model(cfg),
+            out,
+            tokenizer_src=Path(tok_dir) if files else None,
+            overwrite=overwrite,
+        )
 
 
 def import_gguf_to_folder(path: str | Path, out: str | Path, overwrite: bool = False) -> Path:

@@ -54,7 +54,9 @@ def _pre_name(spec: dict, source: Path) -> str:
     """The llama.cpp pre-tokenizer name equivalent to this tokenizer.json, or a one-line refusal."""
     pre = spec.get("pre_tokenizer") or {}
     if spec.get("normalizer"):
-        raise LmforgeError(f"{source}: has a normalizer, which llama.cpp's BPE cannot apply; cannot export to GGUF")
+        raise LmforgeError(
+            f"{source}: has a normalizer, which llama.cpp's BPE cannot apply; cannot export to GGUF"
+        )
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
         return "gpt-2"
     steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
@@ -97,7 +99,9 @@ def gguf_vocab(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
         types[added["id"]] = CONTROL if added.get("special") else USER_DEFINED
     size = max(ids.values()) + 1
     if size > vocab_size:
-        raise LmforgeError(f"{path}: {size} tokens but the model has vocab_size {vocab_size}; pass its own tokenizer")
+        raise LmforgeError(
+            f"{path}: {size} tokens but the model has vocab_size {vocab_size}; pass its own tokenizer"
+        )
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]  # llama.cpp's filler for ids past the tokenizer
     token_types = [UNUSED] * vocab_size
     for tok, i in ids.items():
@@ -183,7 +187,9 @@ def tokenizer_files_from_gguf(meta: dict[str, Any], source: str) -> dict[str, st
             added = AddedToken(t, special=kind_id == CONTROL, normalized=False)
             tok.add_special_tokens([added]) if kind_id == CONTROL else tok.add_tokens([added])
             if tok.token_to_id(t) != i:
-                raise LmforgeError(f"{source}: token {i} {t!r} is duplicated or out of order in the vocabulary")
+                raise LmforgeError(
+                    f"{source}: token {i} {t!r} is duplicated or out of order in the vocabulary"
+                )
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),

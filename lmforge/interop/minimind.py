@@ -20,8 +20,8 @@ What differs from lmforge and how it is bridged (MiniMind commit d65ef2c, model/
 from __future__ import annotations
 
 import json
-import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +43,22 @@ _LAYER = {
 }
 _EXPERT = re.compile(r"feed_forward\.experts\.(\d+)\.(w[123])\.weight")
 _PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
-MINIMIND_DEFAULTS = {"rms_norm_eps": 1e-6, "rope_theta": 1e6, "max_position_embeddings": 32768,
-                     "num_experts_per_tok": 1, "norm_topk_prob": True, "router_aux_loss_coef": 5e-4}
+MINIMIND_DEFAULTS = {
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1e6,
+    "max_position_embeddings": 32768,
+    "num_experts_per_tok": 1,
+    "norm_topk_prob": True,
+    "router_aux_loss_coef": 5e-4,
+}
 
 
 def minimind_name(ours: str) -> str:
-    top = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-           "output.weight": "lm_head.weight"}
+    top = {
+        "tok_embeddings.weight": "model.embed_tokens.weight",
+        "norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight",
+    }
     if ours in top:
         return top[ours]
     m = re.fullmatch(r"layers\.(\d+)\.(.+)", ours)
@@ -92,17 +101,24 @@ def _read_config_json(path: str | Path | None) -> dict[str, Any]:
 
 def _infer_config(sd: dict[str, torch.Tensor], hf: dict[str, Any], source: str) -> ModelConfig:
     """Shapes give the sizes; config.json (or MiniMind's defaults) gives what shapes cannot."""
+
     def need(key: str) -> torch.Tensor:
         if key not in sd:
             raise LmforgeError(f"{source}: '{key}' is missing; not a MiniMind checkpoint")
         return sd[key]
 
     if hf.get("inference_rope_scaling") or hf.get("rope_scaling"):
-        raise LmforgeError(f"{source}: YaRN rope scaling (inference_rope_scaling) has no lmforge equivalent; turn it off")
+        raise LmforgeError(
+            f"{source}: YaRN rope scaling (inference_rope_scaling) has no lmforge equivalent; turn it off"
+        )
     if hf.get("hidden_act", "silu") != "silu":
-        raise LmforgeError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported; lmforge uses SwiGLU (silu)")
+        raise LmforgeError(
+            f"{source}: hidden_act {hf['hidden_act']!r} is not supported; lmforge uses SwiGLU (silu)"
+        )
     vocab, hidden = need("model.embed_tokens.weight").shape
-    layers = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"model\.layers\.(\d+)\.", k))), default=-1)
+    layers = 1 + max(
+        (int(m.group(1)) for k in sd if (m := re.match(r"model\.layers\.(\d+)\.", k))), default=-1
+    )
     if layers == 0:
         raise LmforgeError(f"{source}: no model.layers.* tensors; not a MiniMind checkpoint")
     head_dim = need("model.layers.0.self_attn.q_norm.weight").shape[0]
@@ -111,11 +127,18 @@ def _infer_config(sd: dict[str, torch.Tensor], hf: dict[str, Any], source: str) 
     moe = "model.layers.0.mlp.gate.weight" in sd
     defaults = {**MINIMIND_DEFAULTS, **hf}
     fields: dict[str, Any] = dict(
-        vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv,
         head_dim=None if hidden % heads == 0 and head_dim == hidden // heads else head_dim,
         max_position_embeddings=int(defaults["max_position_embeddings"]),
-        rope_theta=float(defaults["rope_theta"]), norm_eps=float(defaults["rms_norm_eps"]), qk_norm=True,
-        tie_embeddings="lm_head.weight" not in sd or torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"]),
+        rope_theta=float(defaults["rope_theta"]),
+        norm_eps=float(defaults["rms_norm_eps"]),
+        qk_norm=True,
+        tie_embeddings="lm_head.weight" not in sd
+        or torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"]),
         dropout=float(hf.get("dropout", 0.0)),
     )
     if moe:
@@ -123,13 +146,25 @@ def _infer_config(sd: dict[str, torch.Tensor], hf: dict[str, Any], source: str) 
         width = need("model.layers.0.mlp.experts.0.gate_proj.weight").shape[0]
         top_k = int(defaults["num_experts_per_tok"])
         fields["intermediate_size"] = int(hf.get("intermediate_size") or width)
-        fields["moe"] = dict(num_experts=experts, top_k=top_k, num_shared_experts=0,
-                             expert_intermediate_size=width, norm_topk_prob=bool(defaults["norm_topk_prob"]),
-                             aux_loss_coef=float(defaults["router_aux_loss_coef"]) * top_k)
+        fields["moe"] = dict(
+            num_experts=experts,
+            top_k=top_k,
+            num_shared_experts=0,
+            expert_intermediate_size=width,
+            norm_topk_prob=bool(defaults["norm_topk_prob"]),
+            aux_loss_coef=float(defaults["router_aux_loss_coef"]) * top_k,
+        )
     else:
         fields["intermediate_size"] = need("model.layers.0.mlp.gate_proj.weight").shape[0]
-    checks = {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
-              "num_key_value_heads": kv, "vocab_size": vocab, "head_dim": head_dim, "use_moe": moe}
+    checks = {
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "vocab_size": vocab,
+        "head_dim": head_dim,
+        "use_moe": moe,
+    }
     for key, got in checks.items():
         if key in hf and hf[key] != got:
             raise LmforgeError(f"{source}: config.json says {key}={hf[key]} but the weights have {got}")
@@ -141,12 +176,12 @@ def _infer_config(sd: dict[str, torch.Tensor], hf: dict[str, Any], source: str) 
 
 def import_minimind(pth: str | Path, config_json: str | Path | None = None):
     """(state dict with our names in float32, ModelConfig) from a MiniMind `.pth`."""
-    from lmforge.interop.export import param_shapes
+    from lmforge.weights.shapes import config_shapes
 
     path = Path(pth)
     sd = _load_pth(path)
     cfg = _infer_config(sd, _read_config_json(config_json), str(path))
-    expected = param_shapes(cfg)
+    expected = config_shapes(cfg)
     state = {}
     used = set()
     for ours, shape in expected.items():
@@ -154,14 +189,18 @@ def import_minimind(pth: str | Path, config_json: str | Path | None = None):
         if theirs not in sd:
             raise LmforgeError(f"{path}: '{theirs}' is missing (layers must all have the same layout)")
         if tuple(sd[theirs].shape) != tuple(shape):
-            raise LmforgeError(f"{path}: '{theirs}' has shape {tuple(sd[theirs].shape)}, expected {tuple(shape)}")
+            raise LmforgeError(
+                f"{path}: '{theirs}' has shape {tuple(sd[theirs].shape)}, expected {tuple(shape)}"
+            )
         state[ours] = sd[theirs].float()
         used.add(theirs)
     if cfg.tie_embeddings:
         used.add("lm_head.weight")
     extra = sorted(set(sd) - used)
     if extra:
-        raise LmforgeError(f"{path}: tensor '{extra[0]}' ({len(extra)} in all) has no place in the inferred model")
+        raise LmforgeError(
+            f"{path}: tensor '{extra[0]}' ({len(extra)} in all) has no place in the inferred model"
+        )
     return state, cfg
 
 
@@ -170,76 +209,97 @@ def minimind_config(cfg: ModelConfig, bos_id: int | None = 1, eos_id: int | None
     from lmforge.model.layers import resolve_intermediate_size
 
     if not cfg.qk_norm:
-        raise LmforgeError("model.qk_norm=false: MiniMind's attention always applies QK-norm; export --format hf instead")
+        raise LmforgeError(
+            "model.qk_norm=false: MiniMind's attention always applies QK-norm; export --format hf instead"
+        )
     if cfg.attention_bias or cfg.mlp_bias:
-        raise LmforgeError("model.attention_bias/mlp_bias: MiniMind has no biases; export --format hf instead")
+        raise LmforgeError(
+            "model.attention_bias/mlp_bias: MiniMind has no biases; export --format hf instead"
+        )
     if cfg.rope_scaling is not None:
         raise LmforgeError("model.rope_scaling: MiniMind only has YaRN; export without Llama-3 rope scaling")
     out: dict[str, Any] = {
-        "model_type": "minimind", "architectures": ["MiniMindForCausalLM"],
-        "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers, "vocab_size": cfg.vocab_size,
-        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.resolved_head_dim, "intermediate_size": resolve_intermediate_size(cfg),
-        "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
-        "dropout": cfg.dropout, "flash_attn": True, "inference_rope_scaling": False,
-        "bos_token_id": bos_id, "eos_token_id": eos_id, "use_moe": cfg.moe is not None,
+        "model_type": "minimind",
+        "architectures": ["MiniMindForCausalLM"],
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "vocab_size": cfg.vocab_size,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.resolved_head_dim,
+        "intermediate_size": resolve_intermediate_size(cfg),
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu",
+        "dropout": cfg.dropout,
+        "flash_attn": True,
+        "inference_rope_scaling": False,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "use_moe": cfg.moe is not None,
     }
     if cfg.moe is not None:
         if cfg.moe.num_shared_experts:
-            raise LmforgeError("model.moe.num_shared_experts: this MiniMind has no shared experts; set it to 0")
+            raise LmforgeError(
+                "model.moe.num_shared_experts: this MiniMind has no shared experts; set it to 0"
+            )
         from lmforge.model.moe import expert_intermediate_size
 
-        out.update(num_experts=cfg.moe.num_experts, num_experts_per_tok=cfg.moe.top_k,
-                   moe_intermediate_size=expert_intermediate_size(cfg), norm_topk_prob=cfg.moe.norm_topk_prob,
-                   router_aux_loss_coef=cfg.moe.aux_loss_coef / cfg.moe.top_k)
+        out.update(
+            num_experts=cfg.moe.num_experts,
+            num_experts_per_tok=cfg.moe.top_k,
+            moe_intermediate_size=expert_intermediate_size(cfg),
+            norm_topk_prob=cfg.moe.norm_topk_prob,
+            router_aux_loss_coef=cfg.moe.aux_loss_coef / cfg.moe.top_k,
+        )
     return out
 
 
 def export_minimind(
-    model_or_state: Any, model_cfg: ModelConfig, out_dir: str | Path, *, weight: str = "pretrain",
-    dtype: str | torch.dtype = "float16", tokenizer: Any = None, overwrite: bool = False,
+    model_or_state: Any,
+    model_cfg: ModelConfig,
+    out_dir: str | Path,
+    *,
+    weight: str = "pretrain",
+    dtype: str | torch.dtype = "float16",
+    tokenizer: Any = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write `out_dir/{weight}_{hidden}[_moe].pth` (the name MiniMind's `init_model` looks for,
     fp16 by default like its trainer) and `config.json`, plus tokenizer files when given.
     MiniMindForCausalLM loads the .pth with strict=True."""
-    from lmforge.interop.export import _plain_state, check_state, resolve_dtype
+    from lmforge.interop.export import _plain_state, check_state
+    from lmforge.weights.dtypes import resolve_dtype
+    from lmforge.weights.outdir import check_output_dir, output_dir
 
     hf = minimind_config(model_cfg)
     target = resolve_dtype(dtype)
     state = check_state(_plain_state(model_or_state), model_cfg)
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise LmforgeError(f"{out}: already exists and is not empty; choose a new folder or pass overwrite")
+    check_output_dir(out_dir, overwrite)
     theirs = {minimind_name(k): v.detach().cpu().to(target or v.dtype).clone() for k, v in state.items()}
     if model_cfg.tie_embeddings:
         theirs["lm_head.weight"] = theirs["model.embed_tokens.weight"]  # one tensor, both names (as MiniMind)
     name = f"{weight}_{model_cfg.hidden_size}{'_moe' if model_cfg.moe else ''}.pth"
-    out.mkdir(parents=True, exist_ok=True)
-    files = {name: None, "config.json": json.dumps(hf, indent=2) + "\n"}
-    if tokenizer is not None:
-        from lmforge.interop.gguf_vocab import tokenizer_json_path
+    with output_dir(out_dir, overwrite, kind="minimind") as tmp:
+        torch.save(theirs, str(tmp / name))
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
+        if tokenizer is not None:
+            from lmforge.interop.gguf_vocab import tokenizer_json_path
 
-        src = tokenizer_json_path(tokenizer).parent
-        for extra in ("tokenizer.json", "tokenizer_config.json"):
-            if (src / extra).is_file():
-                files[extra] = (src / extra).read_text(encoding="utf-8")
-    for fname, text in files.items():
-        tmp = out / f"{fname}.tmp-{os.getpid()}"
-        try:
-            if text is None:
-                torch.save(theirs, str(tmp))
-            else:
-                tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, out / fname)
-        finally:
-            tmp.unlink(missing_ok=True)
-    return out / name
-
+            src = tokenizer_json_path(tokenizer).parent
+            for extra in ("tokenizer.json", "tokenizer_config.json"):
+                if (src / extra).is_file():
+                    shutil.copy2(src / extra, tmp / extra)
+    return Path(out_dir).resolve() / name
 
 
 def import_minimind_to_folder(
-    pth: str | Path, out: str | Path, config_json: str | Path | None = None, tokenizer: Any = None,
+    pth: str | Path,
+    out: str | Path,
+    config_json: str | Path | None = None,
+    tokenizer: Any = None,
     overwrite: bool = False,
 ) -> Path:
     """`lmforge import --minimind FILE.pth --out DIR`: lmforge weights + config.yaml, with the
@@ -252,6 +312,9 @@ def import_minimind_to_folder(
         from lmforge.interop.gguf_vocab import tokenizer_json_path
 
         src = tokenizer_json_path(tokenizer).parent
-        files = {n: (src / n).read_text(encoding="utf-8") for n in ("tokenizer.json", "tokenizer_config.json")
-                 if (src / n).is_file()}
+        files = {
+            n: (src / n).read_text(encoding="utf-8")
+            for n in ("tokenizer.json", "tokenizer_config.json")
+            if (src / n).is_file()
+        }
     return write_weights_folder(state, cfg, files, out, overwrite)
