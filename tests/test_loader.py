@@ -155,7 +155,8 @@ def test_padded_mode_masks_exactly_the_padding(tmp_path):
         x, y = b["input_ids"][i], b["labels"][i]
         real = min(n, SEQ + 1)
         expect = np.full(SEQ + 1, 7)
-        expect[:real] = docs[i][:real]
+        # A long document keeps its last token (eos) after truncation, as MiniMind's PretrainDataset.
+        expect[:real] = docs[i] if n <= SEQ + 1 else np.concatenate((docs[i][:SEQ], docs[i][-1:]))
         assert x.tolist() == expect[:-1].tolist()
         assert y[: real - 1].tolist() == expect[1:real].tolist()  # every real target is trained on
         assert (y[real - 1 :] == IGNORE_INDEX).all()  # and exactly the padding is not

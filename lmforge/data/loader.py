@@ -30,6 +30,7 @@ from lmforge.errors import DataError
 from lmforge.loss import IGNORE_INDEX
 
 STATE_VERSION = 1
+PAD_MULTIPLE = 8  # padded batches are trimmed to a multiple of this (bounds torch.compile's shapes)
 
 
 class _Source:
@@ -49,7 +50,7 @@ class _Source:
                 )
         else:
             self.samples = ds.num_docs
-            longest = int(ds.doc_lengths().max()) if ds.num_docs else 0
+            longest = ds.max_doc_length()
             if longest < seq_len:
                 raise DataError(
                     f"{where}: data.seq_len {seq_len} is longer than every document (longest {longest} "
@@ -64,8 +65,21 @@ class _Source:
         if self.mode == "packed":
             start = i * self.seq_len
             return self.ds.tokens(start, start + n), n
-        doc = self.ds.doc(i)[:n]
+        doc = self.ds.doc(i)
+        if len(doc) > n:  # as MiniMind's PretrainDataset: bos + the first n-2 tokens + eos
+            doc = np.concatenate((doc[: n - 1], doc[-1:]))
         return doc, len(doc)
+
+    def doc_layout(self, i: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """(doc_ids, position_ids) [width] of sample i's inputs: the document index within the
+        window (from the shard indexes; nondecreasing from 0) and the position within it."""
+        steps = np.arange(width, dtype=np.int64)
+        if self.mode != "packed":
+            return np.zeros(width, dtype=np.int64), steps
+        start = i * self.seq_len
+        inside = self.ds.doc_starts(start, start + width) - start
+        doc_ids = np.searchsorted(inside, steps, side="right")
+        return doc_ids, steps - np.concatenate(([0], inside))[doc_ids]
 
     def order(self, epoch: int, seed: int, index: int, shuffle: bool) -> np.ndarray | None:
         if not shuffle:
@@ -100,8 +114,11 @@ class _BatchMaker:
     """Builds rank-local batches from global positions; shared with the prefetch thread (which
     must not hold the DataLoader itself, so that a dropped loader is collected and closed)."""
 
-    def __init__(self, sources: list[_Source], micro_batch_size: int, dp_rank: int, dp_size: int, pin: bool):
+    def __init__(
+        self, sources: list[_Source], micro_batch_size: int, dp_rank: int, dp_size: int, pin: bool, layout=(False, False)
+    ):
         self.sources, self.pin = sources, pin
+        self.document_mask, self.reset_positions = layout
         self.micro_batch_size, self.dp_rank = micro_batch_size, dp_rank
         self.global_batch_size = micro_batch_size * dp_size
         self.seq_len = sources[0].seq_len
@@ -140,20 +157,29 @@ class _BatchMaker:
     def make(self, taken: list[int]) -> dict[str, torch.Tensor]:
         rows = self.global_rows(taken)
         lo = self.dp_rank * self.micro_batch_size
-        n = self.seq_len + 1
-        data = np.empty((self.micro_batch_size, n), dtype=np.int64)
-        no_loss = np.zeros((self.micro_batch_size, self.seq_len), dtype=bool)
-        for b, (d, i) in enumerate(rows[lo : lo + self.micro_batch_size]):
-            src = self.sources[d]
-            tokens, length = src.sample(i)
+        mine = rows[lo : lo + self.micro_batch_size]
+        samples = [self.sources[d].sample(i) for d, i in mine]
+        width = self.seq_len
+        if self.sources[0].mode == "padded":  # trim to the longest sample (multiple of 8: few shapes)
+            longest = max(length for _, length in samples) - 1
+            width = min(self.seq_len, max(PAD_MULTIPLE, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE))
+        data = np.empty((len(mine), width + 1), dtype=np.int64)
+        no_loss = np.zeros((len(mine), width), dtype=bool)
+        for b, ((d, _), (tokens, length)) in enumerate(zip(mine, samples)):
             data[b, :length] = tokens
-            if length < n:  # padded mode: targets from position length-1 on are padding
-                data[b, length:] = src.pad_id
+            if length < width + 1:  # padded mode: targets from position length-1 on are padding
+                data[b, length:] = self.sources[d].pad_id
                 no_loss[b, max(length - 1, 0) :] = True
         x = torch.from_numpy(data)
         labels = x[:, 1:].clone()
         labels[torch.from_numpy(no_loss)] = IGNORE_INDEX
         batch = {"input_ids": x[:, :-1].contiguous(), "labels": labels}
+        if self.document_mask or self.reset_positions:
+            layouts = [self.sources[d].doc_layout(i, width) for d, i in mine]
+            if self.document_mask:
+                batch["doc_ids"] = torch.from_numpy(np.stack([a for a, _ in layouts]))
+            if self.reset_positions:
+                batch["position_ids"] = torch.from_numpy(np.stack([p for _, p in layouts]))
         if self.pin:
             batch = {k: v.pin_memory() for k, v in batch.items()}
         return batch
@@ -193,6 +219,8 @@ class DataLoader:
         prefetch: int,
         pin_memory: bool,
         max_batches: int | None = None,
+        document_mask: bool = False,
+        reset_positions: bool = False,
     ):
         if not 0 <= dp_rank < dp_size or micro_batch_size < 1:
             raise ValueError(f"bad rank layout: rank {dp_rank} of {dp_size}, micro batch {micro_batch_size}")
@@ -201,7 +229,8 @@ class DataLoader:
         self.global_batch_size = micro_batch_size * dp_size
         self.seq_len, self.mode = sources[0].seq_len, sources[0].mode
         self.pin = pin_memory and device.type == "cuda" and torch.cuda.is_available()
-        self._maker = _BatchMaker(sources, micro_batch_size, dp_rank, dp_size, self.pin)
+        layout = (document_mask, reset_positions)
+        self._maker = _BatchMaker(sources, micro_batch_size, dp_rank, dp_size, self.pin, layout)
         self._maker.seed, self._maker.shuffle = int(seed), shuffle
         self.samples_per_epoch = sum(s.samples for s in sources)
         self._taken = [0] * len(sources)  # state after the last batch handed out
@@ -383,6 +412,8 @@ def build_loader(
         shuffle=data_cfg.shuffle and train,
         prefetch=data_cfg.prefetch,
         pin_memory=data_cfg.pin_memory,
+        document_mask=getattr(data_cfg, "document_mask", False),
+        reset_positions=getattr(data_cfg, "reset_positions", False),
     )
     if not train:
         loader.max_batches = loader.num_batches

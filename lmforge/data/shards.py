@@ -33,6 +33,7 @@ import itertools
 import json
 import os
 from array import array
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,8 @@ DEFAULT_SHARD_TOKENS = 100_000_000
 # size and index checks only (hash them with `TokenDataset.verify()` or `lmforge prepare --verify`).
 HASH_ON_OPEN_BYTES = 64 * 1024 * 1024
 _FLUSH_TOKENS = 1 << 20
+EAGER_SHARDS = 64  # splits with at most this many shards are fully checked at open
+MAX_OPEN_SHARDS = 256  # memory maps kept open at once (file descriptors, page tables)
 _HASH_CHUNK = 8 * 1024 * 1024
 
 
@@ -305,17 +308,25 @@ class TokenDataset:
 
     `ds.num_tokens`, `ds.num_docs`, `ds.tokens(start, stop)` (global token positions, may span
     shards; returns a new array of the shard dtype), `ds.doc(i)` (a view of document i with its
-    bos/eos), `ds.doc_lengths()` (int64 per document), `ds.meta` (the parsed meta.json),
+    bos/eos), `ds.doc_starts(start, stop)` (global positions of the documents that start inside
+    (start, stop)), `ds.doc_lengths()` (int64 per document), `ds.max_doc_length()`, `ds.meta`,
     `ds.bos_id`, `ds.eos_id`, `ds.pad_id`, `ds.verify()` (hash every file against meta.json).
+
+    Opening reads meta.json only (the one index: each shard's tokens and documents); a shard's
+    files are checked and memory-mapped when a sample first touches them, and at most
+    `MAX_OPEN_SHARDS` stay open, so thousands of shards cost neither time nor memory up front.
+    Splits of up to `EAGER_SHARDS` shards are checked completely at open.
     """
 
-    def __init__(self, folder: Path, split: str, meta: dict[str, Any], bins: list, indexes: list):
+    def __init__(self, folder: Path, split: str, meta: dict[str, Any], shards: list, hash_bins: bool):
         self.folder, self.split, self.meta = folder, split, meta
         self.dtype = DTYPES[meta["dtype"]]
-        self._bins, self._indexes = bins, indexes
+        self._shards = [s for s in shards if int(s["tokens"])]
+        self._hash_bins = hash_bins
+        self._open: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         # Python ints and bisect: per-sample lookups are hot in the loader, numpy scalars are slow.
-        self._token_starts = list(itertools.accumulate([len(b) for b in bins], initial=0))
-        self._doc_starts = list(itertools.accumulate([len(i) - 1 for i in indexes], initial=0))
+        self._token_starts = list(itertools.accumulate([int(s["tokens"]) for s in self._shards], initial=0))
+        self._doc_starts = list(itertools.accumulate([int(s["docs"]) for s in self._shards], initial=0))
         self.num_tokens, self.num_docs = self._token_starts[-1], self._doc_starts[-1]
         self.bos_id, self.eos_id, self.pad_id = (meta.get(k) for k in ("bos_id", "eos_id", "pad_id"))
 
@@ -329,8 +340,9 @@ class TokenDataset:
     ) -> TokenDataset:
         """Open and check a split: meta.json present and of this format version, tokenizer
         fingerprint equal to `expect_fingerprint` (when given), the model's `vocab_size` (when
-        given) covering the tokenizer's vocab and every stored id, each shard's file size and
-        index consistent with meta.json, and (splits up to 64 MiB) the sha256 of every file."""
+        given) covering the tokenizer's vocab and every stored id; each shard's file size and
+        index are checked against meta.json (at open for small splits, else at first use), and
+        the sha256 of every file when the split is at most 64 MiB."""
         folder = Path(folder)
         meta = read_meta(folder)
         meta_path = folder / META_NAME
@@ -346,8 +358,13 @@ class TokenDataset:
             )
         info = meta["splits"][split]
         shards = info.get("shards", []) if isinstance(info, dict) else None
-        if not isinstance(shards, list):
+        if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
             raise DataError(f"{meta_path}: split '{split}' has no shard list; re-run lmforge prepare")
+        for s in shards:
+            try:
+                int(s["tokens"]), int(s["docs"]), s["file"], s["index"]
+            except (KeyError, TypeError, ValueError):
+                raise DataError(f"{meta_path}: malformed shard entry {s!r}; re-run lmforge prepare") from None
         if vocab_size is not None:
             data_vocab = int(meta.get("vocab_size") or 0)
             max_id = max([int(s.get("max_id", -1)) for s in shards] + [-1])
@@ -357,14 +374,24 @@ class TokenDataset:
                     f"(tokenizer vocab {data_vocab}, largest id {max_id}); raise model.vocab_size to at least {max(data_vocab, max_id + 1)}"
                 )
         dtype = DTYPES[meta["dtype"]]
-        total_bytes = sum(int(s.get("tokens", 0)) * dtype.itemsize for s in shards)
-        bins, indexes = [], []
-        for s in shards:
-            b, i = _open_shard(folder, s, dtype, hash_bin=total_bytes <= HASH_ON_OPEN_BYTES)
-            if len(b):
-                bins.append(b)
-                indexes.append(i)
-        return cls(folder, split, meta, bins, indexes)
+        hash_bins = sum(int(s["tokens"]) for s in shards) * dtype.itemsize <= HASH_ON_OPEN_BYTES
+        ds = cls(folder, split, meta, shards, hash_bins)
+        if len(shards) <= EAGER_SHARDS:
+            for s in shards:
+                _open_shard(folder, s, dtype, hash_bin=hash_bins)
+        return ds
+
+    def _shard(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens memmap, offsets) of shard k, checked and mapped on first use (LRU-bounded)."""
+        got = self._open.get(k)
+        if got is None:
+            got = _open_shard(self.folder, self._shards[k], self.dtype, hash_bin=self._hash_bins)
+            self._open[k] = got
+            if len(self._open) > MAX_OPEN_SHARDS:
+                self._open.popitem(last=False)
+        else:
+            self._open.move_to_end(k)
+        return got
 
     def _locate(self, starts: list[int], i: int, n: int, what: str) -> int:
         if not 0 <= i < n:
@@ -380,27 +407,47 @@ class TokenDataset:
         k = self._locate(self._token_starts, start, self.num_tokens, "token")
         base = self._token_starts[k]
         if stop <= self._token_starts[k + 1]:
-            return np.array(self._bins[k][start - base : stop - base])
+            return np.array(self._shard(k)[0][start - base : stop - base])
         parts = []
         while start < stop:
             base, end = self._token_starts[k], self._token_starts[k + 1]
             take = min(stop, end)
-            parts.append(self._bins[k][start - base : take - base])
+            parts.append(self._shard(k)[0][start - base : take - base])
             start, k = take, k + 1
         return np.concatenate(parts)
+
+    def doc_starts(self, start: int, stop: int) -> np.ndarray:
+        """Global positions p of document starts with start < p < stop (int64, increasing)."""
+        if stop - start < 2:
+            return np.empty(0, dtype=np.int64)
+        k = self._locate(self._token_starts, start, self.num_tokens, "token")
+        found = []
+        while k < len(self._shards) and self._token_starts[k] < stop:
+            base = self._token_starts[k]
+            offsets = self._shard(k)[1][:-1] + base  # every shard starts a document
+            lo, hi = np.searchsorted(offsets, [start + 1, stop])
+            found.append(offsets[lo:hi])
+            k += 1
+        return np.concatenate(found).astype(np.int64, copy=False)
 
     def doc(self, i: int) -> np.ndarray:
         """Document i (a read-only view, bos/eos included)."""
         k = self._locate(self._doc_starts, i, self.num_docs, "document")
         j = i - self._doc_starts[k]
-        idx = self._indexes[k]
-        return self._bins[k][int(idx[j]) : int(idx[j + 1])]
+        tokens, idx = self._shard(k)
+        return tokens[int(idx[j]) : int(idx[j + 1])]
 
     def doc_lengths(self) -> np.ndarray:
-        """Length in tokens of every document, in order (int64)."""
-        if not self._indexes:
+        """Length in tokens of every document, in order (int64; reads every index)."""
+        if not self._shards:
             return np.empty(0, dtype=np.int64)
-        return np.concatenate([np.diff(i) for i in self._indexes])
+        return np.concatenate([np.diff(self._shard(k)[1]) for k in range(len(self._shards))])
+
+    def max_doc_length(self) -> int:
+        """The longest document (from meta.json when prepare recorded it, else from the indexes)."""
+        if all("max_doc" in s for s in self._shards):
+            return max((int(s["max_doc"]) for s in self._shards), default=0)
+        return int(self.doc_lengths().max()) if self.num_docs else 0
 
     def verify(self) -> None:
         """Hash every .bin and .idx of the split and compare with meta.json; DataError on mismatch."""
