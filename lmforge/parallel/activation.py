@@ -57,7 +57,9 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 1) 
     """Checkpoint `model.layers` per `mode` ("none", "full", "selective")."""
     if mode == "none":
         return
-    for i, block in enumerate(model.layers):
+    from lmforge.parallel.tensor_parallel import blocks_of
+
+    for i, block in enumerate(blocks_of(model)):
         if mode == "full" and i % every:
             continue
         block.forward = _checkpointed_forward(block.forward, selective=mode == "selective")

@@ -45,21 +45,21 @@ def _init_weights(model: nn.Module, seed: int, device: torch.device) -> None:
             model.init_weights()
 
 
-def build_parallel_model(cfg, ctx: ParallelContext) -> nn.Module:
-    """The model for training under `cfg.parallel`, materialised on `ctx.device` and initialised."""
-    from lmforge.model import Transformer
+def shard_module(model: nn.Module, cfg, ctx: ParallelContext, local_logits: bool = False) -> bool:
+    """TP -> AC -> compile per block -> FSDP2 on a meta model or pipeline stage, in place.
+    Returns whether parameters are offloaded to host memory."""
+    from lmforge.parallel.tensor_parallel import blocks_of
 
     shape = ctx.shape
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
     if shape.tp > 1:
         from lmforge.parallel.tensor_parallel import apply_tensor_parallel
 
-        apply_tensor_parallel(model, ctx.mesh["tp"], cfg)
+        apply_tensor_parallel(model, ctx.mesh["tp"], cfg, local_logits=local_logits)
     apply_activation_checkpointing(model, cfg.parallel.activation_checkpoint, cfg.parallel.ac_every)
     if cfg.parallel.compile:
-        for block in model.layers:
-            block.compile()  # in place: parameter names stay `layers.{i}....`
+        from lmforge.parallel.compile import apply_compile
+
+        apply_compile(model, blocks_of(model), cfg.parallel.compile_mode)
     if cfg.parallel.cpu_offload and not shape.uses_fsdp:
         raise ConfigError(
             f"parallel.cpu_offload: offloading needs FSDP sharding (strategy is {shape.strategy}); "
@@ -70,6 +70,22 @@ def build_parallel_model(cfg, ctx: ParallelContext) -> nn.Module:
     offload = cfg.parallel.cpu_offload and ctx.device.type == "cuda"
     if shape.uses_fsdp:
         apply_fsdp(model, ctx, cfg.parallel, offload)
+    return offload
+
+
+def build_parallel_model(cfg, ctx: ParallelContext) -> nn.Module:
+    """The model for training under `cfg.parallel`, materialised on `ctx.device` and initialised.
+    With `parallel.pp > 1` it is this rank's `pipeline.PipelineModel` (its stages' layers)."""
+    from lmforge.model import Transformer
+
+    shape = ctx.shape
+    if shape.pp > 1:
+        from lmforge.parallel.pipeline import build_pipeline_model
+
+        return build_pipeline_model(cfg, ctx)
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    offload = shard_module(model, cfg, ctx)
     init_device = torch.device("cpu") if offload else ctx.device
     model.to_empty(device=init_device)
     _init_weights(model, _init_seed(cfg.run.seed, ctx), ctx.device)
@@ -107,8 +123,11 @@ def apply_fsdp(model: nn.Module, ctx: ParallelContext, pcfg, offload: bool = Fal
     }
     if offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
-    last = len(model.layers) - 1
-    for i, block in enumerate(model.layers):
+    from lmforge.parallel.tensor_parallel import blocks_of
+
+    blocks = blocks_of(model)
+    last = len(blocks) - 1
+    for i, block in enumerate(blocks):
         # The last block's parameters are needed again at the start of backward; keeping them
         # gathered saves one all-gather per step.
         fully_shard(block, reshard_after_forward=i < last, **kwargs)
@@ -146,7 +165,12 @@ def grad_sync(model: nn.Module, enabled: bool = True):
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     """Clip the global gradient norm to `max_norm` and return the norm before clipping as a plain
-    tensor; `max_norm <= 0` only measures. Sharded (DTensor) gradients are reduced across ranks."""
+    tensor; `max_norm <= 0` only measures. Sharded (DTensor) gradients are reduced across ranks,
+    and a pipeline's norm covers all of its stages."""
+    if getattr(model, "is_pipeline", False):
+        from lmforge.parallel.pipeline_step import pipeline_clip_grad_norm
+
+        return pipeline_clip_grad_norm(model, max_norm, model.ctx)
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
         return torch.zeros(())
@@ -189,6 +213,9 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], from_
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     module = unwrap_model(model)
+    if getattr(module, "is_pipeline", False):  # a pipeline rank holds only its stages' tensors
+        own = module.state_dict().keys()
+        state = {k: v for k, v in state.items() if k in own}
     if not _has_dtensor(module):
         module.load_state_dict(state)
         return

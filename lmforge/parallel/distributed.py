@@ -30,7 +30,8 @@ class ParallelContext:
     shape: MeshShape = field(default_factory=MeshShape)
     mesh: object | None = None  # torch.distributed.device_mesh.DeviceMesh when a group exists
     backend: str | None = None  # None: no process group
-    dp_group: object | None = None  # process group over data-parallel ranks (same tp rank)
+    dp_group: object | None = None  # process group over data-parallel ranks (same pp and tp rank)
+    pp_group: object | None = None  # process group over the pipeline stages (same dp and tp rank)
 
     @property
     def dp_size(self) -> int:
@@ -38,9 +39,17 @@ class ParallelContext:
 
     @property
     def dp_rank(self) -> int:
-        # Mesh layout is (dp_replicate, dp_shard, tp) in row-major order, so ranks that share
-        # a tensor-parallel group are consecutive and the dp index is rank // tp.
-        return self.rank // self.shape.tp
+        # Mesh layout is (pp, dp_replicate, dp_shard, tp) in row-major order, so ranks that share
+        # a tensor-parallel group are consecutive and the dp index is (rank // tp) % dp_size.
+        return (self.rank // self.shape.tp) % self.shape.dp_size
+
+    @property
+    def pp_size(self) -> int:
+        return self.shape.pp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.shape.dp_size * self.shape.tp)
 
     @property
     def tp_size(self) -> int:
@@ -58,8 +67,9 @@ class ParallelContext:
     def distributed(self) -> bool:
         return self.backend is not None and self.world_size > 1
 
-    # Reductions run over the data-parallel ranks: tensor-parallel ranks of one dp group hold the
-    # same batch, so their losses and token counts are already equal and must not be counted twice.
+    # Reductions run over the data-parallel ranks: tensor-parallel (and pipeline) ranks of one dp
+    # group hold the same batch, so their token counts are already equal and must not be counted
+    # twice. (A pipeline's loss lives on its last stage; pipeline.py shares it along the stages.)
     def _all_reduce(self, tensor: torch.Tensor, op) -> torch.Tensor:
         if not self.distributed or self.dp_size == 1:
             return tensor
@@ -97,6 +107,7 @@ class ParallelContext:
         self.backend = None
         self.mesh = None
         self.dp_group = None
+        self.pp_group = None
 
 
 def _env_int(name: str, default: int) -> int:
@@ -151,14 +162,18 @@ def _restart_safe_store(world_size: int):
 
 
 def _dp_group(shape: MeshShape, rank: int, world_size: int):
-    """The group of ranks with the same tensor-parallel index (every rank must create every group)."""
-    if shape.tp == 1:
+    """The group of ranks with the same pipeline stage and tensor-parallel index (every rank must
+    create every group, in the same order)."""
+    if shape.tp == 1 and shape.pp == 1:
         return dist.group.WORLD
+    per_stage = shape.dp_size * shape.tp
     mine = None
-    for t in range(shape.tp):
-        group = dist.new_group(ranks=list(range(t, world_size, shape.tp)))
-        if rank % shape.tp == t:
-            mine = group
+    for p in range(shape.pp):
+        for t in range(shape.tp):
+            ranks = [p * per_stage + d * shape.tp + t for d in range(shape.dp_size)]
+            group = dist.new_group(ranks=ranks)
+            if rank in ranks:
+                mine = group
     return mine
 
 
@@ -200,8 +215,8 @@ def init_distributed(cfg) -> ParallelContext:
 
     mesh = init_device_mesh(
         device.type,
-        (shape.dp_replicate, shape.dp_shard, shape.tp),
-        mesh_dim_names=("dp_replicate", "dp_shard", "tp"),
+        (shape.pp, shape.dp_replicate, shape.dp_shard, shape.tp),
+        mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"),
     )
     return ParallelContext(
         rank=rank,
@@ -212,4 +227,5 @@ def init_distributed(cfg) -> ParallelContext:
         mesh=mesh,
         backend=backend,
         dp_group=_dp_group(shape, rank, world_size),
+        pp_group=mesh["pp"].get_group() if shape.pp > 1 else None,
     )

@@ -1,9 +1,12 @@
-"""Resolve `parallel.strategy` and the dp_replicate x dp_shard x tp sizes against the world size.
+"""Resolve `parallel.strategy` and the pp x dp_replicate x dp_shard x tp sizes against the world size.
 
-The mesh is always three-dimensional, `("dp_replicate", "dp_shard", "tp")`, with size-1 axes for
-what a strategy does not use. Strategies:
+The mesh is always four-dimensional, `("pp", "dp_replicate", "dp_shard", "tp")`, with size-1 axes
+for what a layout does not use. Pipeline parallel is outermost (stages exchange only activations,
+so they can sit on different nodes) and tensor parallel innermost (consecutive ranks, one node).
+`parallel.pp` divides the world first; the strategy then resolves its axes against the rest.
+Strategies (per pipeline stage):
 
-    single   one process, no process group                 1 x 1 x 1
+    single   no data parallel (one process, or pp alone)    1 x 1 x 1
     ddp      replicate only (DistributedDataParallel)      W x 1 x 1   (dp_replicate defaults to W)
     fsdp     shard only (FSDP2 fully_shard)                1 x W x 1
     hsdp     replicate x shard (FSDP2 on a 2-D mesh)       R x S x 1
@@ -25,6 +28,7 @@ class MeshShape:
     dp_replicate: int = 1
     dp_shard: int = 1
     tp: int = 1
+    pp: int = 1
 
     @property
     def dp_size(self) -> int:
@@ -32,7 +36,7 @@ class MeshShape:
 
     @property
     def world_size(self) -> int:
-        return self.dp_size * self.tp
+        return self.pp * self.dp_size * self.tp
 
     @property
     def uses_fsdp(self) -> bool:
@@ -72,6 +76,17 @@ def _fill(sizes: dict[str, int], world_size: int) -> dict[str, int]:
 
 def resolve_mesh_shape(pcfg, world_size: int) -> MeshShape:
     """Mesh sizes for `pcfg` (ParallelConfig) at `world_size` processes; ConfigError when they disagree."""
+    pp = getattr(pcfg, "pp", 1)
+    if world_size % pp:
+        raise ConfigError(
+            f"parallel.pp: {pp} pipeline stages do not divide WORLD_SIZE {world_size}; "
+            "make the number of processes a multiple of parallel.pp"
+        )
+    shape = _resolve_per_stage(pcfg, world_size // pp)
+    return MeshShape(shape.strategy, shape.dp_replicate, shape.dp_shard, shape.tp, pp)
+
+
+def _resolve_per_stage(pcfg, world_size: int) -> MeshShape:
     s = pcfg.strategy
     if pcfg.tp > 1 and s != "fsdp+tp":
         raise ConfigError(
@@ -81,7 +96,7 @@ def resolve_mesh_shape(pcfg, world_size: int) -> MeshShape:
     if s == "single":
         if world_size != 1:
             raise ConfigError(
-                f"parallel.strategy: single but WORLD_SIZE is {world_size}; "
+                f"parallel.strategy: single but WORLD_SIZE / parallel.pp is {world_size}; "
                 "set parallel.strategy to ddp, fsdp, hsdp or fsdp+tp for multi-process runs"
             )
         return MeshShape("single", 1, 1, 1)

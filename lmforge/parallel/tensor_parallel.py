@@ -15,12 +15,21 @@ sums are reduce-scattered to sequence shards); the final norm is sequence parall
 projection is column-wise over the vocabulary and its logits are all-gathered to a full
 [B, T, vocab] tensor on every rank (Replicate). So the trainer computes its ordinary loss on plain
 logits and needs no change; the price is one all-gather of B*T*V logits per micro-step and every
-rank holding the full logits (vocab-parallel loss with `loss_parallel()` would avoid both).
+rank holding the full logits. `parallel.loss_parallel` avoids both: the logits stay sharded over
+the vocabulary (a DTensor `Shard(-1)`, or this rank's local slice for a pipeline stage) and the
+cross-entropy runs under torch's `loss_parallel()` (see `loss_context`), which only exchanges
+[B, T] statistics (max, sum of exponentials, target logit).
 Tied embeddings share the row-sharded table: the final norm's output is replicated, the logits
 `F.linear(h, table)` come out vocab-sharded, and a forward hook on the root gathers them.
+
+The same plan applies to a pipeline stage module (`pipeline.py`), which holds only some of
+`tok_embeddings`, `layers`, `norm` and `output`; the residual stream between stages is the local
+sequence slice, so stages exchange [B, T/tp, hidden] tensors.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 from torch import nn
 
@@ -54,15 +63,39 @@ def check_tp_divisibility(cfg, tp: int) -> None:
 def _gather_logits(module, args, output):
     from torch.distributed.tensor import DTensor, Replicate
 
-    logits = output.logits
+    logits = output if isinstance(output, DTensor) else getattr(output, "logits", None)
     if isinstance(logits, DTensor):
         logits = logits.redistribute(placements=[Replicate()]).to_local()
-        return output._replace(logits=logits)
+        return logits if isinstance(output, DTensor) else output._replace(logits=logits)
     return output
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh, cfg) -> None:
-    """Shard `model` (on any device, meta included) over the 1-D `tp_mesh` in place."""
+def _local_logits(module, args, output):
+    from torch.distributed.tensor import DTensor
+
+    return output.to_local() if isinstance(output, DTensor) else output
+
+
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a model (ModuleList) or pipeline stage (ModuleDict by layer id)."""
+    layers = model.layers
+    return list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
+
+
+def loss_context(enabled: bool):
+    """torch's vocab-parallel cross-entropy for DTensor logits sharded on the vocabulary; the
+    forward AND backward of the loss must run inside it."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    return loss_parallel()
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh, cfg, local_logits: bool = False) -> None:
+    """Shard `model` (on any device, meta included) over the 1-D `tp_mesh` in place. With
+    `parallel.loss_parallel` the logits stay vocab-sharded: a DTensor, or with `local_logits`
+    this rank's plain [B, T, V/tp] slice (what a pipeline stage hands its loss function)."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
@@ -74,15 +107,26 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, cfg) -> None:
     )
 
     check_tp_divisibility(cfg, tp_mesh.size())
-    tied = model.output is None
-    top = {
-        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
-        "norm": SequenceParallel(),
-    }
-    if tied:
+    vocab_parallel = bool(getattr(cfg.parallel, "loss_parallel", False))
+    has = {name: getattr(model, name, None) is not None for name in ("tok_embeddings", "norm", "output")}
+    tied = not has["output"] and model.cfg.tie_embeddings
+    top = {}
+    if has["tok_embeddings"]:
+        top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
+    if has["norm"]:
+        top["norm"] = SequenceParallel()
+    if has["output"]:
+        logits_layout = Shard(-1) if vocab_parallel else Replicate()
+        top["output"] = ColwiseParallel(
+            input_layouts=Shard(1),
+            output_layouts=logits_layout,
+            use_local_output=local_logits or not vocab_parallel,
+        )
+    if top:
+        parallelize_module(model, tp_mesh, top)
+    if tied and has["norm"]:
         # Logits are F.linear(h, tok_embeddings.weight) in the model's forward: a replicated h
         # times the vocab-sharded table gives vocab-sharded logits with no communication.
-        parallelize_module(model, tp_mesh, top)
         parallelize_module(
             model.norm,
             tp_mesh,
@@ -90,15 +134,13 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, cfg) -> None:
                 output_layouts=Shard(1), desired_output_layouts=Replicate(), use_local_output=False
             ),
         )
-        model.register_forward_hook(_gather_logits)
-    else:
-        top["output"] = ColwiseParallel(
-            input_layouts=Shard(1), output_layouts=Replicate(), use_local_output=True
-        )
-        parallelize_module(model, tp_mesh, top)
+        if not vocab_parallel:
+            model.register_forward_hook(_gather_logits)
+        elif local_logits:
+            model.register_forward_hook(_local_logits)
 
     none = (None, None, None, None)  # cos, sin, kv_cache, start_pos pass through untouched
-    for block in model.layers:
+    for block in blocks_of(model):
         plan = {
             "attention_norm": SequenceParallel(),
             "attention": PrepareModuleInput(
