@@ -4,9 +4,8 @@ fetch the `demo` corpus -> train a 6,400-token BPE -> prepare shards (2 workers)
 freshly initialised model's validation perplexity -> pretrain with configs/demo.yaml -> measure
 it again -> generate from three prompts -> export a Hugging Face folder -> print a table.
 
-The run config lives in `configs/demo.yaml` (the single source when the repository is present);
-an installed package without the repository uses `EMBEDDED_CONFIG` below, which
-tests/test_demo.py keeps identical to the YAML.
+The run config is `lmforge/configs/demo.yaml`, shipped as package data (configs/demo.yaml in the
+repository is a link to it).
 """
 
 from __future__ import annotations
@@ -20,42 +19,9 @@ import torch
 
 from lmforge.errors import LmforgeError
 
-DEMO_YAML = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-EMBEDDED_CONFIG = {
-    "run": {"name": "train", "seed": 1337},
-    "model": {
-        "vocab_size": 6400,
-        "hidden_size": 128,
-        "num_layers": 4,
-        "num_heads": 4,
-        "num_kv_heads": 2,
-        "max_position_embeddings": 512,
-        "rope_theta": 10000.0,
-        "tie_embeddings": True,
-    },
-    "data": {"seq_len": 128, "mode": "packed"},
-    "optim": {
-        "lr": 0.006,
-        "min_lr_ratio": 0.1,
-        "schedule": "cosine",
-        "warmup_steps": 30,
-        "weight_decay": 0.1,
-    },
-    "train": {
-        "global_batch_size": 16,
-        "grad_accum_steps": 1,
-        "max_steps": 500,
-        "eval_interval": 0,
-        "eval_batches": 8,
-        "dtype": "float32",
-        "device": "cpu",
-        "resume": "never",
-        "sample_prompts": ["The history of", "To be, or not to be", "中国"],
-        "sample_max_new_tokens": 32,
-    },
-    "checkpoint": {"interval": 0, "keep": 1, "export_dtype": "float32"},
-    "log": {"interval": 20, "progress": False, "tensorboard": False, "plots": True},
-}
+# Package data (pyproject's package-data), so an installed lmforge has it; configs/demo.yaml in the
+# repository links to this file.
+DEMO_YAML = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 # --quick (tests): a tiny model for a few steps on whatever small corpus is given.
 QUICK_OVERRIDES = {
     "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2},
@@ -71,12 +37,10 @@ EVAL_MAX_BATCHES = 40
 
 
 def demo_config_tree() -> dict:
-    """configs/demo.yaml when the repository is present, else the embedded copy."""
-    import copy
-
+    """The demo's run config as a tree, read from the packaged YAML."""
     from lmforge.config import load_yaml
 
-    return load_yaml(DEMO_YAML) if DEMO_YAML.is_file() else copy.deepcopy(EMBEDDED_CONFIG)
+    return load_yaml(DEMO_YAML)
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -86,6 +50,13 @@ def _merge(base: dict, extra: dict) -> dict:
         else:
             base[key] = value
     return base
+
+
+def _is_run_folder(path: Path) -> bool:
+    """A folder the trainer wrote: its resolved config.yaml beside metrics or checkpoints."""
+    return (path / "config.yaml").is_file() and any(
+        (path / n).exists() for n in ("metrics.jsonl", "checkpoints")
+    )
 
 
 def _say(text: str) -> None:
@@ -112,6 +83,11 @@ def run_demo(
 
     t_start = time.perf_counter()
     out = Path(out_dir)
+    run_dir = out / demo_config_tree()["run"]["name"]
+    if run_dir.is_dir() and not _is_run_folder(run_dir):  # checked first: before any work
+        raise LmforgeError(
+            f"{run_dir}: exists and is not an lmforge run folder; the demo would replace it, so pass another --out"
+        )
     out.mkdir(parents=True, exist_ok=True)
     if inputs:
         missing = [p for p in inputs if not Path(p).exists()]
@@ -147,11 +123,9 @@ def run_demo(
         "data": {"train": [str(data_dir)]},
         "train": {"max_steps": max_steps} if max_steps else {},
     }
-    cfg = config_from_dict(
-        _merge(tree, overrides), str(DEMO_YAML) if DEMO_YAML.is_file() else "<demo config>"
-    )
+    cfg = config_from_dict(_merge(tree, overrides), str(DEMO_YAML))
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
-    if run_dir.is_dir():  # the demo always trains from scratch; this folder is its own output
+    if run_dir.is_dir():  # the demo always trains from scratch, in a run folder it wrote itself
         shutil.rmtree(run_dir)
 
     val = TokenDataset.open(data_dir, split="val", expect_fingerprint=tokenizer.fingerprint)

@@ -1,15 +1,19 @@
-"""The demo pipeline end to end on a small local corpus (no network), and its config's two copies."""
+"""The demo pipeline end to end on a small local corpus (no network), and its packaged config."""
 
 from __future__ import annotations
 
 import json
 import random
 import re
+from pathlib import Path
 
 import pytest
 
+import lmforge
+from lmforge import demo
 from lmforge.config import load_yaml
-from lmforge.demo import DEMO_YAML, EMBEDDED_CONFIG, format_table, run_demo
+from lmforge.demo import DEMO_YAML, demo_config_tree, format_table, run_demo
+from lmforge.errors import LmforgeError
 
 WORDS = [
     "the",
@@ -70,8 +74,21 @@ def write_corpus(path, docs=400, seed=0):
             f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
 
 
-def test_embedded_config_matches_yaml():
-    assert load_yaml(DEMO_YAML) == EMBEDDED_CONFIG
+def test_demo_config_is_the_packaged_yaml_and_the_repository_links_to_it():
+    assert DEMO_YAML.is_relative_to(Path(lmforge.__file__).parent)  # package data: installs have it
+    assert demo_config_tree() == load_yaml(DEMO_YAML) and demo_config_tree()["model"]["vocab_size"] == 6400
+    repo_copy = Path(lmforge.__file__).parents[1] / "configs" / "demo.yaml"
+    assert repo_copy.resolve() == DEMO_YAML.resolve()  # one file, not two copies
+    assert not hasattr(demo, "EMBEDDED_CONFIG")
+
+
+def test_demo_refuses_to_replace_a_run_folder_it_did_not_write(tmp_path):
+    mine = tmp_path / "demo" / "train"
+    mine.mkdir(parents=True)
+    (mine / "thesis.tex").write_text("years of work")
+    with pytest.raises(LmforgeError, match="not an lmforge run folder"):
+        run_demo(out_dir=tmp_path / "demo", inputs=[str(tmp_path / "missing.txt")], quick=True)
+    assert (mine / "thesis.tex").read_text() == "years of work"
 
 
 def test_demo_end_to_end(tmp_path, capsys):
@@ -92,7 +109,10 @@ def test_demo_end_to_end(tmp_path, capsys):
 
     transformers = pytest.importorskip("transformers")
     model = transformers.AutoModelForCausalLM.from_pretrained(paths["hf_export"])
-    assert model.config.vocab_size == EMBEDDED_CONFIG["model"]["vocab_size"] or model.config.vocab_size > 256
+    assert (
+        model.config.vocab_size == load_yaml(DEMO_YAML)["model"]["vocab_size"]
+        or model.config.vocab_size > 256
+    )
     tok = transformers.AutoTokenizer.from_pretrained(paths["hf_export"])
     assert tok.decode(tok.encode("the river", add_special_tokens=False)) == "the river"
 

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 from test_train_utils import reaped_popen, run_reaped
-
-from lmforge.parallel.toyjob import reference_losses
+from toyjob import reference_losses
 
 LAUNCH = Path(__file__).resolve().parents[1] / "scripts" / "launch.sh"
 STEPS = 5
@@ -43,7 +42,7 @@ def _env(**extra) -> dict:
 
 def _job(tmp: Path, *flags: str) -> str:
     return (
-        f"python -m lmforge.parallel.toyjob --out {tmp}/out.json --ckpt {tmp}/ckpt --steps {STEPS} "
+        f"python {Path(__file__).parent / 'toyjob.py'} --out {tmp}/out.json --ckpt {tmp}/ckpt --steps {STEPS} "
         + " ".join(flags)
     )
 

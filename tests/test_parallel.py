@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from parity import fixed_batches, run_scenario, tiny_tree
 
 from lmforge.config import config_from_dict
 from lmforge.errors import ConfigError
@@ -18,7 +19,6 @@ from lmforge.parallel import (
     resolve_mesh_shape,
     unwrap_model,
 )
-from lmforge.parallel.parity import fixed_batches, run_scenario, tiny_tree
 from lmforge.parallel.tensor_parallel import check_tp_divisibility
 
 TINY = tiny_tree()

@@ -15,15 +15,16 @@ import json
 import os
 import socket
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from parity import run_scenario, tiny_tree
 from safetensors.torch import save_file
 from test_train_utils import run_reaped
 
 from lmforge.config import config_from_dict
 from lmforge.model import Transformer
-from lmforge.parallel.parity import run_scenario, tiny_tree
 
 RTOL = 1e-5
 UNTIED = {"tie_embeddings": False, "qk_norm": True}
@@ -43,7 +44,7 @@ def _torchrun(nproc: int, spec: dict, path) -> dict:
     path.write_text(json.dumps(spec))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
-    cmd += [f"--master-port={_free_port()}", "-m", "lmforge.parallel.parity", str(path)]
+    cmd += [f"--master-port={_free_port()}", str(Path(__file__).parent / "parity.py"), str(path)]
     proc = run_reaped(cmd, env=env, timeout=300)  # the workers die with it, also on a timeout
     assert proc.returncode == 0, proc.stderr[-4000:]
     with open(spec["out"]) as f:

@@ -5,7 +5,7 @@ step uses one global batch of `global_batch` sequences; data-parallel rank r tak
 [r*b, (r+1)*b) and tensor-parallel ranks of one group take the same rows. The logged loss is the
 mean over data-parallel ranks, which equals the one-process loss of the whole global batch.
 
-Run as `python -m torch.distributed.run --nproc-per-node N -m lmforge.parallel.parity SPEC.json`,
+Run as `python -m torch.distributed.run --nproc-per-node N tests/parity.py SPEC.json`,
 where SPEC.json lists scenarios (see `run_spec`); results are written as JSON by rank 0.
 """
 

@@ -1,7 +1,7 @@
 """A tiny restartable training job for launcher tests: the parity loop plus a sharded checkpoint
 after every step, resumed from the newest one when torchrun restarts the workers.
 
-    python -m lmforge.parallel.toyjob --out losses.json --ckpt DIR [--steps 6] [--strategy ddp]
+    python tests/toyjob.py --out losses.json --ckpt DIR [--steps 6] [--strategy ddp]
         [--kill-at STEP]   # rank 0 SIGKILLs itself before that step, on the first attempt only
 
 Rank 0 prints `step N loss X` and writes {"losses": [...], "restarts": k, "world_size": W} to --out.
@@ -16,12 +16,7 @@ import signal
 from pathlib import Path
 
 import torch
-
-from lmforge.config import config_from_dict
-from lmforge.model import Transformer
-from lmforge.parallel.apply import build_parallel_model, load_full_state_dict
-from lmforge.parallel.distributed import init_distributed
-from lmforge.parallel.parity import (
+from parity import (
     fixed_batches,
     load_sharded,
     make_optimizer,
@@ -29,6 +24,11 @@ from lmforge.parallel.parity import (
     tiny_tree,
     train_steps,
 )
+
+from lmforge.config import config_from_dict
+from lmforge.model import Transformer
+from lmforge.parallel.apply import build_parallel_model, load_full_state_dict
+from lmforge.parallel.distributed import init_distributed
 
 TINY = tiny_tree()
 
