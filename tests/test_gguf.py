@@ -440,3 +440,25 @@ def test_minimind_tokenizer_embeds_and_comes_back(tmp_path):
     assert (back.bos_id, back.eos_id, back.pad_id) == (ours.bos_id, ours.eos_id, ours.pad_id) == (1, 2, 0)
     template = json.loads((src / "tokenizer_config.json").read_text())["chat_template"]
     assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == template
+
+
+def test_imported_folder_is_ready_for_eval_generate_and_export(tmp_path, tokenizer_dir):
+    from lmforge.infer.loading import find_tokenizer, load_model_for_inference, load_weights
+    from lmforge.tokenizer import load_tokenizer
+
+    model, cfg = _model(False, 4, False, SCALING)
+    first = export_gguf(model, cfg, tokenizer_dir, tmp_path / "m.gguf")
+    out = import_gguf_to_folder(first, tmp_path / "weights")
+    loaded, cfg_back, tok = load_model_for_inference(out)
+    assert cfg_back == cfg and tok.encode(TEXT) == load_tokenizer(tokenizer_dir).encode(TEXT)
+    ids = torch.randint(0, VOCAB, (1, 30), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    with pytest.raises(LmforgeError, match="not empty"):
+        import_gguf_to_folder(first, out)
+    # ... and exports back to the same GGUF tensors.
+    state, run_cfg, folder = load_weights(out)
+    again = export_gguf(state, run_cfg.model, find_tokenizer(folder, run_cfg), tmp_path / "again.gguf")
+    a, b = gguf.GGUFReader(str(first)), gguf.GGUFReader(str(again))
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    assert all(np.array_equal(x.data, y.data) for x, y in zip(a.tensors, b.tensors))

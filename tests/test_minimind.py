@@ -151,3 +151,21 @@ def test_refusals(tmp_path):
     with pytest.raises(LmforgeError, match="always applies QK-norm"):
         export_minimind(Transformer(plain), plain, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_imported_folder_generates_like_minimind(tmp_path):
+    from lmforge.infer.generate import generate
+    from lmforge.infer.loading import load_model_for_inference
+    from lmforge.interop import import_minimind_to_folder
+
+    mm = _minimind("default-dense")
+    _save_like_trainer(mm, tmp_path / "pretrain_768.pth")
+    out = import_minimind_to_folder(
+        tmp_path / "pretrain_768.pth", tmp_path / "w", tokenizer=MINIMIND / "model"
+    )
+    model, _, tok = load_model_for_inference(out)
+    prompt = [tok.bos_id, *tok.encode("你好，MiniMind")]
+    ours = generate(model, prompt, max_new_tokens=8, temperature=0.0)
+    with torch.no_grad():
+        theirs = mm.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None)
+    assert ours == theirs[0, len(prompt) :].tolist()

@@ -46,6 +46,15 @@ LAYER_NAMES = {
 }
 
 
+def require_gguf():
+    """The gguf package, or one line saying how to install it (it is an optional extra)."""
+    try:
+        import gguf
+    except ImportError:
+        raise LmforgeError("GGUF export/import needs the gguf package: pip install 'lmforge[gguf]'") from None
+    return gguf
+
+
 def gguf_name(ours: str) -> str:
     if ours in TOP_NAMES:
         return TOP_NAMES[ours]
@@ -161,9 +170,9 @@ def export_gguf(
     """Write `out_file` (.gguf) for llama.cpp: weights (f32/f16/bf16/q8_0/...), hyperparameters and the
     tokenizer (a folder/tokenizer.json/loaded tokenizer; required: llama.cpp needs a vocabulary).
     Everything is checked before writing; the file appears only when complete."""
-    from gguf import GGUFWriter
-
     from lmforge.interop.gguf_vocab import gguf_vocab, write_vocab
+
+    GGUFWriter = require_gguf().GGUFWriter
 
     dtype = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}.get(
         str(dtype).lower(), str(dtype).lower()

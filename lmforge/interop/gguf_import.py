@@ -16,7 +16,7 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
-from lmforge.interop.gguf_export import LAYER_NAMES, ROPE_KEYS, TOP_NAMES, llama_unpermute
+from lmforge.interop.gguf_export import LAYER_NAMES, ROPE_KEYS, TOP_NAMES, llama_unpermute, require_gguf
 
 ARCHES = ("llama", "qwen3")
 # Llama-3.x scalings seen in published GGUFs that carry only `rope_freqs` (no parameters).
@@ -156,11 +156,10 @@ def _our_name(gguf: str) -> str | None:
 
 def import_gguf(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig, dict[str, str]]:
     """(state dict with our names, ModelConfig, {tokenizer file name: text}) from a GGUF file."""
-    from gguf import GGUFReader
-
     from lmforge.interop.gguf_vocab import tokenizer_files_from_gguf
     from lmforge.weights.shapes import config_shapes
 
+    GGUFReader = require_gguf().GGUFReader
     path = Path(path)
     source = str(path)
     if not path.is_file():
