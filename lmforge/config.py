@@ -125,7 +125,6 @@ class CheckpointConfig(Section):
     keep: int = Field(3, ge=1)
     dir: str | None = None  # default runs/<name>/checkpoints
     export_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    async_save: bool = False
 
 
 class ParallelConfig(Section):

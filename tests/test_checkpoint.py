@@ -157,3 +157,9 @@ def test_consolidate_and_export_weights(tmp_path):
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         files.consolidate(tmp_path / "exp", tmp_path / "x.safetensors")
     assert json.loads((tmp_path / "ck" / "step_3" / "state.json").read_text())["world_size"] == 1
+
+
+def test_a_config_key_that_did_nothing_is_gone():
+    """checkpoint.async_save was accepted and ignored; it is now an unknown key, one line."""
+    with pytest.raises(CheckpointError.__mro__[1], match=r"run.yaml: checkpoint.async_save: unknown key"):
+        config_from_dict({"checkpoint": {"async_save": True}}, "run.yaml")
