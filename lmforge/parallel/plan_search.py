@@ -263,6 +263,8 @@ def _explain(o: Option, best: Option, limit_gib: float) -> str:
     if not o.fits:
         return f"needs {_gib(c['total'])} GiB > {limit_gib:g} even with AC {o.layout.ac} at micro batch {o.layout.micro_batch}"
     slower = c["step_time_s"] / best.cost["step_time_s"]
+    if slower < 1.005:
+        return f"fits ({_gib(c['total'])} GiB) and is as fast as the best ({c['step_time_s']:.1f} s/step)"
     parts = [f"compute {c['compute_time_s']:.1f} s"]
     for key, name in (
         ("bubble", "bubble"),
