@@ -16,8 +16,8 @@ LAYERS = [
     {"model"},  # the model: may import lmforge.errors and lmforge.model.* alone
     {"config", "mindformers"},  # run configs (MindFormers' YAML is translated into ours)
     {"tokenizer", "data"},
+    {"weights"},  # on-disk formats and the dtype table: below everything that reads or writes weights
     {"parallel"},
-    {"weights"},  # on-disk formats: below everything that reads or writes weights
     {"interop"},
     {"infer"},
     {"train"},

@@ -22,10 +22,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from lmforge.config import Config, config_for_model, config_from_dict
+from lmforge.config import Config, config_from_dict
 from lmforge.errors import CheckpointError
 from lmforge.model import Transformer
-from lmforge.parallel import full_state_dict
 from lmforge.weights.checkpoint import quiet_single_process, read_state, resolve_checkpoint_dir
 from lmforge.weights.outdir import check_output_file, output_dir
 from lmforge.weights.safe_meta import tensor_shapes
@@ -109,15 +108,3 @@ def consolidate(
     if str(out).endswith(".safetensors"):
         return write_weights_file(sd, cfg, out, dtype, overwrite)
     return save_weights(sd, cfg, out, dtype, tokenizer_src, overwrite)
-
-
-def export_weights(
-    model, path: str | Path, dtype="bfloat16", model_cfg: dict | None = None, run_cfg: dict | None = None
-):
-    """The file form from a live (possibly sharded) model: all ranks call it (gathering is
-    collective), rank 0 writes and gets the path. `run_cfg` (the full config) wins over `model_cfg`."""
-    state = full_state_dict(model, cpu_offload=True)
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
-        return None
-    cfg = config_from_dict(run_cfg, "<run config>") if run_cfg is not None else config_for_model(model_cfg)
-    return write_weights_file(state, cfg, path, dtype, overwrite=True)
