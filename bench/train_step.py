@@ -24,7 +24,7 @@ from lmforge.parallel import build_parallel_model, clip_grad_norm, init_distribu
 from lmforge.train.metrics import fmt_count, peak_memory_bytes
 from lmforge.train.mfu import model_flops_per_token, peak_flops
 from lmforge.train.optim import build_optimizer
-from lmforge.train.step import accumulate_gradients, autocast_context, make_scaler
+from lmforge.train.step import accumulate_gradients, autocast_context, fused_loss_fn, loss_fn, make_scaler
 from lmforge.weights.dtypes import compute_dtype as resolve_dtype
 
 
@@ -53,7 +53,8 @@ def bench(cfg, steps: int, warmup: int) -> dict:
     for i in range(warmup + steps):
         _sync(ctx.device)
         start = time.perf_counter()
-        accumulate_gradients(model, batches, ctx, amp, scaler)
+        loss = fused_loss_fn if cfg.train.fused_loss else loss_fn
+        accumulate_gradients(model, batches, ctx, amp, scaler, loss)
         if scaler is not None:
             scaler.unscale_(optimizer)
         clip_grad_norm(model, cfg.optim.grad_clip)
@@ -84,6 +85,8 @@ def bench(cfg, steps: int, warmup: int) -> dict:
         "mfu": fpt * tokens_per_s / (peak * ctx.world_size) if peak else None,
         "peak_mem": peak_memory_bytes(ctx.device),
         "torch": torch.__version__,
+        "fused_loss": cfg.train.fused_loss,
+        "compile": cfg.parallel.compile_mode if cfg.parallel.compile else "off",
     }
     is_main = ctx.is_main
     ctx.shutdown()
@@ -96,6 +99,7 @@ def table(r: dict, name: str) -> str:
         ("config", name),
         ("device", f"{r['device']} x{r['world_size']}"),
         ("torch / dtype", f"{r['torch']} / {r['dtype']}"),
+        ("fused loss / compile", f"{r['fused_loss']} / {r['compile']}"),
         ("parameters", fmt_count(r["params"])),
         ("micro batch x accum x seq", f"{r['micro_batch']} x {r['grad_accum']} x {r['seq_len']}"),
         ("tokens / step", str(r["tokens_per_step"])),
