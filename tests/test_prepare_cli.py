@@ -108,7 +108,8 @@ def test_data_commands_never_touch_a_users_folder(tok_dir, corpus, tmp_path):
         ("data", "fetch", "wiki-en", "--out", mine),
     ):
         line = one_line_error(lmforge(*argv))
-        assert "not written by lmforge" in line and "--overwrite" in line
+        assert "lmforge did not write" in line or "not written by lmforge" in line
+        assert "--overwrite" in line
         assert folder_bytes(mine) == before
     done = lmforge("prepare", "--input", corpus, "--tokenizer", tok_dir, "--out", mine, "--overwrite")
     assert done.returncode == 0, done.stderr
@@ -119,6 +120,14 @@ def test_data_commands_never_touch_a_users_folder(tok_dir, corpus, tmp_path):
     assert done.returncode == 0 and (mine / "tokenizer.json").is_file()
     assert {k: folder_bytes(mine)[k] for k in before} == before
     one_line_error(lmforge("prepare", "--input", corpus, "--tokenizer", tok_dir, "--out", "."))
+    theirs = tmp_path / "their-tokenizer"
+    theirs.mkdir()
+    (theirs / "tokenizer.json").write_text("{}")  # a user's own file where ours would go
+    line = one_line_error(lmforge("tokenizer", "train", "--input", corpus, "--vocab-size", 300, "--out", theirs, "--overwrite"))
+    assert "tokenizer.json" in line and (theirs / "tokenizer.json").read_text() == "{}"
+    again = tmp_path / "again"  # a folder tokenizer train wrote itself is retrained without the flag
+    assert lmforge("tokenizer", "train", "--input", corpus, "--vocab-size", 300, "--out", again).returncode == 0
+    assert lmforge("tokenizer", "train", "--input", corpus, "--vocab-size", 300, "--out", again).returncode == 0
 
 
 def test_lone_surrogate_is_a_counted_bad_record_or_a_strict_error(tok_dir, tmp_path):

@@ -25,7 +25,7 @@ CHAT_TEMPLATE = (
 )
 
 
-MARKER = ".lmforge-tokenizer"  # says the folder's tokenizer files are ours to replace
+MARKER_KIND = "tokenizer"  # the kind lmforge's output manifest records for `tokenizer train`
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -81,8 +81,8 @@ def train_tokenizer(
     <|im_start|> (bos), <|im_end|> (eos), then reserved specials, as in MiniMind. The same input
     gives byte-identical files. Bad records are skipped, counted in `stats` (a `SourceStats`)
     and reported on stderr, or raise `DataError` when `strict`. A non-empty `out_dir` that this
-    function did not write (no MARKER file) is refused unless `overwrite`; nothing in it is
-    deleted, only these files are written. Returns `out_dir`."""
+    function did not write (no lmforge manifest of kind "tokenizer") is refused unless `overwrite`; nothing in it is
+    deleted; files are written to a temporary sibling and moved in when complete. Returns `out_dir`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from lmforge.data.sources import SourceStats, iter_documents
@@ -95,10 +95,13 @@ def train_tokenizer(
         )
     if max_docs is not None and max_docs < 1:
         raise LmforgeError(f"max_docs {max_docs}: must be >= 1 (or None for all documents)")
-    from lmforge.data.outdir import check_output_dir
+    from lmforge.weights.outdir import check_output_dir, output_dir
 
     out = Path(out_dir)
-    check_output_dir(out, (out / MARKER).is_file(), overwrite, "tokenizer train")
+    # A folder an earlier `tokenizer train` wrote is ours to retrain into; any other non-empty
+    # folder needs --overwrite, and even then no file lmforge did not write is replaced.
+    overwrite = overwrite or _written_by_tokenizer_train(out)
+    check_output_dir(out, overwrite)
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -128,22 +131,27 @@ def train_tokenizer(
         if tok.token_to_id(special) != i:  # a layout MiniMind checkpoints rely on
             raise RuntimeError(f"special token {special} got id {tok.token_to_id(special)}, expected {i}")
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("written by lmforge tokenizer train\n", encoding="utf-8")
-    # tokenizer.json last: a folder without it does not load, so a crash never leaves a
-    # half-written tokenizer that looks usable.
-    _write_json(out / "tokenizer_config.json", _tokenizer_config())
-    _write_json(
-        out / "special_tokens_map.json",
-        {
-            "bos_token": BOS,
-            "eos_token": EOS,
-            "pad_token": PAD_UNK,
-            "unk_token": PAD_UNK,
-            "additional_special_tokens": SPECIAL_TOKENS[3:],
-        },
-    )
-    tmp = out / "tokenizer.json.tmp"
-    tok.save(str(tmp), pretty=True)
-    os.replace(tmp, out / "tokenizer.json")
+    with output_dir(out, overwrite=overwrite, kind=MARKER_KIND) as tmp:
+        _write_json(tmp / "tokenizer_config.json", _tokenizer_config())
+        _write_json(
+            tmp / "special_tokens_map.json",
+            {
+                "bos_token": BOS,
+                "eos_token": EOS,
+                "pad_token": PAD_UNK,
+                "unk_token": PAD_UNK,
+                "additional_special_tokens": SPECIAL_TOKENS[3:],
+            },
+        )
+        tok.save(str(tmp / "tokenizer.json"), pretty=True)
     return out
+
+
+def _written_by_tokenizer_train(folder: Path) -> bool:
+    from lmforge.weights.outdir import MARKER
+
+    try:
+        record = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("kind") == MARKER_KIND
