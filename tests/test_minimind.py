@@ -169,3 +169,17 @@ def test_imported_folder_generates_like_minimind(tmp_path):
     with torch.no_grad():
         theirs = mm.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None)
     assert ours == theirs[0, len(prompt) :].tolist()
+
+
+def test_script_differences_name_what_minimind_trainers_would_not_build(tmp_path):
+    from lmforge.interop.minimind import minimind_script_differences
+
+    for case, want in (
+        ("default-dense", []),
+        ("minimind2-26m", ["num_key_value_heads=2", "intermediate_size=1408"]),
+    ):
+        mm = MiniMindForCausalLM(MiniMindConfig(**CASES[case]))
+        torch.save(mm.state_dict(), str(tmp_path / "p.pth"))
+        _, cfg = import_minimind(tmp_path / "p.pth")
+        got = minimind_script_differences(cfg)
+        assert [d.split(" ")[0] for d in got] == want, got

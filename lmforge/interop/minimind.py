@@ -20,6 +20,7 @@ What differs from lmforge and how it is bridged (MiniMind commit d65ef2c, model/
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -255,6 +256,31 @@ def minimind_config(cfg: ModelConfig, bos_id: int | None = 1, eos_id: int | None
             router_aux_loss_coef=cfg.moe.aux_loss_coef / cfg.moe.top_k,
         )
     return out
+
+
+def minimind_script_differences(cfg: ModelConfig) -> list[str]:
+    """Fields where `cfg` differs from the MiniMindConfig that MiniMind's trainer scripts build from
+    --hidden_size/--num_hidden_layers/--use_moe alone (their load_state_dict then fails on shapes)."""
+    ours = minimind_config(cfg)
+    defaults = {
+        "vocab_size": 6400,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": cfg.hidden_size // 8,
+        "intermediate_size": math.ceil(cfg.hidden_size * math.pi / 64) * 64,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1e6,
+        "tie_word_embeddings": True,
+    }
+    if cfg.moe is not None:
+        defaults.update(
+            num_experts=4,
+            num_experts_per_tok=1,
+            moe_intermediate_size=defaults["intermediate_size"],
+            norm_topk_prob=True,
+        )
+    return [f"{k}={ours[k]} (MiniMind default {v})" for k, v in defaults.items() if ours[k] != v]
 
 
 def export_minimind(
