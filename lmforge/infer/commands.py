@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from lmforge.config import Config, config_for_model
+from lmforge.data.shards import TokenDataset
 from lmforge.errors import LmforgeError
 from lmforge.infer.evaluate import evaluate, text_token_stream
 from lmforge.infer.generate import TextStreamer, encode_prompt, generate
@@ -19,6 +20,8 @@ from lmforge.infer.loading import (
     save_weights,
     tokenizer_source,
 )
+from lmforge.interop import export_hf, import_hf
+from lmforge.tokenizer import load_tokenizer
 from lmforge.weights.outdir import check_output_dir
 from lmforge.weights.shapes import check_shapes, config_shapes
 
@@ -35,8 +38,6 @@ def open_eval_data(data: list[str] | str, split: str, tokenizer, vocab_size: int
     """A TokenDataset for a prepared folder, or a token stream for raw text files."""
     paths = [data] if isinstance(data, (str, Path)) else list(data)
     if len(paths) == 1 and Path(paths[0]).is_dir() and (Path(paths[0]) / "meta.json").exists():
-        from lmforge.data.shards import TokenDataset
-
         fingerprint = tokenizer.fingerprint if tokenizer is not None else None
         return TokenDataset.open(paths[0], split=split, expect_fingerprint=fingerprint, vocab_size=vocab_size)
     for p in paths:
@@ -148,7 +149,6 @@ def export_checkpoint(checkpoint, out, fmt="hf", dtype=None, overwrite=False) ->
     dtype = dtype or cfg.checkpoint.export_dtype
     if fmt == "safetensors":
         return save_weights(state, cfg, out, dtype=dtype, tokenizer=tokenizer, overwrite=overwrite)
-    from lmforge.interop import export_hf  # the HF name mapping; interop imports nothing of infer
 
     return export_hf(
         state, cfg.model, out, dtype=dtype, tokenizer=tokenizer_source(tokenizer), overwrite=overwrite
@@ -160,7 +160,6 @@ def import_hf_folder(hf_dir, out, overwrite=False) -> Path:
     if not (hf_dir / "config.json").is_file():
         raise LmforgeError(f"{hf_dir}: no config.json; pass a Hugging Face model folder")
     check_output_dir(out, overwrite)  # refuse before the (slow) import
-    from lmforge.interop import import_hf
 
     state, model_cfg = import_hf(hf_dir)
     cfg = config_for_model(model_cfg)
@@ -191,8 +190,6 @@ def predict_from_config(cfg: Config, out=None) -> list[str]:
     model, model_cfg, tokenizer = load_model_for_inference(checkpoint, resolve_device(cfg.train.device))
     check_run_model(cfg, model_cfg, checkpoint)
     if tokenizer is None and cfg.tokenizer.path:
-        from lmforge.tokenizer import load_tokenizer
-
         tokenizer = load_tokenizer(cfg.tokenizer.path)
     _need_tokenizer(tokenizer, checkpoint)
     texts = []

@@ -20,7 +20,9 @@ import torch
 
 from lmforge.config import Config, ModelConfig, config_for_model, config_from_dict, load_yaml
 from lmforge.errors import CheckpointError
+from lmforge.interop import import_hf
 from lmforge.model import Transformer
+from lmforge.tokenizer import load_tokenizer
 from lmforge.weights import files
 from lmforge.weights.checkpoint import load_checkpoint, read_state, resolve_checkpoint_dir
 from lmforge.weights.files import CONFIG_NAME
@@ -66,8 +68,6 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, Pat
         model, cfg = _model_from_checkpoint(step, torch.device("cpu"))
         return model.state_dict(), cfg, step
     if (path / "config.json").is_file() and not (path / CONFIG_NAME).is_file():
-        from lmforge.interop import import_hf  # the HF name mapping; interop imports nothing of infer
-
         state, model_cfg = import_hf(path)
         return state, config_for_model(model_cfg), path
     if (path / WEIGHTS_NAME).is_file():
@@ -102,7 +102,6 @@ def build_model_from_state(model_cfg: ModelConfig, state: dict, device: torch.de
 
 def find_tokenizer(folder: Path, cfg: Config):
     """The tokenizer saved with a checkpoint or export, or the run config's; None if there is none."""
-    from lmforge.tokenizer import load_tokenizer
 
     candidates = [folder, *list(folder.parents)[:3]]
     for place in candidates:

@@ -14,6 +14,7 @@ from lmforge.errors import LmforgeError
 from lmforge.interop.hf_config import choose_family, to_hf_config
 from lmforge.interop.hf_weights import to_hf
 from lmforge.model.config import ModelConfig
+from lmforge.tokenizer import load_tokenizer
 from lmforge.weights.dtypes import dtype_name, resolve_dtype
 from lmforge.weights.outdir import check_output_dir, output_dir
 from lmforge.weights.safetensors_io import WEIGHTS_NAME, write_safetensors
@@ -74,7 +75,6 @@ def check_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
 def _token_ids(tokenizer: str | Path | None) -> dict[str, int | None]:
     if tokenizer is None:
         return {}
-    from lmforge.tokenizer import load_tokenizer  # late: only needed with a tokenizer
 
     tok = load_tokenizer(tokenizer)
     return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}

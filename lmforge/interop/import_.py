@@ -11,6 +11,8 @@ from lmforge.errors import LmforgeError
 from lmforge.interop.hf_config import from_hf_config
 from lmforge.interop.hf_weights import from_hf
 from lmforge.model.config import ModelConfig
+from lmforge.model.layers import rope_tables
+from lmforge.model.transformer import Transformer
 from lmforge.weights.safetensors_io import INDEX_NAME, hf_weight_files, read_json_object, read_safetensors
 from lmforge.weights.shapes import config_shapes
 
@@ -39,8 +41,6 @@ def load_hf_model(path: str | Path, device: str | torch.device = "cpu", dtype: t
     Built on the meta device and materialised on `device`, so the weights are allocated once.
     dtype None keeps the dtype stored in the files. Returns (model, ModelConfig).
     """
-    from lmforge.model.layers import rope_tables
-    from lmforge.model.transformer import Transformer
 
     state, cfg = import_hf(path)
     with torch.device("meta"):

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
+from lmforge.infer.generate import encode_prompt, generate
 from lmforge.loss import IGNORE_INDEX, summed_cross_entropy
+from lmforge.tokenizer import load_tokenizer
 
 
 def _fork(device: torch.device):
@@ -51,7 +53,6 @@ def load_sample_tokenizer(path: str | None):
     """The tokenizer for samples, or (None, reason) when there is none to use."""
     if not path:
         return None, "no tokenizer.path in the config"
-    from lmforge.tokenizer import load_tokenizer
 
     return load_tokenizer(path), ""
 
@@ -62,7 +63,6 @@ def write_samples(
 ) -> list[dict]:
     """Greedy continuations of fixed prompts; every rank runs the forwards (sharded models need
     all of them), rank 0 appends to samples.jsonl."""
-    from lmforge.infer.generate import encode_prompt, generate
 
     records = []
     with _fork(ctx.device):

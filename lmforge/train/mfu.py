@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from lmforge.hardware import ACCELERATORS
+from lmforge.model.flops import flops_per_token
 
 # name fragment -> (bf16/fp16 dense TFLOP/s, tf32 dense TFLOP/s), from the one accelerator table the
 # planner also uses; first match wins (torch.cuda.get_device_name gives e.g. "NVIDIA H100 80GB HBM3").
@@ -35,8 +36,6 @@ def model_flops_per_token(model_cfg, seq_len: int, model: torch.nn.Module | None
     """Training FLOPs per token (forward + backward) from the model config; 6 x parameters when
     the model package's estimate is unavailable."""
     try:
-        from lmforge.model.flops import flops_per_token
-
         return float(flops_per_token(model_cfg, seq_len))
     except ImportError:
         if model is None:

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
+from lmforge.data.loader import build_loader
 from lmforge.errors import ConfigError, DataError, LmforgeError
+from lmforge.infer.loading import load_weights
 from lmforge.parallel import build_parallel_model, init_distributed, load_full_state_dict, unwrap_model
 from lmforge.parallel.compile import compile_seconds
 from lmforge.train.checkpointer import Checkpointer
@@ -27,6 +29,7 @@ from lmforge.train.evaluation import load_sample_tokenizer, validate, write_samp
 from lmforge.train.metrics import MetricsLogger, console_line, peak_memory_bytes
 from lmforge.train.mfu import mfu, model_flops_per_token, peak_flops
 from lmforge.train.optim import build_optimizer
+from lmforge.train.report import draw_plots
 from lmforge.train.schedule import build_schedule, total_steps
 from lmforge.train.signals import StopFlag
 from lmforge.train.state import TrainState
@@ -85,7 +88,6 @@ def run_training(cfg) -> dict:
 
 class _Trainer:
     def __init__(self, cfg, ctx, stop: StopFlag):
-        from lmforge.data.loader import build_loader
 
         self.cfg, self.ctx, self.stop = cfg, ctx, stop
         self.run_dir = run_dir_of(cfg)
@@ -119,7 +121,13 @@ class _Trainer:
         self.total = total_steps(cfg, self.train_loader.samples_per_epoch)
         self.scheduler = build_schedule(self.optimizer, cfg.optim, self.total)
         self.train_step = TrainStep(
-            self.model, self.optimizer, self.scheduler, self.scaler, ctx, self.amp, cfg.optim.grad_clip,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.scaler,
+            ctx,
+            self.amp,
+            cfg.optim.grad_clip,
             loss=fused_loss_fn if cfg.train.fused_loss else loss_fn,
         )
         self.state = TrainState()
@@ -143,7 +151,6 @@ class _Trainer:
             _write_text_atomic(self.run_dir / "config.yaml", cfg.to_yaml())
 
     def _load_finetune_weights(self) -> None:
-        from lmforge.infer.loading import load_weights  # any weights form, HF folders included
 
         src = self.cfg.train.load_checkpoint
         if not src:
@@ -167,8 +174,6 @@ class _Trainer:
         elapsed = self.state.elapsed()
         rate = (self.state.tokens - start_tokens) / max(elapsed - self.state.elapsed_before, 1e-9)
         if self.ctx.is_main and self.cfg.log.plots and self.logger.path.is_file():
-            from lmforge.train.report import draw_plots
-
             draw_plots(self.run_dir)
         ckpt = self.checkpointer
         return {

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lmforge.errors import CheckpointError
@@ -93,8 +94,6 @@ def write_safetensors(
 
 def read_safetensors(files: list[Path] | Path) -> dict[str, torch.Tensor]:
     """All tensors of one file or of a set of shards; a damaged file is one CheckpointError."""
-    from safetensors import safe_open
-
     tensors: dict[str, torch.Tensor] = {}
     for file in [files] if isinstance(files, (str, Path)) else files:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from lmforge.errors import CheckpointError
 from lmforge.model import Transformer
@@ -13,8 +14,6 @@ Shapes = dict[str, tuple[int, ...]]
 
 def model_state_shapes(model: torch.nn.Module) -> Shapes:
     """Global tensor shapes of a live (possibly sharded) model, under the names DCP saves them with."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
     return {k: tuple(v.shape) for k, v in get_model_state_dict(model).items() if isinstance(v, torch.Tensor)}
 
 
