@@ -15,8 +15,8 @@ LAYERS = [
     {"errors", "loss", "hardware"},
     {"model"},  # the model: may import lmforge.errors and lmforge.model.* alone
     {"config", "mindformers"},  # run configs (MindFormers' YAML is translated into ours)
+    {"weights"},  # on-disk formats, dtypes, output folders: below every stage that writes files
     {"tokenizer", "data"},
-    {"weights"},  # on-disk formats and the dtype table: below everything that reads or writes weights
     {"parallel"},
     {"interop"},
     {"infer"},
