@@ -1,7 +1,11 @@
-"""Export a dense lmforge model to one GGUF file that llama.cpp, Ollama and LM Studio run.
+"""Export an lmforge model to one GGUF file that llama.cpp, Ollama and LM Studio run.
 
-Two llama.cpp architectures hold our models exactly: `llama` (plain attention) and `qwen3`
-(QK-norm). llama.cpp's `llama` rotates q/k pairs interleaved (GPT-J style) while we and HF rotate
+Three llama.cpp architectures hold our models exactly: `llama` (plain attention; with experts it
+is llama.cpp's Mixtral layout), `qwen3` (QK-norm) and `qwen3moe` (QK-norm + experts). llama.cpp
+always renormalises the top-k expert weights (softmax gating) and has no always-on shared expert
+in these graphs, so only MoE models with norm_topk_prob and no shared experts export. Experts
+are stacked into one [experts, out, in] tensor per projection (`ffn_{gate,up,down}_exps`).
+llama.cpp's `llama` rotates q/k pairs interleaved (GPT-J style) while we and HF rotate
 halves, so llama.cpp's converter permutes the rows of wq/wk per head; we do the same. `qwen3`
 uses the half-rotation itself, so its tensors are written as they are. Llama-3 RoPE scaling is
 the `rope_freqs` tensor (per-frequency divisors) llama.cpp reads for `llama`; its four parameters
@@ -12,6 +16,7 @@ Written with the `gguf` package (the writer llama.cpp ships); nothing is laid ou
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +48,10 @@ LAYER_NAMES = {
     "feed_forward.w1.weight": "ffn_gate.weight",
     "feed_forward.w3.weight": "ffn_up.weight",
     "feed_forward.w2.weight": "ffn_down.weight",
+    "feed_forward.router.weight": "ffn_gate_inp.weight",
 }
+EXPERT_NAMES = {"w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"}
+EXPERT_KEY = re.compile(r"layers\.(\d+)\.feed_forward\.experts\.(\d+)\.(w[123])\.weight")
 
 
 def require_gguf():
@@ -74,10 +82,16 @@ def llama_unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def gguf_arch(cfg: ModelConfig) -> str:
-    """`llama` or `qwen3`, or a one-line refusal naming what GGUF cannot hold."""
-    if cfg.moe is not None:
+    """`llama`, `qwen3` or `qwen3moe`, or a one-line refusal naming what GGUF cannot hold."""
+    if cfg.moe is not None and cfg.moe.num_shared_experts:
         raise LmforgeError(
-            "model.moe: GGUF export covers dense models only; export MoE models with --format hf"
+            "model.moe.num_shared_experts: llama.cpp's llama/qwen3moe graphs have no shared experts; "
+            "set it to 0 or export with --format hf"
+        )
+    if cfg.moe is not None and not cfg.moe.norm_topk_prob:
+        raise LmforgeError(
+            "model.moe.norm_topk_prob=false: llama.cpp renormalises the top-k expert weights; "
+            "export with --format hf instead"
         )
     if cfg.attention_bias or cfg.mlp_bias:
         raise LmforgeError(
@@ -86,10 +100,34 @@ def gguf_arch(cfg: ModelConfig) -> str:
         )
     if cfg.qk_norm and cfg.rope_scaling is not None:
         raise LmforgeError(
-            "model.rope_scaling: llama.cpp's qwen3 graph ignores Llama-3 rope frequency factors; "
+            "model.rope_scaling: llama.cpp's qwen3 graphs ignore Llama-3 rope frequency factors; "
             "export without rope_scaling or use a model without qk_norm"
         )
-    return "qwen3" if cfg.qk_norm else "llama"
+    if cfg.qk_norm:
+        return "qwen3moe" if cfg.moe is not None else "qwen3"
+    return "llama"
+
+
+def gguf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
+    """GGUF name -> tensor in llama.cpp's layout, in llama.cpp's order (embedding, blocks, head)."""
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
+    for ours in sorted(state, key=_tensor_order):
+        value = state[ours]
+        m = EXPERT_KEY.fullmatch(ours)
+        if m:
+            experts.setdefault((int(m.group(1)), m.group(3)), {})[int(m.group(2))] = value
+            continue
+        if arch == "llama" and ours.endswith("attention.wq.weight"):
+            value = llama_permute(value, cfg.num_heads)
+        elif arch == "llama" and ours.endswith("attention.wk.weight"):
+            value = llama_permute(value, cfg.num_kv_heads)
+        out[gguf_name(ours)] = value
+    for (layer, w), per_expert in sorted(experts.items()):
+        out[f"blk.{layer}.{EXPERT_NAMES[w]}.weight"] = torch.stack(
+            [per_expert[e] for e in sorted(per_expert)]
+        )
+    return out
 
 
 def rope_factors(cfg: ModelConfig) -> torch.Tensor:
@@ -108,11 +146,12 @@ def _state(model_or_state: Any, cfg: ModelConfig) -> dict[str, torch.Tensor]:
 
 
 def _encode(name: str, value: torch.Tensor, dtype: str):
-    """(numpy data, raw gguf type or None) for one tensor; 1-D tensors stay f32 like llama.cpp's."""
+    """(numpy data, raw gguf type or None) for one tensor; 1-D tensors and the router stay f32 as
+    llama.cpp's converter keeps them (routing is sensitive to rounding)."""
     from gguf import GGMLQuantizationType, quants
 
     value = value.detach().cpu()
-    if value.ndim == 1 or dtype == "f32":
+    if value.ndim == 1 or dtype == "f32" or name.endswith("ffn_gate_inp.weight"):
         return value.float().numpy(), None
     if dtype == "f16":
         return value.half().numpy(), None
@@ -139,7 +178,20 @@ def _write_hparams(writer, cfg: ModelConfig, arch: str, name: str, dtype: str) -
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_layers)
-    writer.add_feed_forward_length(resolve_intermediate_size(cfg))
+    if cfg.moe is not None:
+        from lmforge.model.moe import expert_intermediate_size
+
+        width = expert_intermediate_size(cfg)
+        writer.add_expert_count(cfg.moe.num_experts)
+        writer.add_expert_used_count(cfg.moe.top_k)
+        writer.add_expert_feed_forward_length(width)
+        writer.add_float64("lmforge.moe.aux_loss_coef", cfg.moe.aux_loss_coef)
+    # llama.cpp's llama graph sizes its experts by feed_forward_length (Mixtral's convention).
+    if cfg.moe is not None and arch == "llama":
+        writer.add_feed_forward_length(width)
+        writer.add_uint32("lmforge.intermediate_size", resolve_intermediate_size(cfg))  # unused, kept exact
+    else:
+        writer.add_feed_forward_length(resolve_intermediate_size(cfg))
     writer.add_head_count(cfg.num_heads)
     writer.add_head_count_kv(cfg.num_kv_heads)
     writer.add_key_length(head_dim)
@@ -202,14 +254,9 @@ def export_gguf(
         write_vocab(writer, vocab)
         if model_cfg.rope_scaling is not None:
             writer.add_tensor("rope_freqs.weight", rope_factors(model_cfg).numpy())
-        for ours in sorted(state, key=_tensor_order):
-            value = state[ours]
-            if arch == "llama" and ours.endswith("attention.wq.weight"):
-                value = llama_permute(value, model_cfg.num_heads)
-            elif arch == "llama" and ours.endswith("attention.wk.weight"):
-                value = llama_permute(value, model_cfg.num_kv_heads)
-            data, raw = _encode(ours, value, dtype)
-            writer.add_tensor(gguf_name(ours), data, raw_dtype=raw)
+        for gguf_key, value in gguf_tensors(state, model_cfg, arch).items():
+            data, raw = _encode(gguf_key, value, dtype)
+            writer.add_tensor(gguf_key, data, raw_dtype=raw)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

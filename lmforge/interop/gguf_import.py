@@ -1,4 +1,4 @@
-"""Import a GGUF file (llama.cpp's `llama` or `qwen3` architecture) as lmforge weights.
+"""Import a GGUF file (llama.cpp's `llama`, `qwen3` or `qwen3moe` architecture) as lmforge weights.
 
 Quantised tensors are dequantised to float32 with the `gguf` package (every type it can
 dequantise: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the K-quants, ...); f32/f16/bf16 tensors keep their
@@ -8,6 +8,7 @@ is rebuilt as a `tokenizer.json` that splits text like llama.cpp's named pre-tok
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.interop.gguf_export import LAYER_NAMES, ROPE_KEYS, TOP_NAMES, llama_unpermute, require_gguf
 
-ARCHES = ("llama", "qwen3")
+ARCHES = ("llama", "qwen3", "qwen3moe")
 # Llama-3.x scalings seen in published GGUFs that carry only `rope_freqs` (no parameters).
 KNOWN_LLAMA3_SCALINGS = [
     {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": n}
@@ -99,10 +100,6 @@ def _config(meta: dict, tensors: dict[str, torch.Tensor], source: str) -> ModelC
             raise LmforgeError(f"{source}: metadata '{arch}.{name}' is missing; the file is incomplete")
         return value
 
-    if meta.get(f"{arch}.expert_count", 0):
-        raise LmforgeError(
-            f"{source}: a mixture-of-experts GGUF ({arch}.expert_count); only dense models import"
-        )
     embed = tensors["token_embd.weight"]
     hidden = key("embedding_length")
     heads = key("attention.head_count")
@@ -120,32 +117,78 @@ def _config(meta: dict, tensors: dict[str, torch.Tensor], source: str) -> ModelC
         )
     theta = float(key("rope.freq_base", 10000.0))
     scaling = _rope_scaling(meta, tensors.get("rope_freqs.weight"), head_dim, theta, source)
-    fields = dict(
+    fields: dict[str, Any] = dict(
         vocab_size=int(embed.shape[0]),
         hidden_size=hidden,
         num_layers=key("block_count"),
         num_heads=heads,
         num_kv_heads=kv,
         head_dim=None if hidden % heads == 0 and head_dim == hidden // heads else head_dim,
-        intermediate_size=key("feed_forward_length"),
+        intermediate_size=meta.get("lmforge.intermediate_size") or key("feed_forward_length"),
         max_position_embeddings=key("context_length"),
         rope_theta=theta,
         rope_scaling=scaling,
         norm_eps=key("attention.layer_norm_rms_epsilon"),
-        qk_norm=arch == "qwen3",
+        qk_norm=arch in ("qwen3", "qwen3moe"),
         tie_embeddings="output.weight" not in tensors,
         init_std=meta.get("lmforge.init_std", 0.02),
     )
+    experts = meta.get(f"{arch}.expert_count", 0)
+    if experts:
+        fields["moe"] = _moe_fields(meta, arch, experts, source)
     try:
         return ModelConfig.model_validate(fields)
     except Exception as exc:  # pydantic: a value lmforge's config cannot hold
         raise LmforgeError(f"{source}: hyperparameters do not form a valid lmforge model ({exc})") from None
 
 
+def _moe_fields(meta: dict, arch: str, experts: int, source: str) -> dict[str, Any]:
+    if meta.get(f"{arch}.expert_shared_count", 0):
+        raise LmforgeError(
+            f"{source}: shared experts ({arch}.expert_shared_count) are not in llama/qwen3moe graphs"
+        )
+    if (
+        meta.get(f"{arch}.expert_weights_norm", True) is False
+        or meta.get(f"{arch}.expert_gating_func", 1) != 1
+    ):
+        raise LmforgeError(
+            f"{source}: expert gating other than softmax + renormalised top-k is not supported"
+        )
+    # llama's (Mixtral) experts are feed_forward_length wide; qwen3moe has its own key.
+    width_key = "feed_forward_length" if arch == "llama" else "expert_feed_forward_length"
+    if f"{arch}.{width_key}" not in meta or f"{arch}.expert_used_count" not in meta:
+        raise LmforgeError(f"{source}: MoE metadata ({arch}.{width_key}, expert_used_count) is missing")
+    return dict(
+        num_experts=experts,
+        top_k=meta[f"{arch}.expert_used_count"],
+        expert_intermediate_size=meta[f"{arch}.{width_key}"],
+        norm_topk_prob=True,
+        aux_loss_coef=meta.get("lmforge.moe.aux_loss_coef", 0.001),  # Qwen3-MoE's default
+    )
+
+
+def _unstack_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ffn_{gate,up,down}_exps [experts, out, in] -> one tensor per expert, under names
+    `_our_name` maps (`blk.{i}.ffn_gate.{e}` style keys that only this module uses)."""
+    out = {}
+    for name, value in tensors.items():
+        m = re.fullmatch(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight", name)
+        if not m:
+            out[name] = value
+            continue
+        for e in range(value.shape[0]):
+            out[f"blk.{m.group(1)}.expert.{e}.ffn_{m.group(2)}.weight"] = value[e].contiguous()
+    return out
+
+
 def _our_name(gguf: str) -> str | None:
     for ours, theirs in TOP_NAMES.items():
         if gguf == theirs:
             return ours
+    m = re.fullmatch(r"blk\.(\d+)\.expert\.(\d+)\.ffn_(gate|up|down)\.weight", gguf)
+    if m:
+        w = {"gate": "w1", "up": "w3", "down": "w2"}[m.group(3)]
+        return f"layers.{m.group(1)}.feed_forward.experts.{m.group(2)}.{w}.weight"
     parts = gguf.split(".", 2)
     if len(parts) == 3 and parts[0] == "blk":
         for ours, theirs in LAYER_NAMES.items():
@@ -180,13 +223,13 @@ def import_gguf(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig,
     cfg = _config(meta, tensors, source)
     expected = config_shapes(cfg)
     state = {}
-    for name, value in tensors.items():
+    for name, value in _unstack_experts(tensors).items():
         if name == "rope_freqs.weight":
             continue
         ours = _our_name(name)
         if ours is None or ours not in expected:
             raise LmforgeError(
-                f"{path}: tensor '{name}' has no place in an lmforge {arch} model (biases, MoE ...)"
+                f"{path}: tensor '{name}' has no place in an lmforge {arch} model (biases, shared experts ...)"
             )
         if arch == "llama" and ours.endswith("attention.wq.weight"):
             value = llama_unpermute(value, cfg.num_heads)
