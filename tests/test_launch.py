@@ -119,19 +119,88 @@ def test_killed_worker_is_restarted_and_resumes(tmp_path, reference):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["8", "3"], "worker_num 8 is not a multiple of local_worker 3"),
         (
-            ["4", "2", "127.0.0.1", "8118", "2"],
+            ["8", "3", "127.0.0.1", "8118", "0", "logs", "True", "60"],
+            "worker_num 8 is not a multiple of local_worker 3",
+        ),
+        (
+            ["4", "2", "127.0.0.1", "8118", "2", "logs", "True", "60"],
             "node_rank 2 must be below the number of nodes 2 (worker_num/local_worker)",
         ),
-        (["2", "2", "127.0.0.1", "x"], "master_port 'x' is not a non-negative integer"),
-        (["2", "2", "127.0.0.1", "8118", "0", "logs", "maybe"], "join 'maybe' must be True or False"),
+        (["2", "x", "logs", "True", "60"], "master_port 'x' is not a non-negative integer"),
+        (["two"], "worker_num 'two' is not a non-negative integer"),
+        (["2", "8118", "logs", "maybe", "60"], "join 'maybe' must be True or False"),
+        *[
+            (["2"] * (argc - 1), f"got {argc} arguments; msrun_launcher.sh forms:")
+            for argc in (3, 4, 5, 7, 8, 10)
+        ],
     ],
 )
 def test_bad_arguments_are_one_line_errors(tmp_path, args, message):
     proc = run_reaped(["bash", str(LAUNCH), "true", *args], timeout=60, cwd=tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"error: launch.sh: {message}"
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.strip().startswith(f"error: launch.sh: {message}")
+
+
+# How mindspore-lab/mindformers scripts/msrun_launcher.sh reads each accepted argument count, as
+# written in its source: `$# == 1` keeps the defaults (8 workers, port 8118, output/msrun_log,
+# join False, timeout 7200); `$# == 2` sets LOCAL_WORKER=$WORKER_NUM; `$# == 6` sets
+# LOCAL_WORKER=$WORKER_NUM MASTER_PORT=$3 LOG_DIR=$4 JOIN=$5 CLUSTER_TIME_OUT=$6; `$# == 9` sets
+# LOCAL_WORKER=$3 MASTER_ADDR=$4 MASTER_PORT=$5 NODE_RANK=$6 LOG_DIR=$7 JOIN=$8 CLUSTER_TIME_OUT=$9
+# and is single-node (no --master_addr/--node_rank) when WORKER_NUM equals LOCAL_WORKER;
+# MF_LOG_SUFFIX=s appends _s to LOG_DIR. The msrun command lines below are the ones it builds.
+MSRUN_FORMS = [
+    ([], {}, "msrun --worker_num=8 --local_worker_num=8 --master_port=8118 --log_dir=output/msrun_log --join=False --cluster_time_out=7200",
+     "--nnodes=1 --node-rank=0 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:8118"),
+    (["4"], {}, "msrun --worker_num=4 --local_worker_num=4 --master_port=8118 --log_dir=output/msrun_log --join=False --cluster_time_out=7200",
+     "--nnodes=1 --node-rank=0 --nproc-per-node=4 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:8118"),
+    (["4", "9000", "mylogs", "True", "300"], {}, "msrun --worker_num=4 --local_worker_num=4 --master_port=9000 --log_dir=mylogs --join=True --cluster_time_out=300",
+     "--nnodes=1 --node-rank=0 --nproc-per-node=4 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:9000"),
+    (["64", "8", "10.0.0.1", "8118", "3", "output/msrun_log", "False", "300"], {},
+     "msrun --worker_num=64 --local_worker_num=8 --master_addr=10.0.0.1 --master_port=8118 --node_rank=3 --log_dir=output/msrun_log --join=False --cluster_time_out=300",
+     "--nnodes=8 --node-rank=3 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=10.0.0.1:8118"),
+    (["8", "8", "10.0.0.1", "8118", "0", "logs", "True", "300"], {"MF_LOG_SUFFIX": "r1"},
+     "msrun --worker_num=8 --local_worker_num=8 --master_port=8118 --log_dir=logs_r1 --join=True --cluster_time_out=300",
+     "--nnodes=1 --node-rank=0 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:8118"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("args, env, msrun, torchrun", MSRUN_FORMS)
+def test_every_msrun_form_is_read_as_msrun_reads_it(tmp_path, args, env, msrun, torchrun):
+    proc = run_reaped(
+        ["bash", str(LAUNCH), "run_llama3.py --config x.yaml", *args],
+        timeout=60,
+        cwd=tmp_path,
+        env=_env(**{"LAUNCH_DRY_RUN": "1", "MF_LOG_SUFFIX": "", **env}),
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines[0] == f"launch.sh: msrun_launcher.sh would run: {msrun}"
+    assert torchrun in lines[1] and lines[1].endswith("-m lmforge train --config x.yaml")
+    assert f"--log-dir={msrun.split('--log_dir=')[1].split()[0]}" in lines[1]
+    assert not list(tmp_path.iterdir())  # a dry run creates no log folder
+
+
+def test_launcher_uses_the_interpreter_that_has_lmforge(tmp_path):
+    # A `python3`/`python` first on PATH without lmforge must not be used.
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name in ("python", "python3"):
+        (fake / name).write_text("#!/bin/sh\necho fake python >&2\nexit 1\n")
+        (fake / name).chmod(0o755)
+    env = {k: v for k, v in _env(LAUNCH_DRY_RUN="1").items() if k not in ("PYTHON", "VIRTUAL_ENV")}
+    env["PATH"] = f"{fake}:{env['PATH']}"
+    proc = run_reaped(["bash", str(LAUNCH), "lmforge train --config x.yaml", "2"], timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    chosen = proc.stderr.splitlines()[1].split()[1]
+    assert chosen != "python3" and str(fake) not in chosen
+    check = subprocess.run([chosen, "-c", "import lmforge"], capture_output=True, timeout=60)
+    assert check.returncode == 0
+    # An explicit PYTHON without lmforge is refused in one line, not used.
+    env["PYTHON"] = str(fake / "python3")
+    proc = run_reaped(["bash", str(LAUNCH), "lmforge train", "2"], timeout=60, env=env)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: launch.sh: no Python with lmforge")
 
 
 def test_mindformers_command_runs_lmforge_train(tmp_path):
