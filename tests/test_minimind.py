@@ -72,6 +72,9 @@ def test_import_matches_minimind_and_export_loads_strictly(tmp_path, case):
     )
     assert cfg.qk_norm and cfg.tie_embeddings and cfg.norm_eps == 1e-6 and cfg.rope_theta == 1e6
     assert (cfg.moe is not None) == bool(mm.config.use_moe)
+    saved = torch.load(str(tmp_path / "pretrain.pth"), weights_only=True)
+    assert torch.equal(state["layers.0.attention.wq.weight"], saved["model.layers.0.self_attn.q_proj.weight"])
+    assert all(v.dtype == torch.float16 for v in state.values())  # kept as MiniMind saved them
     ours = Transformer(cfg).eval()
     ours.load_state_dict(state, strict=True)
     ids = torch.randint(0, mm.config.vocab_size, (2, 37), generator=torch.Generator().manual_seed(1))

@@ -176,7 +176,7 @@ def _infer_config(sd: dict[str, torch.Tensor], hf: dict[str, Any], source: str) 
 
 
 def import_minimind(pth: str | Path, config_json: str | Path | None = None):
-    """(state dict with our names in float32, ModelConfig) from a MiniMind `.pth`."""
+    """(state dict with our names, in the dtype MiniMind saved (fp16 from its trainer), ModelConfig)."""
     from lmforge.weights.shapes import config_shapes
 
     path = Path(pth)
@@ -193,7 +193,7 @@ def import_minimind(pth: str | Path, config_json: str | Path | None = None):
             raise LmforgeError(
                 f"{path}: '{theirs}' has shape {tuple(sd[theirs].shape)}, expected {tuple(shape)}"
             )
-        state[ours] = sd[theirs].float()
+        state[ours] = sd[theirs]
         used.add(theirs)
     if cfg.tie_embeddings:
         used.add("lm_head.weight")
