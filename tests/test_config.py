@@ -237,3 +237,151 @@ def test_pipeline_keys_accept_valid_layouts():
     # World size 8 = pp 2 x tp 2 x dp 2: the data-parallel size excludes the pipeline axis.
     cfg = config_from_dict({"parallel": {"strategy": "fsdp+tp", "tp": 2, "pp": 2}})
     assert cfg.static_dp_size(world_size=8) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# MindFormers run configs and command-line presets
+
+MF = REPO / "tests" / "fixtures" / "mindformers"
+
+
+def _lmforge(*args, cwd=None):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=600, cwd=cwd
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_mindformers_llama2_7b_maps_every_listed_key():
+    cfg = load_config(MF / "llama2_7b_pretrain.yaml")
+    m, p, t, o = cfg.model, cfg.parallel, cfg.train, cfg.optim
+    assert (m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads, m.vocab_size) == (
+        4096,
+        32,
+        32,
+        32,
+        32000,
+    )
+    from lmforge.model import resolve_intermediate_size
+
+    assert resolve_intermediate_size(m) == 11008 and m.tie_embeddings is False and m.rope_theta == 1e4
+    assert cfg.data.seq_len == 4096 and cfg.data.train[0].path == "data/wikitext2-llama2-4096"
+    # data_parallel 8 with MindSpore's parallel optimizer (sharded states) -> FSDP over 8.
+    assert (p.strategy, p.dp_shard, p.tp, p.pp, p.activation_checkpoint) == ("fsdp", 8, 1, 1, "none")
+    # batch_size 1 x data_parallel 8 x gradient_accumulation_steps 8 (no pipeline: micro_batch_num unused)
+    assert (t.global_batch_size, t.grad_accum_steps, t.epochs, t.dtype) == (64, 8, 2.0, "float16")
+    assert (o.lr, o.betas, o.eps, o.weight_decay, o.schedule, o.min_lr_ratio) == (
+        5e-5,
+        (0.9, 0.95),
+        1e-8,
+        0.0,
+        "cosine",
+        0.0,
+    )
+    assert o.warmup_ratio == 0.03 and o.grad_clip == 1.0
+    assert (cfg.run.name, cfg.run.seed, cfg.run_mode, t.resume, cfg.checkpoint.interval) == (
+        "llama2_7b",
+        0,
+        "train",
+        "never",
+        100,
+    )
+
+
+def test_mindformers_llama3_70b_is_tp8_pp8_with_256_micro_batches():
+    cfg = load_config(MF / "llama3_70b_pretrain.yaml")
+    p = cfg.parallel
+    assert (p.strategy, p.dp_shard, p.tp, p.pp, p.pp_microbatches) == ("fsdp+tp", 1, 8, 8, 256)
+    assert p.activation_checkpoint == "selective"  # select_recompute lists layers per stage
+    assert cfg.train.global_batch_size == 256 and cfg.train.dtype == "bfloat16"
+    from lmforge.model import resolve_intermediate_size
+
+    # MindFormers' LlamaConfig rule with this file's multiple_of 256: int(1.3 * int(2 * 32768 / 3))
+    # = 28398, rounded up to 28416 (Meta's 70B uses 28672 from multiple_of 4096).
+    assert resolve_intermediate_size(cfg.model) == 28416
+    assert (cfg.model.num_kv_heads, cfg.model.rope_theta) == (8, 5e5)
+
+
+def test_config_convert_writes_a_loadable_file_and_lists_ignored_keys(tmp_path):
+    out = tmp_path / "llama2.yaml"
+    code, stdout, err = _lmforge("config", "convert", str(MF / "llama2_7b_pretrain.yaml"), "--out", str(out))
+    assert code == 0, err
+    assert "train.global_batch_size" in stdout and "parallel.strategy" in stdout
+    assert "  ignored context: MindSpore runtime settings" in stdout
+    assert "  ignored runner_config.sink_mode: MindSpore data sinking" in stdout
+    assert load_config(out).model_dump() == load_config(MF / "llama2_7b_pretrain.yaml").model_dump()
+    before = out.read_bytes()
+    code, _, err = _lmforge("config", "convert", str(MF / "llama2_7b_pretrain.yaml"), "--out", str(out))
+    assert (
+        code == 2 and err.strip() == f"error: {out}: already exists; choose another --out or pass --overwrite"
+    )
+    assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"lr_schedule": {"type": "PolynomialWithWarmUpLR", "learning_rate": 1e-4}},
+            "lr_schedule.type: PolynomialWithWarmUpLR has no lmforge equivalent",
+        ),
+        ({"optimizer": {"type": "Came"}}, "optimizer.type: Came has no lmforge equivalent"),
+        (
+            {"model": {"model_config": {"hidden_size": 64}}},
+            "model.model_config: missing num_layers, num_heads, vocab_size, seq_length",
+        ),
+    ],
+)
+def test_unmappable_mindformers_keys_are_one_line_errors(tmp_path, change, message):
+    tree = yaml.safe_load((MF / "tiny_pp2_tp2.yaml").read_text())
+    tree.update(change)
+    path = write(tmp_path, yaml.safe_dump(tree), "mf.yaml")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: {message}" or str(info.value).startswith(f"{path}: {message}")
+
+
+def test_warmup_ratio_is_a_fraction_of_the_run():
+    from lmforge.config import OptimConfig
+    from lmforge.train.schedule import lr_multiplier
+
+    assert lr_multiplier(OptimConfig(warmup_ratio=0.03), 1000).warmup_steps == 30
+    assert lr_multiplier(OptimConfig(warmup_steps=7), 1000).warmup_steps == 7
+
+
+def test_command_line_preset_replaces_the_files_shape(tmp_path):
+    path = write(tmp_path, "model: {hidden_size: 128, num_layers: 3, dropout: 0.1}\ndata: {seq_len: 64}\n")
+    code, out, err = _lmforge("train", "--config", str(path), "model.preset=tiny", "--help-config")
+    assert code == 0, err
+    note = [line for line in out.splitlines() if line.startswith("note: model.preset=tiny")]
+    assert note and "model.hidden_size, model.num_layers" in note[0] and "dropout" not in note[0]
+    tree = yaml.safe_load(out.split("\n", 2)[-1] if out.startswith("note") else out)
+    assert tree["model"]["hidden_size"] == 64 and tree["model"]["num_layers"] == 2  # tiny's shape
+    assert tree["model"]["dropout"] == 0.1  # not a shape key: kept
+    # Shape keys on the command line beside the preset still customise it, in any order.
+    notes: list[str] = []
+    cfg = load_config(path, ["model.num_layers=4", "model.preset=tiny"], notes=notes)
+    assert (cfg.model.preset, cfg.model.hidden_size, cfg.model.num_layers) == ("tiny", 64, 4)
+    assert len(notes) == 1
+
+
+def test_mindformers_yaml_trains_unchanged(tmp_path):
+    from test_train_utils import make_dataset
+
+    data = make_dataset(tmp_path / "data")
+    code, out, err = _lmforge(
+        "train", "--config", str(MF / "tiny_pp2_tp2.yaml"), "--train_dataset_dir", str(data),
+        "--use_parallel", "False", "--run_mode", "train",
+        # One process: the file's TP 2 x PP 2 needs 4 (tests/test_launch.py runs it so).
+        "parallel.strategy=single", "parallel.tp=1", "parallel.pp=1",
+        f"run.out_dir={tmp_path}/runs", "train.max_steps=2", "train.device=cpu", "train.sample_max_new_tokens=0",
+        "train.eval_batches=1", "log.tensorboard=false", "log.plots=false", "log.progress=false",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert code == 0, err[-3000:]
+    assert "MindFormers run config, mapped to lmforge" in out and "  ignored context: " in out
+    metrics = (tmp_path / "runs" / "tiny_llama" / "metrics.jsonl").read_text()
+    assert '"step": 2' in metrics
