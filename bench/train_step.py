@@ -46,9 +46,20 @@ def bench(cfg, steps: int, warmup: int) -> dict:
 
     def batch():
         ids = torch.randint(0, vocab, (micro, seq + 1), device=ctx.device)
-        return {"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous()}
+        out = {"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous()}
+        if cfg.data.document_mask:  # synthetic documents of ~seq/4 tokens, as packed data has
+            starts = torch.rand(micro, seq, device=ctx.device) < 4.0 / seq
+            starts[:, 0] = True
+            out["doc_ids"] = torch.cumsum(starts.long(), dim=1) - 1
+            if cfg.data.reset_positions:
+                idx = torch.arange(seq, device=ctx.device).expand(micro, seq)
+                start_of = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
+                out["position_ids"] = idx - start_of
+        return out
 
     batches = [batch() for _ in range(cfg.train.grad_accum_steps)]
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ctx.device)
     times = []
     for i in range(warmup + steps):
         _sync(ctx.device)
@@ -87,6 +98,7 @@ def bench(cfg, steps: int, warmup: int) -> dict:
         "torch": torch.__version__,
         "fused_loss": cfg.train.fused_loss,
         "compile": cfg.parallel.compile_mode if cfg.parallel.compile else "off",
+        "document_mask": cfg.data.document_mask,
     }
     is_main = ctx.is_main
     ctx.shutdown()
