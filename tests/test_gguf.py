@@ -185,7 +185,7 @@ def test_quantised_exports_reimport_within_tolerance(tmp_path, tokenizer_dir, dt
     assert ((ours - theirs).abs().max() / ours.std()).item() < logit_bound
 
 
-def _train_split_tokenizer(folder, regex):
+def _train_split_tokenizer(folder, regex, ignore_merges=False):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -205,7 +205,9 @@ def _train_split_tokenizer(folder, regex):
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
     folder.mkdir()
-    tok.save(str(folder / "tokenizer.json"))
+    spec = json.loads(tok.to_str())
+    spec["model"]["ignore_merges"] = ignore_merges  # Llama-3's tokenizer.json sets it
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
     config = {
         "bos_token": "<|im_start|>",
         "eos_token": "<|im_end|>",
@@ -216,14 +218,15 @@ def _train_split_tokenizer(folder, regex):
     return folder
 
 
-@pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe", "qwen2"])
+@pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe", "smaug-bpe", "qwen2"])
 def test_embedded_tokenizer_encodes_like_ours(tmp_path, tokenizer_dir, pre):
     from lmforge.tokenizer import load_tokenizer
 
     if pre == "gpt-2":
         src = tokenizer_dir
     else:
-        src = _train_split_tokenizer(tmp_path / "src", LLAMA3_SPLIT if pre == "llama-bpe" else QWEN2_SPLIT)
+        regex = QWEN2_SPLIT if pre == "qwen2" else LLAMA3_SPLIT
+        src = _train_split_tokenizer(tmp_path / "src", regex, ignore_merges=pre == "llama-bpe")
     model, cfg = _model(False, 1, True, None)
     path = export_gguf(model, cfg, src, tmp_path / "m.gguf")
     meta = {
@@ -235,6 +238,8 @@ def test_embedded_tokenizer_encodes_like_ours(tmp_path, tokenizer_dir, pre):
     ours = load_tokenizer(src)
     out = import_gguf_to_folder(path, tmp_path / "imported")
     back = load_tokenizer(out)
+    rebuilt = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
+    assert rebuilt["model"]["ignore_merges"] == (pre == "llama-bpe")  # as llama.cpp treats each name
     want = ours.encode(TEXT)
     assert len(want) > 30 and back.encode(TEXT) == want
     assert (back.bos_id, back.eos_id, back.pad_id) == (ours.bos_id, ours.eos_id, ours.pad_id)

@@ -31,10 +31,13 @@ PRE_TOKENIZERS: dict[str, str | None] = {
     "gpt-2": None,
     "llama-bpe": LLAMA3_SPLIT,
     "llama3": LLAMA3_SPLIT,
-    "smaug-bpe": LLAMA3_SPLIT,
+    "smaug-bpe": LLAMA3_SPLIT,  # Llama-3's regex without ignore_merges
     "qwen2": QWEN2_SPLIT,
     "deepseek-r1-qwen": QWEN2_SPLIT,
 }
+# llama.cpp looks a whole pre-token up in the vocabulary before merging for these (tokenizers'
+# `ignore_merges`), as Llama-3's tokenizer.json does.
+IGNORE_MERGES = {"llama-bpe", "llama3"}
 
 
 def tokenizer_json_path(tokenizer: Any) -> Path:
@@ -53,22 +56,27 @@ def tokenizer_json_path(tokenizer: Any) -> Path:
 def _pre_name(spec: dict, source: Path) -> str:
     """The llama.cpp pre-tokenizer name equivalent to this tokenizer.json, or a one-line refusal."""
     pre = spec.get("pre_tokenizer") or {}
+    ignore_merges = bool((spec.get("model") or {}).get("ignore_merges"))
     if spec.get("normalizer"):
         raise LmforgeError(
             f"{source}: has a normalizer, which llama.cpp's BPE cannot apply; cannot export to GGUF"
         )
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
+        if ignore_merges:
+            raise LmforgeError(f"{source}: ignore_merges with the GPT-2 split has no llama.cpp equivalent")
         return "gpt-2"
     steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
     if steps and len(steps) == 2 and steps[0].get("type") == "Split" and steps[1].get("type") == "ByteLevel":
         regex = (steps[0].get("pattern") or {}).get("Regex")
         plain = not steps[1].get("use_regex", True) and not steps[1].get("add_prefix_space")
-        for name, split in PRE_TOKENIZERS.items():
-            if split is not None and regex == split and plain and steps[0].get("behavior") == "Isolated":
-                return name
+        if plain and steps[0].get("behavior") == "Isolated":
+            if regex == LLAMA3_SPLIT:
+                return "llama-bpe" if ignore_merges else "smaug-bpe"
+            if regex == QWEN2_SPLIT and not ignore_merges:
+                return "qwen2"
     raise LmforgeError(
         f"{source}: pre-tokenizer {json.dumps(pre)[:80]} has no llama.cpp equivalent "
-        f"(supported: byte-level GPT-2, Llama-3 and Qwen2 splits); cannot export to GGUF"
+        "(supported: byte-level GPT-2, Llama-3 and Qwen2 splits); cannot export to GGUF"
     )
 
 
@@ -169,7 +177,7 @@ def tokenizer_files_from_gguf(meta: dict[str, Any], source: str) -> dict[str, st
     if len(vocab) != len(tokens):
         raise LmforgeError(f"{source}: the vocabulary lists a token twice; the file is damaged")
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre in IGNORE_MERGES))
     split = PRE_TOKENIZERS[pre]
     if split is None:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
