@@ -238,7 +238,11 @@ def _parallel(pc: dict, tree: dict, mp: _Mapper) -> tuple[int, int, int, int]:
     mp.set("parallel_config.model_parallel", "parallel.tp", tp)
     mp.set("parallel_config.pipeline_stage", "parallel.pp", pp)
     if pp > 1:
-        mp.set("parallel_config.micro_batch_num", "parallel.pp_microbatches", micro_num)
+        # lmforge's pipeline cuts a step's whole batch (all accumulation steps) into
+        # pp_microbatches; MindFormers runs micro_batch_num per accumulation step.
+        accum = int((tree.get("runner_config") or {}).get("gradient_accumulation_steps") or 1)
+        label = "parallel_config.micro_batch_num" + (" x gradient_accumulation_steps" if accum > 1 else "")
+        mp.set(label, "parallel.pp_microbatches", micro_num * accum)
     elif micro_num > 1:
         mp.ignore("parallel_config.micro_batch_num", "only used with pipeline_stage > 1 (as in MindFormers)")
     for key in pc:

@@ -153,39 +153,28 @@ def _part_numel(model_json: str, tp: int, shard: int) -> dict:
 # Pipeline stages
 
 
-def balanced_stage_layers(num_layers: int, stages: int, first_extra: float, last_extra: float) -> list[int]:
-    """Layers per stage minimising the most expensive stage, where the first and last stages also
-    carry `first_extra` / `last_extra` layers' worth of work (embedding; final norm, output, loss):
-    each layer goes to the currently cheapest stage, middle stages first on ties."""
-    counts = [0] * stages
-    extra = [0.0] * stages
-    extra[0] += first_extra
-    extra[-1] += last_extra
-    middle = (stages - 1) / 2
-    for _ in range(num_layers):
-        i = min(range(stages), key=lambda k: (counts[k] + extra[k], abs(k - middle)))
-        counts[i] += 1
-    return counts
-
-
 def stage_layers(m, layout: Layout, seq_len: int) -> list[int]:
+    """Layers per stage by the pipeline builder's own rule (parallel/pipeline.py)."""
     stages = layout.pp * layout.virtual
     if layout.pp_layers is not None and len(layout.pp_layers) == stages:
         return list(layout.pp_layers)
-    return list(_balanced(m.num_layers, stages, _head_flops(m) / _layer_flops(m, seq_len)))
+    return list(_split(m.model_dump_json(), stages))
 
 
 @functools.lru_cache(maxsize=256)
-def _balanced(num_layers: int, stages: int, last_extra: float) -> tuple[int, ...]:
-    return tuple(balanced_stage_layers(num_layers, stages, 0.0, last_extra))
+def _split(model_json: str, stages: int) -> tuple[int, ...]:
+    from lmforge.model.config import ModelConfig
+    from lmforge.parallel.pipeline import end_costs, split_layers
+
+    m = ModelConfig.model_validate_json(model_json)
+    return tuple(split_layers(m.num_layers, stages, *end_costs(m)))
 
 
 def rank_stages(layout: Layout, rank: int) -> list[int]:
-    """Stage indices pipeline rank `rank` runs: looped for interleaved schedules, V-shaped for zbv."""
-    p, v = layout.pp, layout.virtual
-    if layout.schedule == "zbv":
-        return [rank, 2 * p - 1 - rank]
-    return [rank + k * p for k in range(v)]
+    """Stage indices pipeline rank `rank` runs (looped, or V-shaped for zbv), as the builder does."""
+    from lmforge.parallel.pipeline import stages_of_rank
+
+    return stages_of_rank(layout.schedule, rank, layout.pp, layout.virtual)
 
 
 def _head_flops(m) -> float:

@@ -65,13 +65,27 @@ def config_keys(layout: Layout, micro_steps: int) -> str:
 
 
 def available_schedules() -> tuple[str, ...]:
-    """Schedules the installed torch provides (zero-bubble ones arrived after torch 2.6)."""
+    """Schedules the installed torch provides, in the planner's order of preference."""
+    from lmforge.parallel.pipeline_step import available_schedules as installed
+
+    have = set(installed())
+    return tuple(s for s in PP_SCHEDULES if s in have)
+
+
+def micro_batches_refused(layout: Layout, micro_steps: int) -> str | None:
+    """The pipeline step's own refusal of `micro_steps` microbatches for this schedule, if any."""
+    from types import SimpleNamespace
+
+    from lmforge.parallel.pipeline_step import microbatches
+
+    if layout.pp == 1:
+        return None
+    parallel = SimpleNamespace(pp=layout.pp, pp_schedule=layout.schedule, pp_microbatches=micro_steps)
     try:
-        from torch.distributed.pipelining import schedules
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return ()
-    needs = {"zero_bubble": "ScheduleInterleavedZeroBubble", "zbv": "ScheduleZBVZeroBubble"}
-    return tuple(s for s in PP_SCHEDULES if s not in needs or hasattr(schedules, needs[s]))
+        microbatches(SimpleNamespace(parallel=parallel, train=SimpleNamespace(grad_accum_steps=1)))
+    except ConfigError as exc:
+        return str(exc)
+    return None
 
 
 def check_layout(cfg, layout: Layout) -> str | None:
@@ -162,6 +176,9 @@ def candidates(cfg, gpus: int, gpu: Accelerator) -> tuple[list[Layout], dict[str
                         for b in dict.fromkeys((per_rank, 16, 8, 4, 2, 1))
                         if b <= per_rank and per_rank % b == 0
                     ]
+                    micro = [b for b in micro if not micro_batches_refused(base, per_rank // b)]
+                    if not micro:
+                        refused.setdefault(axes(base), micro_batches_refused(base, per_rank))
                     out += [replace(base, ac=ac, micro_batch=b) for ac in AC_MODES for b in micro]
     return out, refused
 
