@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -299,6 +298,7 @@ def export_minimind(
     from lmforge.interop.export import _plain_state, check_state
     from lmforge.weights.dtypes import resolve_dtype
     from lmforge.weights.outdir import check_output_dir, output_dir
+    from lmforge.weights.tokenizer_files import copy_tokenizer_files
 
     hf = minimind_config(model_cfg)
     target = resolve_dtype(dtype)
@@ -312,12 +312,8 @@ def export_minimind(
         torch.save(theirs, str(tmp / name))
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
         if tokenizer is not None:
-            from lmforge.interop.gguf_vocab import tokenizer_json_path
-
-            src = tokenizer_json_path(tokenizer).parent
-            for extra in ("tokenizer.json", "tokenizer_config.json"):
-                if (src / extra).is_file():
-                    shutil.copy2(src / extra, tmp / extra)
+            src = Path(getattr(tokenizer, "path", tokenizer))  # a folder, a file or a loaded tokenizer
+            copy_tokenizer_files(src.parent if src.name == "tokenizer.json" else src, tmp)
     return Path(out_dir).resolve() / name
 
 
@@ -330,17 +326,20 @@ def import_minimind_to_folder(
 ) -> Path:
     """`lmforge import --minimind FILE.pth --out DIR`: lmforge weights + config.yaml, with the
     tokenizer files (MiniMind keeps them in its model/ folder) copied when given."""
-    from lmforge.interop.gguf_import import write_weights_folder
+    from lmforge.config import config_for_model
+    from lmforge.tokenizer import load_tokenizer
+    from lmforge.weights.files import save_weights
 
     state, cfg = import_minimind(pth, config_json)
-    files = {}
+    src = None
     if tokenizer is not None:
-        from lmforge.interop.gguf_vocab import tokenizer_json_path
-
-        src = tokenizer_json_path(tokenizer).parent
-        files = {
-            n: (src / n).read_text(encoding="utf-8")
-            for n in ("tokenizer.json", "tokenizer_config.json")
-            if (src / n).is_file()
-        }
-    return write_weights_folder(state, cfg, files, out, overwrite)
+        src = Path(getattr(tokenizer, "path", tokenizer))
+        src = src.parent if src.name == "tokenizer.json" else src
+        if not src.exists():
+            raise LmforgeError(f"{src}: tokenizer not found; pass MiniMind's model/ folder (tokenizer.json)")
+        size = load_tokenizer(src).vocab_size
+        if size > cfg.vocab_size:
+            raise LmforgeError(
+                f"{src}: {size} tokens but {pth} embeds {cfg.vocab_size}; pass the tokenizer it was trained with"
+            )
+    return save_weights(state, config_for_model(cfg), out, tokenizer_src=src, overwrite=overwrite)
