@@ -31,10 +31,13 @@ from pathlib import Path
 
 import torch
 
+from lmforge.parallel.compile import compile_seconds
+
 SHAPE = dict(hidden=128, layers=4, seq=256, batch=16)
 
 
-def lmforge_runner(mode: str, prepared: Path, tok_fp: str, steps: int, fused: bool = True):
+def lmforge_runner(mode: str, prepared: Path, tok_fp: str, steps: int, fused: bool = True,
+                   compile_: bool = False):
     from lmforge.config import config_from_dict
     from lmforge.data.loader import build_loader
     from lmforge.parallel import build_parallel_model, clip_grad_norm, init_distributed
@@ -47,6 +50,7 @@ def lmforge_runner(mode: str, prepared: Path, tok_fp: str, steps: int, fused: bo
         "data": {"train": str(prepared), "mode": mode, "seq_len": SHAPE["seq"], "prefetch": 0},
         "train": {"device": "cpu", "dtype": "float32", "global_batch_size": SHAPE["batch"]},
         "optim": {"lr": 5e-4, "weight_decay": 0.01, "grad_clip": 1.0},
+        "parallel": {"compile": compile_, "compile_mode": "model"},
     }
     cfg = config_from_dict(tree, "cpu_vs_minimind")
     ctx = init_distributed(cfg)
@@ -123,6 +127,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="steps per runner per round")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--no-fused-loss", action="store_true", help="lmforge with the plain logits loss")
+    parser.add_argument("--compile", action="store_true",
+                        help="lmforge with parallel.compile (whole model, inductor); compile time is "
+                        "spent in the warm-up round and reported separately")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     root = Path(args.minimind).resolve()
@@ -130,7 +137,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         fp = prepare(args.data, root / "model", Path(tmp) / "prepared")
         runners = {
-            f"lmforge {mode}": lmforge_runner(mode, Path(tmp) / "prepared", fp, total, not args.no_fused_loss)
+            f"lmforge {mode}": lmforge_runner(
+                mode, Path(tmp) / "prepared", fp, total, not args.no_fused_loss, args.compile
+            )
             for mode in ("packed", "padded")
         }
         runners |= {
@@ -145,7 +154,8 @@ def main(argv=None) -> int:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}; "
           f"{args.threads} thread(s); fp32; hidden {SHAPE['hidden']}, {SHAPE['layers']} layers, seq "
           f"{SHAPE['seq']}, micro batch {SHAPE['batch']}; {args.pairs} interleaved rounds of "
-          f"{args.steps} steps; medians; lmforge loss: {'plain' if args.no_fused_loss else 'fused'}")
+          f"{args.steps} steps; medians; lmforge loss: {'plain' if args.no_fused_loss else 'fused'}"
+          + (f"; compiled (compile {compile_seconds():.0f} s, in the warm-up round)" if args.compile else ""))
     print("| runner | params | CPU-s / step | real tokens / step | real tokens / CPU-s | vs MiniMind |")
     print("|---|---|---|---|---|---|")
     ref = statistics.median(t / c for c, t in rounds["MiniMind"])

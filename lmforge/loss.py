@@ -44,19 +44,17 @@ def _chunk_size(num_tokens: int, vocab: int, chunk_tokens: int | None) -> int:
 def _chunk_loss_and_logit_grad(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, need_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Summed CE of one chunk and, if asked, d(loss)/d(logits) in the compute dtype."""
-    logits = (hidden @ weight.t()).float()
-    valid = labels != IGNORE_INDEX
+    """Summed CE of one chunk and, if asked, d(loss)/d(logits) = softmax - one_hot in the compute
+    dtype, NOT yet zeroed on ignored rows (the caller masks the two [n, H]-sized products instead
+    of this [n, V] block)."""
     safe = labels.clamp(min=0).unsqueeze(1)
-    lse = torch.logsumexp(logits, dim=-1)
-    target = logits.gather(1, safe).squeeze(1)
-    loss = ((lse - target) * valid).sum()
+    # log_softmax is one vectorised pass; its output becomes the gradient in place
+    logp = torch.log_softmax((hidden @ weight.t()).float(), dim=-1)
+    loss = -(logp.gather(1, safe).squeeze(1) * (labels != IGNORE_INDEX)).sum()
     if not need_grad:
         return loss, None
-    # softmax - one_hot, zero on ignored rows; reuses the logits buffer (no second [n, V] tensor)
-    grad = logits.sub_(lse.unsqueeze(1)).exp_()
-    grad.scatter_add_(1, safe, torch.full_like(target, -1.0).unsqueeze(1))
-    grad.mul_(valid.unsqueeze(1))
+    grad = logp.exp_()
+    grad.scatter_add_(1, safe, torch.full(safe.shape, -1.0, device=grad.device))
     return loss, grad.to(hidden.dtype)
 
 
@@ -82,17 +80,20 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start : start + chunk]
-            loss, grad = _chunk_kernel(
-                h, weight, labels[start : start + chunk], need_h or need_w
-            )
+            y = labels[start : start + chunk]
+            loss, grad = _chunk_kernel(h, weight, y, need_h or need_w)
             total += loss
+            valid = (y != IGNORE_INDEX).unsqueeze(1).to(h.dtype)
             if need_h:
-                torch.mm(grad, weight, out=grad_hidden[start : start + chunk])
+                rows = grad_hidden[start : start + chunk]
+                torch.mm(grad, weight, out=rows)
+                rows.mul_(valid)
             if need_w:
+                masked = h * valid
                 if grad.dtype == torch.float32:
-                    grad_weight.addmm_(grad.t(), h)
+                    grad_weight.addmm_(grad.t(), masked)
                 else:
-                    grad_weight.add_((grad.t() @ h).float())
+                    grad_weight.add_((grad.t() @ masked).float())
         if need_w:
             grad_weight = grad_weight.to(weight.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight)
