@@ -76,7 +76,9 @@ def test_commands_refuse_a_users_folder_in_a_real_process(sources, tmp_path):
     assert not any(".tmp-" in p.name for p in tmp_path.iterdir())
 
 
-def test_out_dot_writes_into_an_empty_current_folder_and_refuses_a_full_one(sources, tmp_path):
+def test_out_dot_writes_into_an_empty_current_folder_and_refuses_a_full_one(
+    sources, tmp_path, monkeypatch, capsys
+):
     here = tmp_path / "here"
     here.mkdir()
     done = _cli(
@@ -87,8 +89,9 @@ def test_out_dot_writes_into_an_empty_current_folder_and_refuses_a_full_one(sour
     state, cfg, _ = load_weights(here)
     assert cfg.model.vocab_size == 300 and "tok_embeddings.weight" in state
     before = _user_folder(tmp_path / "full")
-    err = _refused(_cli("import", "--hf", str(sources / "hf"), "--out", ".", cwd=tmp_path / "full"))
-    assert "--overwrite" in err and _unchanged(tmp_path / "full", before)
+    monkeypatch.chdir(tmp_path / "full")
+    assert main(["import", "--hf", str(sources / "hf"), "--out", "."]) == 2
+    assert "--overwrite" in capsys.readouterr().err and _unchanged(tmp_path / "full", before)
 
 
 @pytest.mark.parametrize("fmt", ["hf", "safetensors"])
