@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,3 +151,26 @@ def test_a_failed_write_leaves_the_earlier_output_and_no_temporaries(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(LmforgeError, match="not a folder"), output_dir(tmp_path / "f"):
         pass
+
+
+def test_chat_template_travels_through_import_and_export(sources, tmp_path):
+    """Issue 9 item 7's part in the weights layer: the tokenizer files that travel with weights
+    (one TOKENIZER_FILES list) include chat_template.jinja, on import and on export."""
+    import shutil
+
+    from lmforge.infer import export_checkpoint, import_hf_folder
+    from lmforge.tokenizer import train_tokenizer
+
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat.\n" * 40, encoding="utf-8")
+    hf = tmp_path / "hf"
+    shutil.copytree(sources / "hf", hf)
+    tok = train_tokenizer([str(text)], 300, tmp_path / "tok")
+    for f in Path(tok).iterdir():
+        shutil.copy2(f, hf / f.name)
+    template = "{% for m in messages %}<|im_start|>{{ m.content }}<|im_end|>{% endfor %}"
+    (hf / "chat_template.jinja").write_text(template, encoding="utf-8")
+    imported = import_hf_folder(hf, tmp_path / "imported")
+    assert (imported / "chat_template.jinja").read_text(encoding="utf-8") == template
+    exported = export_checkpoint(imported, tmp_path / "again", fmt="hf", dtype="float32")
+    assert (exported / "chat_template.jinja").read_text(encoding="utf-8") == template
