@@ -158,3 +158,21 @@ def test_split_val_makes_a_validation_only_folder(tok_dir, tmp_path):
     assert done.returncode == 0 and folder_bytes(tmp_path / "v1") == folder_bytes(tmp_path / "valid")
     with pytest.raises(DataError, match="has no 'train' split"):
         TokenDataset.open(tmp_path / "valid", "train")
+
+
+def test_eval_data_skips_and_counts_a_lone_surrogate(tok_dir, tmp_path):
+    import torch
+
+    from lmforge.config import config_from_dict
+    from lmforge.infer import save_weights
+    from lmforge.model import Transformer
+
+    cfg = config_from_dict({"model": {"preset": "tiny", "vocab_size": 400}, "data": {"seq_len": 16}})
+    torch.manual_seed(0)
+    weights = save_weights(Transformer(cfg.model).state_dict(), cfg, tmp_path / "w", dtype="float32",
+                           tokenizer=load_tokenizer(tok_dir))  # fmt: skip
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine text"}\n{"text": "broken \\ud800 text"}\n{"text": "more fine text"}\n')
+    done = lmforge("eval", "--checkpoint", weights, "--data", path)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert "perplexity" in done.stdout and "1 invalid Unicode" in done.stderr and "bad.jsonl:2" in done.stderr

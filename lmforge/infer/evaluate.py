@@ -98,10 +98,15 @@ def _is_batch_iterable(data) -> bool:
 def text_token_stream(paths: list[str], tokenizer, fmt: str = "auto", text_field: str = "text") -> np.ndarray:
     """Tokenize raw text files on the fly into one stream laid out like a prepared split:
     each document is [bos] + tokens + [eos]."""
-    from lmforge.data.sources import iter_documents
+    import sys
+
+    from lmforge.data.sources import SourceStats, iter_documents
 
     ids: list[int] = []
     bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    for doc in iter_documents(paths, fmt=fmt, text_field=text_field):
+    stats = SourceStats()
+    for doc in iter_documents(paths, fmt=fmt, text_field=text_field, stats=stats):
         ids += bos + tokenizer.encode(doc.text) + [tokenizer.eos_id]
+    if stats.total_skipped or stats.empty_files:  # bad records are skipped and counted, never silent
+        print(f"eval: {stats.summary()}", file=sys.stderr)
     return np.asarray(ids, dtype=np.int64)
