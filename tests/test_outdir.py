@@ -174,3 +174,33 @@ def test_chat_template_travels_through_import_and_export(sources, tmp_path):
     assert (imported / "chat_template.jinja").read_text(encoding="utf-8") == template
     exported = export_checkpoint(imported, tmp_path / "again", fmt="hf", dtype="float32")
     assert (exported / "chat_template.jinja").read_text(encoding="utf-8") == template
+
+
+def test_consolidated_folder_carries_the_run_tokenizer(sources, tmp_path):
+    """A consolidated folder is self-contained: the run's tokenizer is copied in, so generate works
+    on it after the original tokenizer folder is gone."""
+    import shutil
+
+    from lmforge.infer import load_model_for_inference
+    from lmforge.tokenizer import load_tokenizer, train_tokenizer
+    from lmforge.weights.checkpoint import save_checkpoint
+    from lmforge.weights.files import consolidate
+
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat.\n" * 40, encoding="utf-8")
+    tok = train_tokenizer([str(text)], 300, tmp_path / "tok")
+    cfg = config_from_dict(
+        {
+            "model": {"preset": "tiny", "vocab_size": 300},
+            "data": {"seq_len": 32},
+            "tokenizer": {"path": str(tok)},
+        }
+    )
+    model = Transformer(cfg.model)
+    opt = torch.optim.AdamW(model.parameters())
+    save_checkpoint(tmp_path / "ck", 1, model, opt, {"config": cfg.model_dump(mode="json")}, {}, keep=1)
+    fingerprint = load_tokenizer(tok).fingerprint
+    out = consolidate(tmp_path / "ck", tmp_path / "flat")
+    shutil.rmtree(tok)
+    _, _, tokenizer = load_model_for_inference(out)
+    assert tokenizer is not None and tokenizer.fingerprint == fingerprint

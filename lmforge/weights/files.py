@@ -107,4 +107,6 @@ def consolidate(
     sd, cfg = load_model_state(step)
     if str(out).endswith(".safetensors"):
         return write_weights_file(sd, cfg, out, dtype, overwrite)
+    if tokenizer_src is None and cfg.tokenizer.path and Path(cfg.tokenizer.path).exists():
+        tokenizer_src = Path(cfg.tokenizer.path)  # the folder form carries it: usable from anywhere
     return save_weights(sd, cfg, out, dtype, tokenizer_src, overwrite)
