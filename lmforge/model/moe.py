@@ -4,9 +4,12 @@ Switch/MiniMind load-balancing loss.
 Dispatch sorts the token-to-expert assignments by expert and multiplies each expert's rows by
 its weights without ever reading the per-expert counts on the host (no sync per layer, one
 static-shape graph for torch.compile), dropless (no capacity): on CUDA with bf16 and
-`torch._grouped_mm` one grouped GEMM per projection; elsewhere `tiled_expert_matmul`, a batched
-fallback over fixed-size row tiles. Every expert's weights take part in each step (zero gradients
-when it got no tokens), so DDP needs no find_unused_parameters.
+`torch._grouped_mm` one grouped GEMM per projection; on other accelerators and under
+torch.compile `tiled_expert_matmul`, a batched fallback over fixed-size row tiles. Eager on the
+CPU the counts are read on the host and each expert runs on its own rows (`DISPATCH = "auto"`):
+there is no device to wait for there, and the tiled fallback's per-tile weight copies make it
+~1.7x slower at minimind2-moe shapes (bench/moe_step.py). Every expert's weights take part in each
+step (zero gradients when it got no tokens), so DDP needs no find_unused_parameters.
 """
 
 from __future__ import annotations
@@ -105,7 +108,11 @@ class MoEFeedForward(nn.Module):
         weight_of = weights.reshape(-1)[order]
         rows = x_flat[token_of]
         compute_dtype = _grouped_mm_dtype(x_flat)
-        if compute_dtype is not None and self.experts[0].w1.bias is None:
+        if DISPATCH == "loop" or (
+            DISPATCH == "auto" and x_flat.device.type == "cpu" and not torch.compiler.is_compiling()
+        ):
+            y = self._per_expert(rows, flat_idx)
+        elif compute_dtype is not None and self.experts[0].w1.bias is None:
             counts = torch.bincount(flat_idx, minlength=self.num_experts)
             offsets = torch.cumsum(counts, 0).to(torch.int32)
             (w1, _), (w3, _), (w2, _) = self.stacked_weights(compute_dtype)
@@ -113,7 +120,7 @@ class MoEFeedForward(nn.Module):
             gate = torch._grouped_mm(rows, w1.transpose(-2, -1), offs=offsets)
             up = torch._grouped_mm(rows, w3.transpose(-2, -1), offs=offsets)
             y = torch._grouped_mm(F.silu(gate) * up, w2.transpose(-2, -1), offs=offsets)
-        else:
+        else:  # "tiled", or "auto" on an accelerator without grouped GEMM
             y = tiled_expert_matmul(rows, expert_of, self.stacked_weights(), self.num_experts)
         y = y.to(x_flat.dtype) * weight_of[:, None]
         out = torch.zeros_like(x_flat).index_add_(0, token_of, y)
@@ -122,6 +129,17 @@ class MoEFeedForward(nn.Module):
 
         aux = load_balancing_loss(probs, idx, self.num_experts, self.aux_loss_coef)
         return self.dropout(out.view(shape)), aux
+
+    def _per_expert(self, rows: torch.Tensor, flat_idx: torch.Tensor) -> torch.Tensor:
+        """Each expert on its slice of the sorted rows; the slice sizes are read on the host."""
+        counts = torch.bincount(flat_idx, minlength=self.num_experts).tolist()
+        pieces = [expert(part) for expert, part in zip(self.experts, rows.split(counts))]
+        return torch.cat(pieces)
+
+
+# "auto": per-expert loop eager on the CPU, grouped GEMM on CUDA bf16, tiled elsewhere;
+# "tiled" / "loop" force one (tests run the accelerators' sync-free path on the CPU with "tiled").
+DISPATCH = "auto"
 
 
 def _grouped_mm_dtype(x: torch.Tensor) -> torch.dtype | None:
