@@ -129,6 +129,7 @@ def test_fused_loss_under_fsdp2_matches_plain(tmp_path):
     assert result["params"] > 5
     assert result["loss_diff"] < 1e-4, result
     assert result["grad_diff"] < 1e-5, result
+    assert result["tp_flags"] == [False, True, False]  # FSDP shard, TP vocab shard, TP replicated
 
 
 def _fsdp_worker(out_path: str) -> None:
@@ -155,10 +156,18 @@ def _fsdp_worker(out_path: str) -> None:
         results.append((ce.detach(), grads))
     (ref, ref_g), (got, got_g) = results
     grad_diff = max((got_g[n] - ref_g[n]).abs().max().item() for n in ref_g)
+    # which output weights take the fused path: FSDP shards yes, a vocab-sharded TP weight no
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    tp_mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+    fsdp_weight = model.output_weight()
+    tp_weight = distribute_tensor(torch.randn(8, 4), tp_mesh, [Shard(0)])
+    tp_replicated = distribute_tensor(torch.randn(8, 4), tp_mesh, [Replicate()])
+    flags = [output_weight_is_tensor_parallel(w) for w in (fsdp_weight, tp_weight, tp_replicated)]
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump({"loss_diff": abs(got - ref).item(), "grad_diff": grad_diff,
-                       "params": len(ref_g)}, f)
+                       "params": len(ref_g), "tp_flags": flags}, f)
     dist.barrier()  # no rank tears gloo down while the other still talks to it
     dist.destroy_process_group()
 
