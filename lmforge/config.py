@@ -19,8 +19,6 @@ from pydantic import (
 )
 
 from lmforge.errors import ConfigError
-from lmforge.mindformers import convert as convert_mindformers
-from lmforge.mindformers import looks_like_mindformers
 from lmforge.model.config import ModelConfig, MoEConfig, RopeScaling, Section  # noqa: F401 (re-exported)
 from lmforge.model.presets import get_preset
 
@@ -419,17 +417,16 @@ def load_yaml(path: str | Path) -> dict:
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None, notes: list[str] | None = None
 ) -> Config:
-    """Load a YAML file (or defaults; a MindFormers run config is converted) and apply `key=value`
-    overrides, then validate. Lines the user should see are appended to `notes` when given."""
+    """Load a YAML file (or defaults) and apply `key=value` overrides, then validate. Lines the
+    user should see are appended to `notes` when given. (MindFormers YAML: lmforge.mindformers.)"""
     tree = load_yaml(path) if path is not None else {}
     source = str(path) if path is not None else "<defaults>"
-    if looks_like_mindformers(tree):
-        tree, mapped, ignored = convert_mindformers(tree, source)
-        if notes is not None:
-            notes.append(
-                f"{source}: MindFormers run config: {len(mapped)} keys mapped, {len(ignored)} ignored "
-                f"(`lmforge config convert {source} --out lmforge.yaml` lists them)"
-            )
+    return config_from_tree(tree, source, overrides, notes)
+
+
+def config_from_tree(
+    tree: dict, source: str, overrides: list[str] | None = None, notes: list[str] | None = None
+) -> Config:
     parsed = parse_overrides(overrides or [])
     found = apply_overrides(tree, parsed, source)
     if notes is not None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from lmforge.config import config_from_dict, config_from_tree, load_yaml
 from lmforge.errors import ConfigError
 
 # Keys MindFormers has that lmforge does not need, and why (top-level sections or dotted keys).
@@ -430,8 +431,6 @@ def print_once(text: str) -> None:
 def convert_file(source: str, out: str, overwrite: bool = False) -> None:
     """`lmforge config convert`: write the lmforge YAML, print the table; the file appears only
     complete (temporary sibling, renamed) and never replaces one unless `overwrite`."""
-    from lmforge.config import config_from_dict, load_yaml
-
     target = Path(out)
     if target.exists() and not overwrite:
         raise ConfigError(f"{out}: already exists; choose another --out or pass --overwrite")
@@ -457,3 +456,16 @@ def convert_file(source: str, out: str, overwrite: bool = False) -> None:
     print(
         f"wrote {out} ({cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}); run it with: lmforge train --config {out}"
     )
+
+
+def load_run_config(path: str, overrides: list[str] | None = None, notes: list[str] | None = None):
+    """`config.load_config` that also reads MindFormers run configs (summarised in `notes`)."""
+    tree = load_yaml(path)
+    if looks_like_mindformers(tree):
+        tree, mapped, ignored = convert(tree, str(path))
+        if notes is not None:
+            notes.append(
+                f"{path}: MindFormers run config: {len(mapped)} keys mapped, {len(ignored)} ignored "
+                f"(`lmforge config convert {path} --out lmforge.yaml` lists them)"
+            )
+    return config_from_tree(tree, str(path), overrides, notes)

@@ -245,6 +245,12 @@ def test_pipeline_keys_accept_valid_layouts():
 MF = REPO / "tests" / "fixtures" / "mindformers"
 
 
+def load_run_config(path):
+    from lmforge.mindformers import load_run_config as load
+
+    return load(path)
+
+
 def _lmforge(*args, cwd=None):
     import subprocess
     import sys
@@ -256,7 +262,7 @@ def _lmforge(*args, cwd=None):
 
 
 def test_mindformers_llama2_7b_maps_every_listed_key():
-    cfg = load_config(MF / "llama2_7b_pretrain.yaml")
+    cfg = load_run_config(MF / "llama2_7b_pretrain.yaml")
     m, p, t, o = cfg.model, cfg.parallel, cfg.train, cfg.optim
     assert (m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads, m.vocab_size) == (
         4096,
@@ -292,7 +298,7 @@ def test_mindformers_llama2_7b_maps_every_listed_key():
 
 
 def test_mindformers_llama3_70b_is_tp8_pp8_with_256_micro_batches():
-    cfg = load_config(MF / "llama3_70b_pretrain.yaml")
+    cfg = load_run_config(MF / "llama3_70b_pretrain.yaml")
     p = cfg.parallel
     assert (p.strategy, p.dp_shard, p.tp, p.pp, p.pp_microbatches) == ("fsdp+tp", 1, 8, 8, 256)
     assert p.activation_checkpoint == "selective"  # select_recompute lists layers per stage
@@ -312,7 +318,7 @@ def test_config_convert_writes_a_loadable_file_and_lists_ignored_keys(tmp_path):
     assert "train.global_batch_size" in stdout and "parallel.strategy" in stdout
     assert "  ignored context: MindSpore runtime settings" in stdout
     assert "  ignored runner_config.sink_mode: MindSpore data sinking" in stdout
-    assert load_config(out).model_dump() == load_config(MF / "llama2_7b_pretrain.yaml").model_dump()
+    assert load_config(out).model_dump() == load_run_config(MF / "llama2_7b_pretrain.yaml").model_dump()
     before = out.read_bytes()
     code, _, err = _lmforge("config", "convert", str(MF / "llama2_7b_pretrain.yaml"), "--out", str(out))
     assert (
@@ -340,7 +346,7 @@ def test_unmappable_mindformers_keys_are_one_line_errors(tmp_path, change, messa
     tree.update(change)
     path = write(tmp_path, yaml.safe_dump(tree), "mf.yaml")
     with pytest.raises(ConfigError) as info:
-        load_config(path)
+        load_run_config(path)
     assert str(info.value) == f"{path}: {message}" or str(info.value).startswith(f"{path}: {message}")
 
 

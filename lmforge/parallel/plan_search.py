@@ -370,8 +370,8 @@ def plan_command(
     config_path: str, gpus: int, gpu_type: str, gpu_memory_gib: float | None, mfu: float
 ) -> None:
     """`lmforge plan`: print the report; a request nothing fits is an error (non-zero exit)."""
-    from lmforge.config import load_config
     from lmforge.hardware import find_accelerator
+    from lmforge.mindformers import load_run_config
 
     try:
         gpu = find_accelerator(gpu_type)
@@ -380,7 +380,7 @@ def plan_command(
     memory = gpu.memory_gib if gpu_memory_gib is None else gpu_memory_gib
     check_request(gpus, memory, mfu)
     notes: list[str] = []
-    cfg = load_config(config_path, notes=notes)
+    cfg = load_run_config(config_path, notes=notes)
     for note in notes:
         print(f"note: {note}")
     text, fits = plan_report(cfg, gpus, gpu, memory, mfu)
