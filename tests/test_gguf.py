@@ -227,8 +227,10 @@ def test_embedded_tokenizer_encodes_like_ours(tmp_path, tokenizer_dir, pre):
     else:
         regex = QWEN2_SPLIT if pre == "qwen2" else LLAMA3_SPLIT
         src = _train_split_tokenizer(tmp_path / "src", regex, ignore_merges=pre == "llama-bpe")
-    model, cfg = _model(False, 1, True, None)
-    path = export_gguf(model, cfg, src, tmp_path / "m.gguf")
+    cfg = ModelConfig(
+        vocab_size=512, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64
+    )
+    path = export_gguf(Transformer(cfg), cfg, src, tmp_path / "m.gguf")
     meta = {
         k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items() if k.startswith("tokenizer")
     }
@@ -277,3 +279,59 @@ def test_refusals_are_one_line(tmp_path, tokenizer_dir):
     writer.close()
     with pytest.raises(LmforgeError, match="architecture 'gpt2' is not supported"):
         import_gguf(tmp_path / "gpt2.gguf")
+
+
+def test_sentencepiece_tokenizer_embeds_and_comes_back(tmp_path):
+    """A Llama-2-style SentencePiece BPE (byte fallback, dummy prefix) as llama.cpp's 'llama' vocab."""
+    import sentencepiece as spm
+
+    from lmforge.tokenizer import load_tokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(_corpus()), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(tmp_path / "tokenizer"),
+        vocab_size=480,
+        normalization_rule_name="identity",  # as Llama-2's: llama.cpp applies no NFKC table
+        remove_extra_whitespaces=False,  # as Llama-2's: llama.cpp keeps repeated spaces
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    src = tmp_path / "sp"
+    src.mkdir()
+    (tmp_path / "tokenizer.model").rename(src / "tokenizer.model")
+    cfg = ModelConfig(
+        vocab_size=512, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64
+    )
+    path = export_gguf(Transformer(cfg), cfg, src, tmp_path / "m.gguf")
+    meta = {
+        k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items() if k.startswith("tokenizer")
+    }
+    assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.add_space_prefix"] is True
+    ours = load_tokenizer(src)
+    text = TEXT + " 𝔘nknown ✓"  # characters outside the vocabulary take the byte fallback
+    want = ours.encode(text)
+    assert any(ours.decode([i]).startswith("<0x") or i in range(3, 259) for i in want)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == want
+    out = import_gguf_to_folder(path, tmp_path / "back")
+    back = load_tokenizer(out)
+    assert (out / "tokenizer.model").is_file() and back.encode(text) == want
+    assert (back.bos_id, back.eos_id, back.pad_id) == (ours.bos_id, ours.eos_id, ours.pad_id) == (1, 2, None)
+    # sentencepiece's default normaliser (NFKC, extra spaces removed) has no llama.cpp equivalent.
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((src / "tokenizer.model").read_bytes())
+    proto.normalizer_spec.remove_extra_whitespaces = True
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "tokenizer.model").write_bytes(proto.SerializeToString())
+    with pytest.raises(LmforgeError, match="remove_extra_whitespaces"):
+        export_gguf(Transformer(cfg), cfg, tmp_path / "bad", tmp_path / "bad.gguf")

@@ -197,7 +197,7 @@ def _our_name(gguf: str) -> str | None:
     return None
 
 
-def import_gguf(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig, dict[str, str]]:
+def import_gguf(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig, dict[str, str | bytes]]:
     """(state dict with our names, ModelConfig, {tokenizer file name: text}) from a GGUF file."""
     from lmforge.interop.gguf_vocab import tokenizer_files_from_gguf
     from lmforge.weights.shapes import config_shapes
@@ -250,7 +250,7 @@ def import_gguf(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig,
 def write_weights_folder(
     state: dict[str, torch.Tensor],
     cfg: ModelConfig,
-    files: dict[str, str],
+    files: dict[str, str | bytes],
     out: str | Path,
     overwrite: bool = False,
 ) -> Path:
@@ -264,7 +264,8 @@ def write_weights_folder(
 
     with tempfile.TemporaryDirectory(prefix="lmforge-tok-") as tok_dir:
         for name, text in files.items():
-            (Path(tok_dir) / name).write_text(text, encoding="utf-8")
+            target = Path(tok_dir) / name
+            target.write_bytes(text) if isinstance(text, bytes) else target.write_text(text, encoding="utf-8")
         return save_weights(
             state,
             config_for_model(cfg),

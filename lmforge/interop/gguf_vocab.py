@@ -40,15 +40,15 @@ PRE_TOKENIZERS: dict[str, str | None] = {
 IGNORE_MERGES = {"llama-bpe", "llama3"}
 
 
-def tokenizer_json_path(tokenizer: Any) -> Path:
-    """The tokenizer.json of a folder, file or loaded lmforge tokenizer."""
+def tokenizer_file(tokenizer: Any) -> Path:
+    """The tokenizer.json or SentencePiece tokenizer.model of a folder, file or loaded tokenizer."""
     path = Path(getattr(tokenizer, "path", tokenizer))
     if path.is_dir():
-        path = path / "tokenizer.json"
-    if path.name != "tokenizer.json" or not path.is_file():
+        path = path / "tokenizer.json" if (path / "tokenizer.json").is_file() else path / "tokenizer.model"
+    if not path.is_file() or getattr(tokenizer, "kind", "") == "tiktoken":
         raise LmforgeError(
-            f"{path}: GGUF export embeds a byte-level BPE tokenizer.json; SentencePiece and tiktoken "
-            "tokenizers are not supported, pass a folder with tokenizer.json"
+            f"{path}: GGUF embeds a tokenizer.json (byte-level BPE) or a SentencePiece tokenizer.model; "
+            "tiktoken files are not supported"
         )
     return path
 
@@ -94,7 +94,16 @@ def gguf_vocab(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
     """Everything `write_vocab` puts in the file, checked first so nothing is written on a refusal."""
     from lmforge.tokenizer import load_tokenizer
 
-    path = tokenizer_json_path(tokenizer)
+    path = tokenizer_file(tokenizer)
+    config = _read_config(path.parent)
+    template = config.get("chat_template")
+    template = template if isinstance(template, str) else None
+    if path.name != "tokenizer.json":
+        from lmforge.interop.gguf_spm import spm_vocab
+
+        vocab = spm_vocab(path, vocab_size)
+        # lmforge starts every training document with BOS, so llama.cpp should too.
+        return {**vocab, "add_bos": vocab["bos"] is not None, "chat_template": template}
     spec = json.loads(path.read_text(encoding="utf-8"))
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix"):
@@ -117,9 +126,8 @@ def gguf_vocab(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
         token_types[i] = types.get(i, NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     tok = load_tokenizer(path.parent)
-    config = _read_config(path.parent)
-    template = config.get("chat_template")
     return {
+        "model": "gpt2",
         "pre": pre,
         "tokens": tokens,
         "token_types": token_types,
@@ -129,16 +137,21 @@ def gguf_vocab(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
         "pad": tok.pad_id,
         # lmforge starts every training document with BOS, so llama.cpp should too.
         "add_bos": tok.bos_id is not None,
-        "chat_template": template if isinstance(template, str) else None,
+        "chat_template": template,
     }
 
 
 def write_vocab(writer, vocab: dict[str, Any]) -> None:
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(vocab["pre"])
-    writer.add_token_list(vocab["tokens"])
-    writer.add_token_types(vocab["token_types"])
-    writer.add_token_merges(vocab["merges"])
+    if vocab["model"] == "llama":
+        from lmforge.interop.gguf_spm import write_spm_vocab
+
+        write_spm_vocab(writer, vocab)
+    else:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(vocab["pre"])
+        writer.add_token_list(vocab["tokens"])
+        writer.add_token_types(vocab["token_types"])
+        writer.add_token_merges(vocab["merges"])
     for role in ("bos", "eos", "pad"):
         if vocab[role] is not None:
             getattr(writer, f"add_{role}_token_id")(vocab[role])
@@ -148,19 +161,28 @@ def write_vocab(writer, vocab: dict[str, Any]) -> None:
         writer.add_chat_template(vocab["chat_template"])
 
 
-def tokenizer_files_from_gguf(meta: dict[str, Any], source: str) -> dict[str, str]:
-    """{file name: text} for tokenizer.json and tokenizer_config.json rebuilt from GGUF metadata
-    (empty when the file carries no tokenizer)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-
+def tokenizer_files_from_gguf(meta: dict[str, Any], source: str) -> dict[str, str | bytes]:
+    """{file name: contents} of the tokenizer rebuilt from GGUF metadata: tokenizer.json (byte-level
+    BPE, 'gpt2') or tokenizer.model (SentencePiece, 'llama'), plus tokenizer_config.json; empty
+    when the file carries no tokenizer."""
     kind = meta.get("tokenizer.ggml.model")
     if kind is None:
         return {}
+    if kind == "llama":
+        from lmforge.interop.gguf_spm import spm_files_from_gguf
+
+        return {**spm_files_from_gguf(meta, source), "tokenizer_config.json": _config_json(meta)}
     if kind != "gpt2":
         raise LmforgeError(
-            f"{source}: tokenizer.ggml.model '{kind}' is not supported (only byte-level BPE, 'gpt2'); "
-            "import the weights from a GGUF with a BPE vocabulary"
+            f"{source}: tokenizer.ggml.model '{kind}' is not supported (byte-level BPE 'gpt2' and "
+            "SentencePiece 'llama' are); import a GGUF with one of those vocabularies"
         )
+    return {"tokenizer.json": _bpe_json(meta, source), "tokenizer_config.json": _config_json(meta)}
+
+
+def _bpe_json(meta: dict[str, Any], source: str) -> str:
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZERS:
         raise LmforgeError(
@@ -198,6 +220,11 @@ def tokenizer_files_from_gguf(meta: dict[str, Any], source: str) -> dict[str, st
                 raise LmforgeError(
                     f"{source}: token {i} {t!r} is duplicated or out of order in the vocabulary"
                 )
+    return tok.to_str(pretty=True)
+
+
+def _config_json(meta: dict[str, Any]) -> str:
+    tokens = meta["tokenizer.ggml.tokens"]
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
@@ -211,7 +238,4 @@ def tokenizer_files_from_gguf(meta: dict[str, Any], source: str) -> dict[str, st
             config[f"{role}_token"] = tokens[token_id]
     if meta.get("tokenizer.chat_template"):
         config["chat_template"] = meta["tokenizer.chat_template"]
-    return {
-        "tokenizer.json": tok.to_str(pretty=True),
-        "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n",
-    }
+    return json.dumps(config, indent=2, ensure_ascii=False) + "\n"
