@@ -34,12 +34,14 @@ from pathlib import Path  # noqa: E402
 SECTION = "## Prepare"
 
 
-def watch_tree(proc: subprocess.Popen) -> tuple[int, float]:
-    """Wait for `proc`; (peak summed RSS of its process tree in bytes, CPU seconds of the tree)."""
+def watch_tree(proc: subprocess.Popen, log=None) -> tuple[int, float]:
+    """Wait for `proc`; (peak summed RSS of its process tree in bytes, CPU seconds of the tree).
+    CPU is user+system of each process at its last sample (never children_* times: reaped
+    children would be counted twice); `log` gets a line every 10 s."""
     import psutil
 
     root = psutil.Process(proc.pid)
-    peak, cpu = 0, {}
+    peak, cpu, last = 0, {}, time.perf_counter()
     while proc.poll() is None:
         total = 0
         try:
@@ -50,10 +52,13 @@ def watch_tree(proc: subprocess.Popen) -> tuple[int, float]:
             try:
                 total += p.memory_info().rss
                 t = p.cpu_times()
-                cpu[p.pid] = t.user + t.system + t.children_user + t.children_system
+                cpu[p.pid] = t.user + t.system
             except psutil.Error:
                 continue
         peak = max(peak, total)
+        if log is not None and time.perf_counter() - last > 10:
+            last = time.perf_counter()
+            print(f"watch: peak RSS {peak / 2**20:.0f} MiB, CPU {sum(cpu.values()):.0f} s", file=log, flush=True)
         time.sleep(0.1)
     return peak, sum(cpu.values())
 
@@ -62,10 +67,12 @@ def run_prepare(corpus: list[str], tok: Path, out: Path, workers: int, engine: s
     code = (
         "import json; from lmforge.data.prepare import prepare_dataset; "
         f"s = prepare_dataset({corpus!r}, {str(tok)!r}, {str(out)!r}, workers={workers}, engine={engine!r}, "
-        "progress=False, overwrite=True); print(json.dumps(s))"
+        "progress=True, overwrite=True); print(json.dumps(s))"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    peak, cpu = watch_tree(proc)
+    log = open(os.environ["BENCH_LOG"], "a") if os.environ.get("BENCH_LOG") else None  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=log or subprocess.DEVNULL,
+                            text=True)
+    peak, cpu = watch_tree(proc, log)
     stdout = proc.stdout.read()
     if proc.returncode != 0:
         raise SystemExit(f"prepare {engine} with {workers} workers failed (exit {proc.returncode})")
