@@ -227,10 +227,8 @@ def test_embedded_tokenizer_encodes_like_ours(tmp_path, tokenizer_dir, pre):
     else:
         regex = QWEN2_SPLIT if pre == "qwen2" else LLAMA3_SPLIT
         src = _train_split_tokenizer(tmp_path / "src", regex, ignore_merges=pre == "llama-bpe")
-    cfg = ModelConfig(
-        vocab_size=512, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64
-    )
-    path = export_gguf(Transformer(cfg), cfg, src, tmp_path / "m.gguf")
+    model, cfg = _model(False, 1, True, None)
+    path = export_gguf(model, cfg, src, tmp_path / "m.gguf")
     meta = {
         k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items() if k.startswith("tokenizer")
     }
