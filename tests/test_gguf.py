@@ -333,3 +333,10 @@ def test_sentencepiece_tokenizer_embeds_and_comes_back(tmp_path):
     (tmp_path / "bad" / "tokenizer.model").write_bytes(proto.SerializeToString())
     with pytest.raises(LmforgeError, match="remove_extra_whitespaces"):
         export_gguf(Transformer(cfg), cfg, tmp_path / "bad", tmp_path / "bad.gguf")
+
+
+def test_config_values_float32_cannot_hold_come_back_exactly(tmp_path, tokenizer_dir):
+    model, cfg = _model(True, 1, True, None)
+    cfg = cfg.model_copy(update={"rope_theta": 123456.7, "norm_eps": 1.234567e-6, "init_std": 0.0123})
+    _, back, _ = import_gguf(export_gguf(model, cfg, tokenizer_dir, tmp_path / "m.gguf", dtype="f16"))
+    assert back == cfg

@@ -206,6 +206,9 @@ def _write_hparams(writer, cfg: ModelConfig, arch: str, name: str, dtype: str) -
                 writer.add_uint32(f"lmforge.rope_scaling.{key}", int(value))
             else:
                 writer.add_float64(f"lmforge.rope_scaling.{key}", float(value))
+    # GGUF's own keys are float32; these float64 copies let an import rebuild the config exactly.
+    writer.add_float64("lmforge.rope_theta", cfg.rope_theta)
+    writer.add_float64("lmforge.norm_eps", cfg.norm_eps)
     writer.add_float64("lmforge.init_std", cfg.init_std)
 
 

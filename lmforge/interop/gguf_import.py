@@ -115,7 +115,7 @@ def _config(meta: dict, tensors: dict[str, torch.Tensor], source: str) -> ModelC
         raise LmforgeError(
             f"{source}: partial rotary embeddings (rope.dimension_count < head_dim) are not supported"
         )
-    theta = float(key("rope.freq_base", 10000.0))
+    theta = float(meta.get("lmforge.rope_theta") or key("rope.freq_base", 10000.0))
     scaling = _rope_scaling(meta, tensors.get("rope_freqs.weight"), head_dim, theta, source)
     fields: dict[str, Any] = dict(
         vocab_size=int(embed.shape[0]),
@@ -128,7 +128,7 @@ def _config(meta: dict, tensors: dict[str, torch.Tensor], source: str) -> ModelC
         max_position_embeddings=key("context_length"),
         rope_theta=theta,
         rope_scaling=scaling,
-        norm_eps=key("attention.layer_norm_rms_epsilon"),
+        norm_eps=meta.get("lmforge.norm_eps") or key("attention.layer_norm_rms_epsilon"),
         qk_norm=arch in ("qwen3", "qwen3moe"),
         tie_embeddings="output.weight" not in tensors,
         init_std=meta.get("lmforge.init_std", 0.02),
