@@ -102,7 +102,7 @@ def run_layout(sc: dict, init: dict) -> list[float]:
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(ctx.reduce_mean(loss).item())
-    ctx.shutdown()
+    ctx.barrier()  # the process group is kept for the next layout (re-creating it on one store hangs)
     return losses
 
 
@@ -122,12 +122,18 @@ def _inits(tmp: Path) -> dict:
 
 
 def _worker(spec_path: str) -> None:
+    import faulthandler
+
+    faulthandler.enable()  # a gloo abort in C++ still shows where Python was
+    if os.environ.get("HANGDBG"):
+        faulthandler.dump_traceback_later(int(os.environ["HANGDBG"]), exit=True)
     from safetensors.torch import load_file
 
     spec = json.loads(Path(spec_path).read_text())
     results = {}
     for name, sc in spec["scenarios"].items():
         results[name] = run_layout(sc, load_file(spec["inits"][sc.get("init", "tied")]))
+    torch.distributed.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         tmp = Path(spec["out"] + ".tmp")
         tmp.write_text(json.dumps(results))
@@ -156,7 +162,7 @@ def scenarios(ckpt: str) -> tuple[dict, dict]:
     two = {}
     for sched in _schedules():
         init = "untied" if sched == "zbv" else "tied"
-        two[f"pp2_{sched}"] = {"parallel": _pp(sched), "accum": 2, "init": init,
+        two[f"pp2_{sched}"] = {"parallel": _pp(sched), "accum": 4 if sched == "zbv" else 2, "init": init,
                                "model": UNTIED if init == "untied" else {}}
     two["pp2_1f1b_accum4_padded"] = {"parallel": _pp("1f1b"), "accum": 4, "padded": True}
     two["pp2_gpipe_moe"] = {"parallel": _pp("gpipe"), "accum": 2, "init": "moe", "model": {**MOE, **UNTIED}}

@@ -25,8 +25,7 @@ from torch import nn
 from lmforge.errors import ConfigError
 from lmforge.parallel.activation import apply_activation_checkpointing
 from lmforge.parallel.distributed import ParallelContext
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from lmforge.weights.dtypes import DTYPES as _DTYPES  # the one dtype table
 
 
 def _init_seed(seed: int, ctx: ParallelContext) -> int:
@@ -69,6 +68,11 @@ def shard_module(model: nn.Module, cfg, ctx: ParallelContext, local_logits: bool
     # are there already, and FSDP2's pinned-memory offload needs an accelerator, so it is skipped.
     offload = cfg.parallel.cpu_offload and ctx.device.type == "cuda"
     if shape.uses_fsdp:
+        apply_fsdp(model, ctx, cfg.parallel, offload)
+    elif shape.pp > 1 and shape.strategy == "ddp" and shape.dp_size > 1:
+        # DDP's reducer cannot follow a pipeline's interleaved forwards and backwards; FSDP2 on the
+        # (dp_replicate, dp_shard=1) mesh is replication with a gradient all-reduce, which the
+        # pipeline schedules drive correctly.
         apply_fsdp(model, ctx, cfg.parallel, offload)
     return offload
 

@@ -174,9 +174,8 @@ class PipelineModel(nn.Module):
             mods = [getattr(s, name) for s in stages if getattr(s, name) is not None]
             setattr(self, name, mods[0] if mods else None)
         self.layers = nn.ModuleDict({k: v for s in stages for k, v in s.layers.items()})
-        # Kept out of the module tree so names stay plain; `runners` may be DDP-wrapped stages.
+        # Kept out of the module tree so names stay plain.
         self.__dict__["stages"] = stages
-        self.__dict__["runners"] = list(stages)
         self.stage_ids, self.num_stages = stage_ids, num_stages
         self.has_first = 0 in stage_ids
         self.has_last = num_stages - 1 in stage_ids
@@ -205,9 +204,14 @@ class PipelineModel(nn.Module):
         """Sum the tied table's gradient between the first- and last-stage ranks."""
         if self.tied_group is None or self.tok_embeddings is None:
             return
-        grad = self.tok_embeddings.weight.grad
+        weight = self.tok_embeddings.weight
+        grad = weight.grad
         if grad is None:  # no microbatch touched it: keep both replicas' updates equal anyway
-            grad = self.tok_embeddings.weight.grad = torch.zeros_like(self.tok_embeddings.weight)
+            grad = weight.grad = torch.zeros_like(weight)
+        if hasattr(grad, "placements") and grad.placements != weight.placements:
+            # A tensor-parallel embedding's backward can leave a partial or replicated gradient;
+            # both sides must hold the parameter's shard to add them up.
+            grad = weight.grad = grad.redistribute(placements=weight.placements)
         local = grad.to_local() if hasattr(grad, "to_local") else grad
         dist.all_reduce(local, group=self.tied_group)
 
@@ -238,7 +242,7 @@ def _tied_groups(ctx):
 
 def build_pipeline_model(cfg, ctx) -> PipelineModel:
     """This rank's stages: built on meta, each sharded like a model (TP -> AC -> compile -> FSDP),
-    then materialised and initialised; ddp wraps each stage in DistributedDataParallel."""
+    then materialised and initialised (ddp replicates through FSDP2, see apply.shard_module)."""
     from lmforge.model import Transformer
     from lmforge.parallel.apply import _init_seed, _init_weights, shard_module
 
@@ -269,11 +273,4 @@ def build_pipeline_model(cfg, ctx) -> PipelineModel:
     if cfg.model.tie_embeddings:
         model.tied_group = _tied_groups(ctx)
         model.copy_tied_weight()
-    if shape.strategy == "ddp" and shape.dp_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        dev_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        model.__dict__["runners"] = [
-            DistributedDataParallel(s, device_ids=dev_ids, process_group=ctx.dp_group) for s in stages
-        ]
     return model

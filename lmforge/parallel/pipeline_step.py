@@ -60,6 +60,12 @@ def microbatches(cfg) -> int:
             f"{cfg.parallel.pp_schedule} needs at least one per stage (raise train.grad_accum_steps or "
             "parallel.pp_microbatches)"
         )
+    if cfg.parallel.pp_schedule == "zbv" and n < 2 * cfg.parallel.pp:
+        # Fewer microbatches than stages deadlocks the V schedule (seen on torch 2.13).
+        raise ConfigError(
+            f"parallel.pp_microbatches: {n} microbatches; zbv needs at least 2 x parallel.pp = "
+            f"{2 * cfg.parallel.pp} (raise train.grad_accum_steps or parallel.pp_microbatches)"
+        )
     if cfg.parallel.pp_schedule in MULTI_STAGE and n % cfg.parallel.pp:
         raise ConfigError(
             f"parallel.pp_microbatches: {n} is not a multiple of parallel.pp {cfg.parallel.pp}, which "
@@ -88,14 +94,53 @@ class _Loss:
         loss = summed_cross_entropy(logits, labels) * self.scale / self.denom
         if aux is not None:
             loss = loss + aux.sum() * self.aux_weight
-        self.values.append(loss.detach())
+        value = loss.detach()
+        self.values.append(value.full_tensor() if hasattr(value, "full_tensor") else value)
         return self.scaler.scale(loss) if self.scaler is not None else loss
 
 
-class PipelineRunner:
-    """The PipelineStage objects and schedule of one PipelineModel (built on first use)."""
+def _stage_examples(stage, cfg, ctx, rows: int, logits_dtype: torch.dtype):
+    """(input_args, output_args) of one stage for one microbatch of `rows` sequences, on meta.
+    Given to PipelineStage so no torch version has to infer shapes at run time (torch 2.13's
+    inference mis-sizes the sequence-parallel hidden states under tensor parallel)."""
+    from lmforge.parallel.apply import fsdp_param_dtype
 
-    def __init__(self, model, cfg, ctx):
+    seq, hidden, vocab = cfg.data.seq_len, cfg.model.hidden_size, cfg.model.vocab_size
+    shape = ctx.shape
+    sharded = shape.uses_fsdp or (shape.pp > 1 and shape.strategy == "ddp" and shape.dp_size > 1)
+    act = fsdp_param_dtype(cfg.parallel, ctx.device) if sharded else torch.float32
+    meta = torch.device("meta")
+    hidden_state = torch.empty(rows, seq // shape.tp, hidden, dtype=act, device=meta)
+    aux = (torch.empty(1, dtype=torch.float32, device=meta),) if stage.carry_aux else ()
+    if stage.first:
+        inputs = (torch.empty(rows, seq, dtype=torch.long, device=meta),)
+    else:  # received activations carry gradients back to the previous stage
+        inputs = tuple(t.detach().requires_grad_(True) for t in (hidden_state, *aux))
+    if stage.last:
+        width = vocab // shape.tp if cfg.parallel.loss_parallel and shape.tp > 1 else vocab
+        outputs = (torch.empty(rows, seq, width, dtype=logits_dtype, device=meta), *aux)
+    else:
+        outputs = (hidden_state, *aux)
+    return inputs, tuple(t.detach().requires_grad_(True) for t in outputs)
+
+
+def _logits_dtype(amp, cfg, ctx) -> torch.dtype:
+    """The dtype of the last stage's logits: autocast's, else the (FSDP) parameters'."""
+    from lmforge.parallel.apply import fsdp_param_dtype
+
+    if isinstance(amp, torch.autocast):
+        return amp.fast_dtype
+    shape = ctx.shape
+    if shape.uses_fsdp or (shape.pp > 1 and shape.strategy == "ddp" and shape.dp_size > 1):
+        return fsdp_param_dtype(cfg.parallel, ctx.device)
+    return torch.float32
+
+
+class PipelineRunner:
+    """The PipelineStage objects and schedule of one PipelineModel (built on its first step, when
+    the microbatch size and compute dtype are known)."""
+
+    def __init__(self, model, cfg, ctx, rows: int, logits_dtype: torch.dtype):
         from torch.distributed.pipelining import PipelineStage
 
         self.model, self.ctx = model, ctx
@@ -103,10 +148,15 @@ class PipelineRunner:
         vocab_parallel = bool(cfg.parallel.loss_parallel) and ctx.tp_size > 1
         self.loss = _Loss(ctx.mesh["tp"] if vocab_parallel else None, vocab_parallel)
         self.vocab_parallel = vocab_parallel
-        stages = [
-            PipelineStage(runner, sid, model.num_stages, ctx.device, group=ctx.pp_group)
-            for runner, sid in zip(model.runners, model.stage_ids)
-        ]
+        stages = []
+        for stage, sid in zip(model.stages, model.stage_ids):
+            inputs, outputs = _stage_examples(stage, cfg, ctx, rows // self.n_micro, logits_dtype)
+            stages.append(
+                PipelineStage(
+                    stage, sid, model.num_stages, ctx.device,
+                    input_args=inputs, output_args=outputs, group=ctx.pp_group,
+                )
+            )
         cls = schedule_class(cfg.parallel.pp_schedule)
         kwargs = {"n_microbatches": self.n_micro, "loss_fn": self.loss}
         if "scale_grads" in inspect.signature(cls.__init__).parameters:
@@ -155,7 +205,10 @@ def pipeline_gradients(model, batches: list[dict], ctx, amp, scaler=None, cfg=No
 
     runner = model.__dict__.get("runner")
     if runner is None:
-        runner = model.__dict__["runner"] = PipelineRunner(model, cfg or model.run_cfg, ctx)
+        rows = sum(b["input_ids"].shape[0] for b in batches)
+        cfg = cfg or model.run_cfg
+        logits_dtype = _logits_dtype(amp, cfg, ctx)
+        runner = model.__dict__["runner"] = PipelineRunner(model, cfg, ctx, rows, logits_dtype)
     local = sum((b["labels"] != IGNORE_INDEX).sum() for b in batches)
     n_targets = ctx.reduce_sum(local.to(torch.float32))
     return runner.step(batches, n_targets, amp, scaler), n_targets
