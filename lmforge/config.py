@@ -107,6 +107,9 @@ class TrainConfig(Section):
     # Output layer + loss fused and chunked over tokens (lmforge/loss.py): same loss, no
     # [tokens, vocab] logits; tensor-parallel output layers use the plain logits path anyway.
     fused_loss: bool = True
+    # The trainer refuses a run whose estimated per-rank memory (parallel/plan.py) exceeds the
+    # device's (RAM on CPU) before it allocates anything; true goes on anyway.
+    skip_memory_check: bool = False
 
     @model_validator(mode="after")
     def _budget(self) -> TrainConfig:

@@ -42,6 +42,15 @@ def fmt_count(x: float) -> str:
     return f"{x:.0f}"
 
 
+def fmt_ppl(x) -> str:
+    """Perplexity a person can read: 'inf' when it overflowed, scientific above a million."""
+    if x is None:
+        return "n/a"
+    if not math.isfinite(x) or x >= 1e300:
+        return "inf"
+    return f"{x:.3e}" if x >= 1e6 else f"{x:.2f}"
+
+
 def console_line(rec: dict, total_steps: int) -> str:
     mfu = "n/a" if rec.get("mfu") is None else f"{100 * rec['mfu']:.1f}%"
     parts = [
@@ -49,7 +58,8 @@ def console_line(rec: dict, total_steps: int) -> str:
         f"loss {rec['loss']:.4f}",
         f"lr {rec['lr']:.2e}",
         f"grad {rec['grad_norm']:.3f}",
-        f"{fmt_count(rec['tokens_per_s'])} tok/s",
+        f"{fmt_count(rec['tokens_per_s'])} tok/s"
+        + (f" ({fmt_count(rec['real_tokens_per_s'])} real)" if rec.get("real_tokens_per_s") is not None else ""),
         f"mfu {mfu}",
         f"mem {rec['mem'] / 2**20:.0f}MiB",
         f"{fmt_duration(rec['elapsed'])} elapsed",
@@ -108,7 +118,9 @@ class MetricsLogger:
             self.wandb = _start_wandb(log_cfg, run_dir, run_name, config_dict)
 
     def start_progress(self, total: int, initial: int, show: bool) -> None:
-        if self.enabled and show:
+        # A bar only on a terminal: redirected to a file it would be \r-separated clutter; the
+        # plain log lines carry the same information there.
+        if self.enabled and show and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False)
@@ -169,12 +181,36 @@ def _start_wandb(log_cfg, run_dir: Path, name: str, config_dict: dict):
         raise LmforgeError(
             "log.wandb: the wandb package is not installed; `pip install wandb` or set log.wandb=false"
         ) from None
-    run = wandb.init(
-        project=log_cfg.wandb_project,
-        name=name,
-        dir=str(run_dir),
-        mode=log_cfg.wandb_mode,
-        config=config_dict,
-        resume="allow",
-    )
+    if log_cfg.wandb_mode == "online" and not _wandb_credentials():
+        raise LmforgeError(
+            "log.wandb_mode=online: no W&B credentials (WANDB_API_KEY or `wandb login`); log in, "
+            "or set log.wandb_mode=offline (sync later with `wandb sync`) or log.wandb=false"
+        )
+    try:
+        run = wandb.init(
+            project=log_cfg.wandb_project,
+            name=name,
+            dir=str(run_dir),
+            mode=log_cfg.wandb_mode,
+            config=config_dict,
+            resume="allow",
+        )
+    except Exception as exc:  # wandb raises its own error classes (auth, network, usage)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise LmforgeError(
+            f"log.wandb: W&B could not start ({first}); set log.wandb_mode=offline or log.wandb=false"
+        ) from None
     return run
+
+
+def _wandb_credentials() -> bool:
+    """Whether wandb can authenticate: an API key in the environment or a `wandb login` netrc entry."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False

@@ -20,15 +20,19 @@ from pathlib import Path
 import torch
 
 from lmforge.data.loader import build_loader
+from lmforge.data.shards import read_meta
 from lmforge.errors import ConfigError, DataError, LmforgeError
 from lmforge.infer.loading import load_weights
+from lmforge.loss import IGNORE_INDEX
 from lmforge.parallel import build_parallel_model, init_distributed, load_full_state_dict, unwrap_model
 from lmforge.parallel.compile import compile_seconds
 from lmforge.train.checkpointer import Checkpointer
 from lmforge.train.evaluation import load_sample_tokenizer, validate, write_samples
-from lmforge.train.metrics import MetricsLogger, console_line, peak_memory_bytes
+from lmforge.train.messages import end_summary, start_banner, warmup_note
+from lmforge.train.metrics import MetricsLogger, console_line, fmt_ppl, peak_memory_bytes
 from lmforge.train.mfu import mfu, model_flops_per_token, peak_flops
 from lmforge.train.optim import build_optimizer
+from lmforge.train.preflight import check_memory
 from lmforge.train.report import draw_plots
 from lmforge.train.schedule import build_schedule, total_steps
 from lmforge.train.signals import StopFlag
@@ -75,10 +79,11 @@ def run_training(cfg) -> dict:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     ctx = init_distributed(cfg)
-    seed_everything(cfg.run.seed + ctx.rank)
     stop = StopFlag()
     stop.install()
     try:
+        check_memory(cfg, ctx.world_size, ctx.device)  # before any tensor of the model exists
+        seed_everything(cfg.run.seed + ctx.rank)
         return _Trainer(cfg, ctx, stop).fit()
     finally:
         stop.restore()
@@ -113,7 +118,9 @@ class _Trainer:
         try:
             self.val_loader = build_loader(cfg.data, "val", micro, **loader_args)
         except DataError as exc:
-            if cfg.data.valid is not None:  # asked for explicitly: its problems are errors
+            # Asked for explicitly (data.valid, or a val split the folder's meta.json lists): its
+            # problems are errors, not a reason to train blind.
+            if cfg.data.valid is not None or _lists_val_split(cfg.data.train):
                 raise
             self.no_val_reason = str(exc)
         self.model = build_parallel_model(cfg, ctx)
@@ -176,7 +183,7 @@ class _Trainer:
         if self.ctx.is_main and self.cfg.log.plots and self.logger.path.is_file():
             draw_plots(self.run_dir)
         ckpt = self.checkpointer
-        return {
+        summary = {
             "run_dir": str(self.run_dir),
             "steps": self.state.step,
             "total_steps": self.total,
@@ -192,14 +199,21 @@ class _Trainer:
             "checkpoint": str(ckpt.last_saved) if ckpt.last_saved else None,
             "resumed_from": str(ckpt.resumed_from) if ckpt.resumed_from else None,
         }
+        if self.ctx.is_main:
+            for line in end_summary(summary):
+                print(line, flush=True)
+        return summary
 
     def _loop(self):
         cfg, state = self.cfg, self.state
         window = (time.perf_counter(), state.tokens, state.step)
         first_loss = last_loss = last_eval = None
         compile_pending = cfg.parallel.compile
+        first_step = state.step + 1
+        real = torch.zeros((), device=self.ctx.device)  # target tokens since the last log, this rank
         while state.step < self.total:
             batches = [next(self.train_loader) for _ in range(cfg.train.grad_accum_steps)]
+            real += sum((b["labels"] != IGNORE_INDEX).sum() for b in batches)
             result = self.train_step(batches)
             state.record_step(result.finite, self.tokens_per_step)
             if compile_pending:  # the first step compiled the graphs: one line with the cost
@@ -207,15 +221,19 @@ class _Trainer:
                 self.logger.print(f"compile: {compile_seconds():.1f} s ({cfg.parallel.compile_mode})")
             self.logger.advance()
             last_step = state.step == self.total
-            if state.step % cfg.log.interval == 0 or last_step:
-                last_loss = self._log_step(result, window)
+            stopping = self._should_stop()
+            # The first step of every segment and a step a signal stops at are always logged, so a
+            # short or interrupted run still has a curve and a report.
+            if state.step % cfg.log.interval == 0 or last_step or state.step == first_step or stopping:
+                last_loss = self._log_step(result, window, real)
+                real.zero_()
                 window = (time.perf_counter(), state.tokens, state.step)
                 first_loss = last_loss if first_loss is None else first_loss
             if state.bad_streak >= cfg.train.max_bad_steps:
                 self._fail_non_finite()  # before any eval or checkpoint of this step
             if (cfg.train.eval_interval and state.step % cfg.train.eval_interval == 0) or last_step:
                 last_eval = self._evaluate()
-            if self._should_stop():
+            if stopping:
                 path = self.checkpointer.save()
                 self.logger.print(f"stopped by signal at step {state.step}; checkpoint {path}")
                 return True, first_loss, last_loss, last_eval
@@ -225,7 +243,17 @@ class _Trainer:
     # -- around the loop -----------------------------------------------------------------------
     def _print_start_notes(self) -> None:
         cfg, ctx, ckpt = self.cfg, self.ctx, self.checkpointer
+        for line in start_banner(cfg, ctx, self.dtype, self.total, self.run_dir, self.state.step, ckpt.resumed_from):
+            self.logger.print(line)
+        if self.state.step >= self.total:
+            self.logger.print(
+                f"run already complete: step {self.state.step} of {self.total} (checkpoint {ckpt.resumed_from}); "
+                "nothing to train; raise train.max_steps (or max_tokens / epochs) to continue it"
+            )
         self.logger.start_progress(self.total, self.state.step, cfg.log.progress)
+        note = warmup_note(cfg.optim, self.total)
+        if note:
+            self.logger.print(note)
         if ckpt.resumed_from:
             self.logger.print(f"resumed from {ckpt.resumed_from} at step {self.state.step}")
         if ckpt.changes:
@@ -243,9 +271,12 @@ class _Trainer:
                 "note: no sample generations under tensor parallel; use lmforge generate on a checkpoint"
             )
 
-    def _log_step(self, result, window) -> float:
-        """Log one step's record (rates over the window since the last log) and return its loss."""
+    def _log_step(self, result, window, real: torch.Tensor) -> float:
+        """Log one step's record (rates over the window since the last log) and return its loss.
+        tokens_per_s counts every position of the batches; real_tokens_per_s only the positions
+        with a target (padding and ignored labels excluded)."""
         state, ctx = self.state, self.ctx
+        real_tokens = float(ctx.reduce_sum(real.to(torch.float32)).item())
         now = time.perf_counter()
         t0, tokens0, step0 = window
         rate = (state.tokens - tokens0) / max(now - t0, 1e-9)
@@ -256,6 +287,7 @@ class _Trainer:
             "grad_norm": result.grad_norm.item(),
             "tokens": state.tokens,
             "tokens_per_s": rate,
+            "real_tokens_per_s": real_tokens / max(now - t0, 1e-9),
             "mfu": mfu(self.flops_per_token, rate, self.peak, ctx.world_size),
             "mem": peak_memory_bytes(ctx.device),
             "elapsed": state.elapsed(),
@@ -285,7 +317,7 @@ class _Trainer:
         result = validate(self.model, self.val_loader, ctx, self.amp, cfg.train.eval_batches)
         self.logger.log({"step": self.state.step, **result})
         self.logger.print(
-            f"eval step {self.state.step} | val loss {result['val_loss']:.4f} | ppl {result['val_ppl']:.2f}"
+            f"eval step {self.state.step} | val loss {result['val_loss']:.4f} | ppl {fmt_ppl(result['val_ppl'])}"
         )
         if (
             self.tokenizer is not None
@@ -304,6 +336,17 @@ class _Trainer:
                 cfg.run.seed,
             )
         return result
+
+
+def _lists_val_split(train_specs) -> bool:
+    """Whether a training folder's meta.json promises a validation split."""
+    for spec in train_specs:
+        try:
+            if "val" in (read_meta(spec.path).get("splits") or {}):
+                return True
+        except (DataError, OSError, ValueError):
+            continue  # the train loader reports an unreadable meta.json itself
+    return False
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
