@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from lmforge.model.config import ModelConfig
 from lmforge.model.layers import resolve_intermediate_size
+from lmforge.model.moe import expert_intermediate_size
 
 
 def _ffn_params(hidden: int, width: int, bias: bool) -> int:
@@ -35,7 +36,7 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
         ffn_total = ffn_active = _ffn_params(hidden, resolve_intermediate_size(cfg), cfg.mlp_bias)
     else:
         moe = cfg.moe
-        width = moe.expert_intermediate_size or resolve_intermediate_size(cfg)
+        width = expert_intermediate_size(cfg)
         expert = _ffn_params(hidden, width, cfg.mlp_bias)
         router = moe.num_experts * hidden
         ffn_total = router + (moe.num_experts + moe.num_shared_experts) * expert

@@ -6,6 +6,7 @@ from lmforge.errors import LmforgeError
 from lmforge.model.config import ModelConfig
 from lmforge.model.flops import count_params, flops_per_token
 from lmforge.model.layers import resolve_intermediate_size
+from lmforge.model.moe import expert_intermediate_size
 from lmforge.model.presets import DEFAULT_SEQ_LEN, get_preset
 
 COLUMNS = ("name", "params", "active", "hidden", "layers", "heads/kv", "ffn", "vocab", "seq", "FLOPs/token")
@@ -29,7 +30,7 @@ def preset_row(name: str) -> list[str]:
     ffn = str(resolve_intermediate_size(cfg))
     if cfg.moe is not None:
         moe = cfg.moe
-        width = moe.expert_intermediate_size or resolve_intermediate_size(cfg)
+        width = expert_intermediate_size(cfg)
         shared = f"+{moe.num_shared_experts}s" if moe.num_shared_experts else ""
         ffn = f"{moe.num_experts}x{width} top{moe.top_k}{shared}"
     return [

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from lmforge.hardware import NETWORK_GBS, Accelerator, find_accelerator
 from lmforge.model.flops import count_params, flops_per_token
 from lmforge.model.layers import resolve_intermediate_size
+from lmforge.model.moe import expert_intermediate_size
 
 GIB = 1024**3
 OVERHEAD = 2 * GIB
@@ -204,11 +205,7 @@ def activation_bytes(model_cfg, seq_len: int, micro_batch: int, ac: str, s: int 
     m = model_cfg
     h, heads = m.hidden_size, m.num_heads
     q = heads * m.resolved_head_dim
-    width = (
-        resolve_intermediate_size(m)
-        if m.moe is None
-        else (m.moe.expert_intermediate_size or resolve_intermediate_size(m))
-    )
+    width = resolve_intermediate_size(m) if m.moe is None else expert_intermediate_size(m)
     ffn_mult = 1 if m.moe is None else m.moe.top_k + m.moe.num_shared_experts  # tokens' expert passes
     kv = m.num_kv_heads * m.resolved_head_dim
     norm_local = 4 * h + 4 + (h * s if tp > 1 else 2 * h * s)
