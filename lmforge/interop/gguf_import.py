@@ -68,9 +68,11 @@ def _rope_scaling(meta: dict, freqs: torch.Tensor | None, head_dim: int, theta: 
 
     arch = meta["general.architecture"]
     kind = meta.get(f"{arch}.rope.scaling.type", "none")
-    if kind not in ("none",) or meta.get(f"{arch}.rope.scaling.factor", 1.0) not in (0.0, 1.0):
+    factor = meta.get(f"{arch}.rope.scaling.factor", meta.get(f"{arch}.rope.scale_linear", 1.0))
+    # Linear scaling by 1 (some converters write it) is no scaling at all.
+    if kind not in ("none", "linear") or factor not in (0.0, 1.0):
         raise LmforgeError(
-            f"{source}: rope scaling '{kind}' (factor {meta.get(f'{arch}.rope.scaling.factor')}) is not "
+            f"{source}: rope scaling '{kind}' (factor {factor}) is not "
             "supported; lmforge models use plain or Llama-3 RoPE"
         )
     if all(f"lmforge.rope_scaling.{k}" in meta for k in ROPE_KEYS):
