@@ -63,7 +63,7 @@ def _key(name: str) -> str:
 def find_accelerator(name: str) -> Accelerator:
     """The row for a `--gpu-type` name (case, spaces and dashes ignored: "a100-80", "Ascend 910B");
     KeyError naming the choices otherwise."""
-    wanted = _key(name)
+    wanted = _key(name).removesuffix("gb")  # "A100-80GB" is "A100-80"
     for acc in ACCELERATORS:
         if _key(acc.name) == wanted and acc.memory_gib is not None:
             return acc

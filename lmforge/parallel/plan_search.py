@@ -212,23 +212,26 @@ def _better(a: Option, b: Option) -> bool:
     return a.cost["total"] < b.cost["total"]
 
 
-def configured_layout(cfg, gpus: int) -> Layout | None:
-    """The layout the config's own parallel section gives on `gpus` GPUs (None if it cannot run)."""
+def configured_layout(cfg, gpus: int) -> tuple[Layout | None, str]:
+    """(the layout the config's own parallel section gives on `gpus` GPUs, or None and why not)."""
     from lmforge.parallel.mesh import resolve_mesh_shape
 
     p = cfg.parallel
     if gpus % p.pp:
-        return None
+        return None, f"parallel.pp {p.pp} does not divide {gpus} GPUs"
     try:
         shape = resolve_mesh_shape(p.model_copy(update={"pp": 1}), gpus // p.pp)
-    except ConfigError:
-        return None
+    except ConfigError as exc:
+        return None, str(exc)
     dp = shape.dp_replicate * shape.dp_shard
     # Under PP each micro step's batch is cut into pp_microbatches pipeline micro batches.
     split = (p.pp_microbatches or 1) if p.pp > 1 else 1
     per_step = cfg.train.grad_accum_steps * dp * split
     if cfg.train.global_batch_size % per_step:
-        return None
+        return None, (
+            f"train.global_batch_size {cfg.train.global_batch_size} is not divisible by grad_accum_steps x "
+            f"data-parallel size x pp_microbatches = {per_step}"
+        )
     return Layout(
         shape.strategy,
         shape.dp_replicate,
@@ -241,7 +244,7 @@ def configured_layout(cfg, gpus: int) -> Layout | None:
         schedule=p.pp_schedule,
         virtual=p.pp_virtual_stages,
         pp_layers=tuple(p.pp_layers) if p.pp_layers else None,
-    )
+    ), ""
 
 
 def check_request(gpus, gpu_memory_gib, mfu) -> None:
@@ -320,8 +323,10 @@ def plan_report(
         options, key=lambda o: (not o.fits, o.cost["step_time_s"] if o.fits else o.cost["total"])
     )
     lines += [_row(describe(o.layout), o, gpu_memory_gib) for o in ordered]
-    own = configured_layout(cfg, gpus)
-    if own is not None:
+    own, why_not = configured_layout(cfg, gpus)
+    if own is None:
+        lines += ["", f"the config's own layout does not run on {gpus} GPU(s): {why_not}"]
+    else:
         if check_layout(cfg, own) is None:
             mine = Option(own, plan(cfg, own, gpu, mfu), False)
             mine.fits = mine.cost["total"] <= gpu_memory_gib * GIB
