@@ -156,6 +156,12 @@ def fused_linear_cross_entropy(
             with torch.autocast(device_type, enabled=False):
                 out = _LIGER(weight, hidden, labels)
             return (out[0] if isinstance(out, tuple) else out).float()
+    if device_type == "cpu" and not torch.compiler.is_compiling():
+        # Padded batches: skip the [n, vocab] work of positions without a target. Selecting them
+        # needs their count on the host, free on the CPU (an accelerator would have to sync).
+        keep = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+        if keep.numel() < labels.numel():
+            hidden, labels = hidden.index_select(0, keep), labels.index_select(0, keep)
     chunk = _chunk_size(hidden.shape[0], weight.shape[0], chunk_tokens)
     with torch.autocast(device_type, enabled=False):
         if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
