@@ -25,6 +25,11 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
+from lmforge.interop.export import _plain_state, check_state
+from lmforge.interop.gguf_vocab import gguf_vocab, write_vocab
+from lmforge.model.layers import resolve_intermediate_size, rope_inv_freq
+from lmforge.model.moe import expert_intermediate_size
+from lmforge.weights.outdir import check_output_file
 
 # q8_0 is the one quantisation worth shipping from Python; the 4/5-bit block types are offered for
 # quick experiments (llama.cpp's llama-quantize makes better 4-bit files, e.g. Q4_K_M).
@@ -132,7 +137,6 @@ def gguf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig, arch: str) ->
 
 def rope_factors(cfg: ModelConfig) -> torch.Tensor:
     """Per-frequency divisors llama.cpp applies (`rope_freqs`): unscaled / scaled inverse frequency."""
-    from lmforge.model.layers import rope_inv_freq
 
     plain = rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta)
     scaled = rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
@@ -140,7 +144,6 @@ def rope_factors(cfg: ModelConfig) -> torch.Tensor:
 
 
 def _state(model_or_state: Any, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    from lmforge.interop.export import _plain_state, check_state
 
     return check_state(_plain_state(model_or_state), cfg)
 
@@ -166,8 +169,6 @@ def _encode(name: str, value: torch.Tensor, dtype: str):
 def _write_hparams(writer, cfg: ModelConfig, arch: str, name: str, dtype: str) -> None:
     from gguf import GGML_QUANT_VERSION, LlamaFileType
 
-    from lmforge.model.layers import resolve_intermediate_size
-
     file_type = LlamaFileType.ALL_F32 if dtype == "f32" else LlamaFileType[f"MOSTLY_{dtype.upper()}"]
     writer.add_name(name)
     writer.add_file_type(file_type)
@@ -179,8 +180,6 @@ def _write_hparams(writer, cfg: ModelConfig, arch: str, name: str, dtype: str) -
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_layers)
     if cfg.moe is not None:
-        from lmforge.model.moe import expert_intermediate_size
-
         width = expert_intermediate_size(cfg)
         writer.add_expert_count(cfg.moe.num_experts)
         writer.add_expert_used_count(cfg.moe.top_k)
@@ -225,7 +224,6 @@ def export_gguf(
     """Write `out_file` (.gguf) for llama.cpp: weights (f32/f16/bf16/q8_0/...), hyperparameters and the
     tokenizer (a folder/tokenizer.json/loaded tokenizer; required: llama.cpp needs a vocabulary).
     Everything is checked before writing; the file appears only when complete."""
-    from lmforge.interop.gguf_vocab import gguf_vocab, write_vocab
 
     GGUFWriter = require_gguf().GGUFWriter
 
@@ -234,7 +232,6 @@ def export_gguf(
     )
     if dtype not in DTYPES:
         raise LmforgeError(f"GGUF dtype '{dtype}' is not supported; use one of {', '.join(DTYPES)}")
-    from lmforge.weights.outdir import check_output_file
 
     if Path(out_file).is_dir():
         raise LmforgeError(

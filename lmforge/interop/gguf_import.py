@@ -9,15 +9,26 @@ is rebuilt as a `tokenizer.json` that splits text like llama.cpp's named pre-tok
 from __future__ import annotations
 
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from lmforge.config import ModelConfig
+from lmforge.config import ModelConfig, RopeScaling, config_for_model
 from lmforge.errors import LmforgeError
-from lmforge.interop.gguf_export import LAYER_NAMES, ROPE_KEYS, TOP_NAMES, llama_unpermute, require_gguf
+from lmforge.interop.gguf_export import (
+    LAYER_NAMES,
+    ROPE_KEYS,
+    TOP_NAMES,
+    llama_unpermute,
+    require_gguf,
+    rope_factors,
+)
+from lmforge.interop.gguf_vocab import tokenizer_files_from_gguf
+from lmforge.weights.files import save_weights
+from lmforge.weights.shapes import config_shapes
 
 ARCHES = ("llama", "qwen3", "qwen3moe")
 # Llama-3.x scalings seen in published GGUFs that carry only `rope_freqs` (no parameters).
@@ -63,8 +74,6 @@ def _tensor(t, source: str) -> torch.Tensor:
 
 
 def _rope_scaling(meta: dict, freqs: torch.Tensor | None, head_dim: int, theta: float, source: str):
-    from lmforge.config import RopeScaling
-    from lmforge.interop.gguf_export import rope_factors
 
     arch = meta["general.architecture"]
     kind = meta.get(f"{arch}.rope.scaling.type", "none")
@@ -201,8 +210,6 @@ def _our_name(gguf: str) -> str | None:
 
 def import_gguf(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig, dict[str, str | bytes]]:
     """(state dict with our names, ModelConfig, {tokenizer file name: text}) from a GGUF file."""
-    from lmforge.interop.gguf_vocab import tokenizer_files_from_gguf
-    from lmforge.weights.shapes import config_shapes
 
     GGUFReader = require_gguf().GGUFReader
     path = Path(path)
@@ -259,11 +266,6 @@ def write_weights_folder(
     """`out/` in lmforge's weights-folder form (model.safetensors + config.yaml + the given
     tokenizer files), loadable by eval/generate/finetune/export; lmforge.weights owns the writing
     (temp sibling, refuses a folder it did not write unless overwrite)."""
-    import tempfile
-
-    from lmforge.config import config_for_model
-    from lmforge.weights.files import save_weights
-
     with tempfile.TemporaryDirectory(prefix="lmforge-tok-") as tok_dir:
         for name, text in files.items():
             target = Path(tok_dir) / name

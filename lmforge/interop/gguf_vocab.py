@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LmforgeError
+from lmforge.interop.gguf_spm import spm_files_from_gguf, spm_vocab, write_spm_vocab
+from lmforge.tokenizer import load_tokenizer
 
 # llama.cpp token types (gguf.TokenType)
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
@@ -92,15 +94,12 @@ def _read_config(folder: Path) -> dict:
 
 def gguf_vocab(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
     """Everything `write_vocab` puts in the file, checked first so nothing is written on a refusal."""
-    from lmforge.tokenizer import load_tokenizer
 
     path = tokenizer_file(tokenizer)
     config = _read_config(path.parent)
     template = config.get("chat_template")
     template = template if isinstance(template, str) else None
     if path.name != "tokenizer.json":
-        from lmforge.interop.gguf_spm import spm_vocab
-
         vocab = spm_vocab(path, vocab_size)
         # lmforge starts every training document with BOS, so llama.cpp should too.
         return {**vocab, "add_bos": vocab["bos"] is not None, "chat_template": template}
@@ -143,8 +142,6 @@ def gguf_vocab(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
 
 def write_vocab(writer, vocab: dict[str, Any]) -> None:
     if vocab["model"] == "llama":
-        from lmforge.interop.gguf_spm import write_spm_vocab
-
         write_spm_vocab(writer, vocab)
     else:
         writer.add_tokenizer_model("gpt2")
@@ -169,8 +166,6 @@ def tokenizer_files_from_gguf(meta: dict[str, Any], source: str) -> dict[str, st
     if kind is None:
         return {}
     if kind == "llama":
-        from lmforge.interop.gguf_spm import spm_files_from_gguf
-
         return {**spm_files_from_gguf(meta, source), "tokenizer_config.json": _config_json(meta)}
     if kind != "gpt2":
         raise LmforgeError(

@@ -27,8 +27,17 @@ from typing import Any
 
 import torch
 
-from lmforge.config import ModelConfig
+from lmforge.config import ModelConfig, config_for_model
 from lmforge.errors import LmforgeError
+from lmforge.interop.export import _plain_state, check_state
+from lmforge.model.layers import resolve_intermediate_size
+from lmforge.model.moe import expert_intermediate_size
+from lmforge.tokenizer import load_tokenizer
+from lmforge.weights.dtypes import resolve_dtype
+from lmforge.weights.files import save_weights
+from lmforge.weights.outdir import check_output_dir, output_dir
+from lmforge.weights.shapes import config_shapes
+from lmforge.weights.tokenizer_files import copy_tokenizer_files
 
 _LAYER = {
     "attention_norm.weight": "input_layernorm.weight",
@@ -176,7 +185,6 @@ def _infer_config(sd: dict[str, torch.Tensor], hf: dict[str, Any], source: str) 
 
 def import_minimind(pth: str | Path, config_json: str | Path | None = None):
     """(state dict with our names, in the dtype MiniMind saved (fp16 from its trainer), ModelConfig)."""
-    from lmforge.weights.shapes import config_shapes
 
     path = Path(pth)
     sd = _load_pth(path)
@@ -206,7 +214,6 @@ def import_minimind(pth: str | Path, config_json: str | Path | None = None):
 
 def minimind_config(cfg: ModelConfig, bos_id: int | None = 1, eos_id: int | None = 2) -> dict[str, Any]:
     """MiniMindConfig kwargs / config.json for `cfg`, or a one-line refusal."""
-    from lmforge.model.layers import resolve_intermediate_size
 
     if not cfg.qk_norm:
         raise LmforgeError(
@@ -245,7 +252,6 @@ def minimind_config(cfg: ModelConfig, bos_id: int | None = 1, eos_id: int | None
             raise LmforgeError(
                 "model.moe.num_shared_experts: this MiniMind has no shared experts; set it to 0"
             )
-        from lmforge.model.moe import expert_intermediate_size
 
         out.update(
             num_experts=cfg.moe.num_experts,
@@ -295,10 +301,6 @@ def export_minimind(
     """Write `out_dir/{weight}_{hidden}[_moe].pth` (the name MiniMind's `init_model` looks for,
     fp16 by default like its trainer) and `config.json`, plus tokenizer files when given.
     MiniMindForCausalLM loads the .pth with strict=True."""
-    from lmforge.interop.export import _plain_state, check_state
-    from lmforge.weights.dtypes import resolve_dtype
-    from lmforge.weights.outdir import check_output_dir, output_dir
-    from lmforge.weights.tokenizer_files import copy_tokenizer_files
 
     hf = minimind_config(model_cfg)
     target = resolve_dtype(dtype)
@@ -326,9 +328,6 @@ def import_minimind_to_folder(
 ) -> Path:
     """`lmforge import --minimind FILE.pth --out DIR`: lmforge weights + config.yaml, with the
     tokenizer files (MiniMind keeps them in its model/ folder) copied when given."""
-    from lmforge.config import config_for_model
-    from lmforge.tokenizer import load_tokenizer
-    from lmforge.weights.files import save_weights
 
     state, cfg = import_minimind(pth, config_json)
     src = None
