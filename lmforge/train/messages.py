@@ -9,9 +9,10 @@ from lmforge.train.metrics import fmt_count, fmt_duration, fmt_ppl
 
 
 def _layout(cfg, ctx) -> str:
-    from lmforge.parallel.plan_search import axes, configured_layout
+    from lmforge.parallel.plan_search import axes
+    from lmforge.train.preflight import own_layout
 
-    layout = configured_layout(cfg, ctx.world_size)
+    layout = own_layout(cfg, ctx.world_size)
     text = axes(layout) if layout is not None else cfg.parallel.strategy
     ac = cfg.parallel.activation_checkpoint
     return text + (f", activation checkpointing {ac}" if ac != "none" else "")
@@ -53,7 +54,8 @@ def end_summary(s: dict) -> list[str]:
     how = "stopped by signal" if s["preempted"] else "done"
     lines = [
         f"{how}: {s['steps']}/{s['total_steps']} steps, {fmt_count(s['tokens'])} tokens in "
-        f"{fmt_duration(s['elapsed'])}; train loss {loss(s['first_loss'])} -> {loss(s['loss'])}"
+        f"{fmt_duration(s['elapsed'])}"
+        + (f"; train loss {loss(s['first_loss'])} -> {loss(s['loss'])}" if s["loss"] is not None else "")
         + (f"; val loss {loss(s['val_loss'])} (ppl {fmt_ppl(s['val_ppl'])})" if s["val_loss"] is not None else ""),
     ]
     if s["checkpoint"]:

@@ -46,10 +46,17 @@ def available_memory(device: torch.device) -> tuple[int, str]:
     return int(free // local), where
 
 
+def own_layout(cfg, world_size: int):
+    """The config's layout on this world size, or None (configured_layout returns the layout, or
+    (layout or None, why not) in the planner's newer form: both are read)."""
+    found = configured_layout(cfg, world_size)
+    return found[0] if isinstance(found, tuple) else found
+
+
 def estimate_bytes(cfg, world_size: int, device: torch.device) -> tuple[int, str] | None:
     """(bytes per rank, layout description) or None when the config's layout cannot run here
     (the parallel setup refuses that itself, with its own message)."""
-    layout = configured_layout(cfg, world_size)
+    layout = own_layout(cfg, world_size)
     if layout is None:
         return None
     if device.type == "cpu" and cfg.train.dtype in ("auto", "float32"):

@@ -55,7 +55,9 @@ def draw_plots(run_dir: str | Path) -> list[Path]:
         for label, xs, ys in series:
             pairs = [(x, y) for x, y in zip(xs, ys) if y is not None]
             if pairs:
-                ax.plot(*zip(*pairs), label=label, marker="o" if label == "val" else None, markersize=3)
+                # A one-point series (a run stopped at its first step) needs a marker to be seen.
+                marker = "o" if label == "val" or len(pairs) == 1 else None
+                ax.plot(*zip(*pairs), label=label, marker=marker, markersize=3 if len(pairs) > 1 else 6)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
