@@ -391,3 +391,20 @@ def test_mindformers_yaml_trains_unchanged(tmp_path):
     assert "MindFormers run config, mapped to lmforge" in out and "  ignored context: " in out
     metrics = (tmp_path / "runs" / "tiny_llama" / "metrics.jsonl").read_text()
     assert '"step": 2' in metrics
+
+
+@pytest.mark.parametrize(
+    "load, resume, expected",
+    [
+        ("", False, ("train", "never", None)),  # MindFormers starts fresh; lmforge's default would resume
+        ("w/ckpt", False, ("finetune", "never", "w/ckpt")),  # start from those weights
+        ("w/ckpt", True, ("train", "w/ckpt", None)),  # continue the run saved there
+        ("", True, ("train", "auto", None)),
+    ],
+)
+def test_mindformers_load_checkpoint_and_resume_training(load, resume, expected):
+    from lmforge.mindformers import convert
+
+    tree = yaml.safe_load((MF / "tiny_pp2_tp2.yaml").read_text())
+    out, _, _ = convert({**tree, "load_checkpoint": load, "resume_training": resume})
+    assert (out["run_mode"], out["train"]["resume"], out["train"].get("load_checkpoint")) == expected

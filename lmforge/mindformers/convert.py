@@ -260,17 +260,18 @@ def convert(tree: dict, source: str = "<mindformers>") -> tuple[dict, list, list
     mode = str(tree.get("run_mode") or "train")
     if mode not in ("train", "finetune", "predict", "eval"):
         mp.fail("run_mode", f"'{mode}' is not train, finetune, predict or eval")
-    if tree.get("load_checkpoint"):
-        mp.set("load_checkpoint", "train.load_checkpoint", str(tree["load_checkpoint"]))
-        if mode == "train":
-            mode = "finetune"  # MindFormers' train + load_checkpoint starts from those weights
+    resume, weights = tree.get("resume_training", False), tree.get("load_checkpoint")
+    if weights and resume is True:
+        # MindFormers resumes the run saved in load_checkpoint (weights, optimizer, step).
+        mp.set("load_checkpoint + resume_training True", "train.resume", str(weights))
+    else:
+        if weights:
+            mp.set("load_checkpoint", "train.load_checkpoint", str(weights))
+            if mode == "train":
+                mode = "finetune"  # MindFormers' train + load_checkpoint starts from those weights
+        how = "auto" if resume is True else "never" if not resume else str(resume)
+        mp.set("resume_training", "train.resume", how)
     mp.set("run_mode", "run_mode", mode)
-    resume = tree.get("resume_training", False)
-    mp.set(
-        "resume_training",
-        "train.resume",
-        "auto" if resume is True else "never" if not resume else str(resume),
-    )
     loader = _section(tree, "train_dataset", mp).get("data_loader") or {}
     if loader.get("dataset_dir"):
         mp.set("train_dataset.data_loader.dataset_dir", "data.train", [str(loader["dataset_dir"])])
