@@ -266,6 +266,11 @@ def test_refusals_are_one_line(tmp_path, tokenizer_dir):
     with pytest.raises(LmforgeError, match="already exists"):
         export_gguf(model, cfg, tokenizer_dir, path)
     assert not list(tmp_path.glob("*.tmp-*"))
+    data = path.read_bytes()
+    for cut, words in ((len(data) - 100, "past the end"), (200, "truncated GGUF header")):
+        (tmp_path / "cut.gguf").write_bytes(data[:cut])
+        with pytest.raises(LmforgeError, match=words):
+            import_gguf(tmp_path / "cut.gguf")
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
     with pytest.raises(LmforgeError, match="not a readable GGUF"):
         import_gguf(tmp_path / "junk.gguf")

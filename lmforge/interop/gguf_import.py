@@ -26,6 +26,7 @@ from lmforge.interop.gguf_export import (
     require_gguf,
     rope_factors,
 )
+from lmforge.interop.gguf_reader import GGUFTensor, read_gguf
 from lmforge.interop.gguf_vocab import tokenizer_files_from_gguf
 from lmforge.weights.files import save_weights
 from lmforge.weights.shapes import config_shapes
@@ -38,39 +39,25 @@ KNOWN_LLAMA3_SCALINGS = [
 ]
 
 
-def _value(field) -> Any:
-    from gguf import GGUFValueType
-
-    value = field.contents()
-    if field.types and field.types[0] == GGUFValueType.FLOAT32:
-        value = float(str(np.float32(value)))  # shortest decimal: 1e-05, not 9.99999974e-06
-    return value
-
-
-def read_metadata(reader) -> dict[str, Any]:
-    return {key: _value(field) for key, field in reader.fields.items() if not key.startswith("GGUF.")}
-
-
-def _tensor(t, source: str) -> torch.Tensor:
+def _tensor(t: GGUFTensor, source: str) -> torch.Tensor:
     from gguf import GGMLQuantizationType, quants
 
-    shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first
-    kind = t.tensor_type
+    kind = GGMLQuantizationType(t.kind)
     if kind == GGMLQuantizationType.F32:
-        return torch.from_numpy(np.array(t.data, dtype=np.float32).reshape(shape))
+        return torch.from_numpy(t.data.view(np.float32).reshape(t.shape).copy())
     if kind == GGMLQuantizationType.F16:
-        return torch.from_numpy(np.array(t.data, dtype=np.float16).reshape(shape))
+        return torch.from_numpy(t.data.view(np.float16).reshape(t.shape).copy())
     if kind == GGMLQuantizationType.BF16:
-        raw = np.array(t.data).view(np.int16).reshape(shape)
-        return torch.from_numpy(raw).view(torch.bfloat16)
+        return torch.from_numpy(t.data.view(np.int16).reshape(t.shape).copy()).view(torch.bfloat16)
+    rows = int(np.prod(t.shape[:-1], dtype=np.int64))
     try:
-        values = quants.dequantize(np.array(t.data), kind)
+        values = quants.dequantize(t.data.reshape(rows, -1), kind)
     except NotImplementedError:
         raise LmforgeError(
             f"{source}: tensor '{t.name}' is {kind.name}, which the gguf package cannot dequantise; "
             "requantise the file to Q8_0/Q4_K/Q6_K or f16"
         ) from None
-    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(shape))
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(t.shape))
 
 
 def _rope_scaling(meta: dict, freqs: torch.Tensor | None, head_dim: int, theta: float, source: str):
@@ -211,22 +198,18 @@ def _our_name(gguf: str) -> str | None:
 def import_gguf(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig, dict[str, str | bytes]]:
     """(state dict with our names, ModelConfig, {tokenizer file name: text}) from a GGUF file."""
 
-    GGUFReader = require_gguf().GGUFReader
+    require_gguf()  # block sizes and dequantisation
     path = Path(path)
-    source = str(path)
     if not path.is_file():
         raise LmforgeError(f"{path}: no such file; pass a .gguf file")
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as exc:  # the reader raises ValueError/struct errors on damaged files
-        raise LmforgeError(f"{path}: not a readable GGUF file ({str(exc).splitlines()[0][:120]})") from None
-    meta = read_metadata(reader)
+    source = str(path)
+    meta, raw_tensors = read_gguf(path)
     arch = meta.get("general.architecture")
     if arch not in ARCHES:
         raise LmforgeError(
             f"{path}: architecture '{arch}' is not supported; lmforge imports {' and '.join(ARCHES)}"
         )
-    tensors = {t.name: _tensor(t, source) for t in reader.tensors}
+    tensors = {t.name: _tensor(t, source) for t in raw_tensors}
     if "token_embd.weight" not in tensors:
         raise LmforgeError(f"{path}: no token_embd.weight tensor; the file is incomplete")
     cfg = _config(meta, tensors, source)
