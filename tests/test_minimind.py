@@ -106,7 +106,7 @@ def test_moe_load_balancing_loss_matches_minimind(tmp_path):
     assert theirs.item() > 0 and abs(theirs.item() - mine.item()) < 1e-7
 
 
-def test_untied_checkpoint_and_config_checks(tmp_path):
+def test_untied_bf16_checkpoint_and_config_checks(tmp_path):
     torch.manual_seed(0)
     mm = MiniMindForCausalLM(
         MiniMindConfig(
@@ -117,10 +117,15 @@ def test_untied_checkpoint_and_config_checks(tmp_path):
             max_position_embeddings=64,
         )
     ).eval()
-    _save_like_trainer(mm, tmp_path / "p.pth")
+    # a bf16 checkpoint this time (fp16 is what MiniMind's trainer writes)
+    torch.save({k: v.bfloat16() for k, v in mm.state_dict().items()}, str(tmp_path / "p.pth"))
+    mm.load_state_dict(
+        {k: v.float() for k, v in torch.load(str(tmp_path / "p.pth"), weights_only=True).items()}
+    )
     mm.config.save_pretrained(str(tmp_path / "cfg"))
     state, cfg = import_minimind(tmp_path / "p.pth", tmp_path / "cfg" / "config.json")
     assert not cfg.tie_embeddings and cfg.max_position_embeddings == 64
+    assert state["output.weight"].dtype == torch.bfloat16
     ours = Transformer(cfg).eval()
     ours.load_state_dict(state)
     ids = torch.randint(0, 300, (1, 16))
