@@ -20,7 +20,7 @@ from pydantic import (
 
 from lmforge.errors import ConfigError
 from lmforge.model.config import ModelConfig, MoEConfig, RopeScaling, Section  # noqa: F401 (re-exported)
-from lmforge.model.presets import get_preset
+from lmforge.model.presets import expand_preset, without_shape_keys
 
 
 class TokenizerConfig(Section):
@@ -334,10 +334,6 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
-# Model keys that describe no shape: a command-line preset keeps them from the file.
-_NOT_SHAPE = ("preset", "init_std", "dropout")
-
-
 def apply_overrides(tree: dict, parsed: list[tuple[str, Any]], source: str) -> list[str]:
     """Apply parsed `key=value` overrides to `tree` and return notes for the user.
 
@@ -346,41 +342,23 @@ def apply_overrides(tree: dict, parsed: list[tuple[str, Any]], source: str) -> l
     given on the command line beside it still customise the preset."""
     notes = []
     presets = [(k, v) for k, v in parsed if k == "model.preset"]
-    if presets:
-        model = tree.get("model")
-        if isinstance(model, dict):
-            dropped = [k for k in model if k not in _NOT_SHAPE]
-            if dropped:
-                keys = ", ".join(f"model.{k}" for k in dropped)
-                notes.append(
-                    f"model.preset={presets[-1][1]} on the command line replaces {source}'s {keys} with the "
-                    "preset's shape; set shape keys on the command line to change the preset"
-                )
-            tree["model"] = {k: v for k, v in model.items() if k in _NOT_SHAPE}
+    if presets and isinstance(tree.get("model"), dict):
+        tree["model"], dropped = without_shape_keys(tree["model"])
+        if dropped:
+            keys = ", ".join(f"model.{k}" for k in dropped)
+            notes.append(
+                f"model.preset={presets[-1][1]} on the command line replaces {source}'s {keys} with the "
+                "preset's shape; set shape keys on the command line to change the preset"
+            )
     for key, value in presets + [(k, v) for k, v in parsed if k != "model.preset"]:
         apply_override(tree, key, value, source)
     return notes
 
 
-def _expand_preset(tree: dict, source: str) -> None:
-    model = tree.get("model")
-    if not isinstance(model, dict) or not model.get("preset"):
-        return
-    try:
-        base = copy.deepcopy(get_preset(model["preset"]))
-    except KeyError as exc:
-        raise ConfigError(f"{source}: model.preset: {exc.args[0]}") from None
-    for key, value in model.items():
-        if key == "moe" and isinstance(value, dict) and isinstance(base.get("moe"), dict):
-            base["moe"] = {**base["moe"], **value}
-        else:
-            base[key] = value
-    tree["model"] = base
-
-
 def config_from_dict(tree: dict, source: str = "<config>") -> Config:
     tree = copy.deepcopy(tree)
-    _expand_preset(tree, source)
+    if isinstance(tree.get("model"), dict):
+        tree["model"] = expand_preset(tree["model"], source)
     try:
         return Config.model_validate(tree)
     except ValidationError as err:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 
+from lmforge.errors import ConfigError
+
 _MINIMIND = {
     "vocab_size": 6400,
     "num_heads": 8,
@@ -130,3 +132,30 @@ def get_preset(name: str) -> dict:
     if name not in PRESETS:
         raise KeyError(f"unknown preset '{name}'; choose one of: {', '.join(PRESETS)}")
     return {**copy.deepcopy(PRESETS[name]), "preset": name}
+
+
+# Model keys that describe no shape: a command-line preset keeps them from the file.
+NOT_SHAPE_KEYS = ("preset", "init_std", "dropout")
+
+
+def expand_preset(model: dict, source: str) -> dict:
+    """A `model:` section with its preset's fields filled in under the section's own keys (a
+    `moe:` mapping is merged key by key); the section itself when it names no preset."""
+    if not model.get("preset"):
+        return model
+    try:
+        base = get_preset(model["preset"])
+    except KeyError as exc:
+        raise ConfigError(f"{source}: model.preset: {exc.args[0]}") from None
+    for key, value in model.items():
+        if key == "moe" and isinstance(value, dict) and isinstance(base.get("moe"), dict):
+            base["moe"] = {**base["moe"], **value}
+        else:
+            base[key] = value
+    return base
+
+
+def without_shape_keys(model: dict) -> tuple[dict, list[str]]:
+    """(the section keeping only keys that are not shape, the shape keys dropped)."""
+    dropped = [k for k in model if k not in NOT_SHAPE_KEYS]
+    return {k: v for k, v in model.items() if k in NOT_SHAPE_KEYS}, dropped
