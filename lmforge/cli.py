@@ -157,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's seq_len)")
     p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    p.add_argument(
+        "--bos",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="put BOS before each text (default: as the model was trained, or the imported tokenizer's own rule)",
+    )
 
     p = _sub(sub, "generate", "sample text from a checkpoint, streamed as it is produced")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, weights export or HF folder")
@@ -164,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p)
     p.add_argument("--interactive", action="store_true", help="read prompts from stdin in a loop")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    p.add_argument(
+        "--bos",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="put BOS before each text (default: as the model was trained, or the imported tokenizer's own rule)",
+    )
 
     p = _sub(sub, "export", "write a checkpoint as a Hugging Face folder or a safetensors weights file")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder or weights export")
@@ -328,8 +340,12 @@ def cmd_eval(args) -> None:
         seq_len=args.seq_len,
         max_batches=args.max_batches,
         device=args.device,
+        bos=args.bos,
     )
-    print(f"loss {result['loss']:.4f}  perplexity {result['ppl']:.2f}  tokens {result['tokens']}")
+    from lmforge.train.metrics import fmt_ppl
+
+    print(f"loss {result['loss']:.4f}  perplexity {fmt_ppl(result['ppl'])}  tokens {result['tokens']}")
+    print(f"counted: {result['counted']}")
 
 
 def cmd_generate(args) -> None:
@@ -345,6 +361,7 @@ def cmd_generate(args) -> None:
         seed=args.seed,
         interactive=args.interactive,
         device=args.device,
+        bos=args.bos,
     )
 
 

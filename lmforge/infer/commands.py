@@ -8,6 +8,7 @@ from pathlib import Path
 from lmforge.config import Config, config_for_model
 from lmforge.data.shards import TokenDataset
 from lmforge.errors import LmforgeError
+from lmforge.infer.bos import describe_bos, use_bos
 from lmforge.infer.evaluate import evaluate, text_token_stream
 from lmforge.infer.generate import TextStreamer, encode_prompt, generate
 from lmforge.infer.loading import (
@@ -34,11 +35,14 @@ def _need_tokenizer(tokenizer, checkpoint) -> None:
         )
 
 
-def open_eval_data(data: list[str] | str, split: str, tokenizer, vocab_size: int):
-    """A TokenDataset for a prepared folder, or a token stream for raw text files."""
+def open_eval_data(data: list[str] | str, split: str, tokenizer, vocab_size: int, bos: bool = True, counts=None):
+    """A TokenDataset for a prepared folder, or a token stream for raw text files (BOS first in
+    each document when `bos`; `counts` gets what was counted)."""
     paths = [data] if isinstance(data, (str, Path)) else list(data)
     if len(paths) == 1 and Path(paths[0]).is_dir() and (Path(paths[0]) / "meta.json").exists():
         fingerprint = tokenizer.fingerprint if tokenizer is not None else None
+        if counts is not None:
+            counts["what"] = f"{split} split of {paths[0]} as prepared (each document BOS + tokens + EOS)"
         return TokenDataset.open(paths[0], split=split, expect_fingerprint=fingerprint, vocab_size=vocab_size)
     for p in paths:
         if Path(p).is_dir() and not any(Path(p).iterdir()):
@@ -46,7 +50,11 @@ def open_eval_data(data: list[str] | str, split: str, tokenizer, vocab_size: int
                 f"{p}: empty folder; pass a prepared dataset folder (with meta.json) or text files"
             )
     _need_tokenizer(tokenizer, "--data is raw text")
-    return text_token_stream([str(p) for p in paths], tokenizer)
+    stream = text_token_stream([str(p) for p in paths], tokenizer, bos=bos, counts=counts)
+    if counts is not None:
+        start = "BOS + " if bos and tokenizer.bos_id is not None else ""
+        counts["what"] = f"{counts['documents']} documents, each {start}tokens + EOS"
+    return stream
 
 
 def check_run_model(run_cfg: Config, model_cfg, checkpoint) -> None:
@@ -70,7 +78,9 @@ def evaluate_checkpoint(
     max_batches=None,
     device="auto",
     run_cfg: Config | None = None,
+    bos: bool | None = None,
 ) -> dict:
+    """Loss and perplexity; the result's "counted" says what the tokens were (documents, BOS/EOS)."""
     for p in [data] if isinstance(data, (str, Path)) else data:
         if not Path(p).exists():
             raise LmforgeError(f"{p}: evaluation data not found; pass a prepared folder or text files")
@@ -80,19 +90,25 @@ def evaluate_checkpoint(
     dev = resolve_device(device)
     model = build_model_from_state(cfg.model, state, dev, checkpoint)
     tokenizer = find_tokenizer(folder, cfg)
-    dataset = open_eval_data(data, split, tokenizer, cfg.model.vocab_size)
+    counts: dict = {}
+    with_bos = use_bos(tokenizer, cfg, bos)
+    dataset = open_eval_data(data, split, tokenizer, cfg.model.vocab_size, bos=with_bos, counts=counts)
     seq_len = seq_len or min(cfg.data.seq_len, cfg.model.max_position_embeddings - 1)
-    return evaluate(
+    result = evaluate(
         model, dataset, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches, device=dev
     )
+    raw = "documents" in counts
+    rule = f"; {describe_bos(with_bos, bos, cfg)}" if raw else ""
+    result["counted"] = f"{counts['what']}{rule}; {result['tokens']} predicted tokens in windows of {seq_len}"
+    return result
 
 
-def _print_generation(model, tokenizer, prompt, out=None, **sampling) -> str:
+def _print_generation(model, tokenizer, prompt, out=None, bos: bool = True, **sampling) -> str:
     out = out or sys.stdout  # looked up per call: tests and callers may redirect sys.stdout
     streamer = TextStreamer(tokenizer, lambda piece: (out.write(piece), out.flush()))
     out.write(prompt)
     out.flush()
-    generate(model, encode_prompt(tokenizer, prompt), eos_id=tokenizer.eos_id, stream=streamer, **sampling)
+    generate(model, encode_prompt(tokenizer, prompt, bos), eos_id=tokenizer.eos_id, stream=streamer, **sampling)
     text = streamer.finish()
     out.write("\n")
     out.flush()
@@ -122,12 +138,18 @@ def generate_from_checkpoint(
     interactive=False,
     device="auto",
     out=None,
+    bos: bool | None = None,
 ) -> None:
     out = out or sys.stdout
-    model, _, tokenizer = load_model_for_inference(checkpoint, resolve_device(device))
+    model, cfg, tokenizer = load_model_for_inference(checkpoint, resolve_device(device), run_config=True)
     _need_tokenizer(tokenizer, checkpoint)
     sampling = dict(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        bos=use_bos(tokenizer, cfg, bos),
     )
     if not interactive:
         _print_generation(model, tokenizer, prompt, out, **sampling)
@@ -187,11 +209,14 @@ def predict_from_config(cfg: Config, out=None) -> list[str]:
     train.predict_temperature / predict_top_k."""
     out = out or sys.stdout
     checkpoint = _checkpoint_of(cfg)
-    model, model_cfg, tokenizer = load_model_for_inference(checkpoint, resolve_device(cfg.train.device))
-    check_run_model(cfg, model_cfg, checkpoint)
+    model, weights_cfg, tokenizer = load_model_for_inference(
+        checkpoint, resolve_device(cfg.train.device), run_config=True
+    )
+    check_run_model(cfg, weights_cfg.model, checkpoint)
     if tokenizer is None and cfg.tokenizer.path:
         tokenizer = load_tokenizer(cfg.tokenizer.path)
     _need_tokenizer(tokenizer, checkpoint)
+    bos = use_bos(tokenizer, weights_cfg, None)  # the same rule as `lmforge generate` on these weights
     texts = []
     for i, prompt in enumerate(cfg.train.sample_prompts):
         texts.append(
@@ -204,6 +229,7 @@ def predict_from_config(cfg: Config, out=None) -> list[str]:
                 temperature=cfg.train.predict_temperature,
                 top_k=cfg.train.predict_top_k,
                 seed=cfg.run.seed + i,
+                bos=bos,
             )
         )
     return texts

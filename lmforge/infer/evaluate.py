@@ -95,18 +95,25 @@ def _is_batch_iterable(data) -> bool:
     return isinstance(data, Iterable)
 
 
-def text_token_stream(paths: list[str], tokenizer, fmt: str = "auto", text_field: str = "text") -> np.ndarray:
+def text_token_stream(
+    paths: list[str], tokenizer, fmt: str = "auto", text_field: str = "text", bos: bool = True, counts=None
+) -> np.ndarray:
     """Tokenize raw text files on the fly into one stream laid out like a prepared split:
-    each document is [bos] + tokens + [eos]."""
+    each document is [bos] + tokens + [eos] ([bos] only when `bos`); `counts` (a dict) gets the
+    number of documents."""
     import sys
 
     from lmforge.data.sources import SourceStats, iter_documents
 
     ids: list[int] = []
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    start = [tokenizer.bos_id] if bos and tokenizer.bos_id is not None else []
     stats = SourceStats()
+    documents = 0
     for doc in iter_documents(paths, fmt=fmt, text_field=text_field, stats=stats):
-        ids += bos + tokenizer.encode(doc.text) + [tokenizer.eos_id]
+        ids += start + tokenizer.encode(doc.text) + [tokenizer.eos_id]
+        documents += 1
+    if counts is not None:
+        counts["documents"] = documents
     if stats.total_skipped or stats.empty_files:  # bad records are skipped and counted, never silent
         print(f"eval: {stats.summary()}", file=sys.stderr)
     return np.asarray(ids, dtype=np.int64)

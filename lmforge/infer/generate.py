@@ -144,8 +144,11 @@ class TextStreamer:
         return text
 
 
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Token ids for a prompt, starting like every training document does (BOS when there is one)."""
+def encode_prompt(tokenizer, text: str, bos: bool = True) -> list[int]:
+    """Token ids for a prompt: BOS first when `bos` (infer/bos.py decides), like every training
+    document; an empty prompt still starts with one token (BOS, else EOS) to condition on."""
     ids = tokenizer.encode(text) if text else []
+    if not bos and ids:
+        return ids
     start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
     return [start, *ids] if start is not None and (not ids or ids[0] != start) else ids

@@ -136,16 +136,17 @@ def _model_from_checkpoint(step: Path, device: torch.device):
     return model.eval(), cfg
 
 
-def load_model_for_inference(path: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, ModelConfig, tokenizer or None) from any accepted path."""
+def load_model_for_inference(path: str | Path, device: str | torch.device = "cpu", run_config: bool = False):
+    """(model in eval mode, ModelConfig, tokenizer or None) from any accepted path; with
+    run_config=True the whole run Config in place of the ModelConfig."""
     device = resolve_device(device)
     step = resolve_checkpoint_dir(Path(path)) if Path(path).is_dir() else None
     if step is not None:
         model, cfg = _model_from_checkpoint(step, device)
-        return model, cfg.model, find_tokenizer(step, cfg)
+        return model, cfg if run_config else cfg.model, find_tokenizer(step, cfg)
     state, cfg, folder = load_weights(path)
     model = build_model_from_state(cfg.model, state, device, path)
-    return model, cfg.model, find_tokenizer(folder, cfg)
+    return model, cfg if run_config else cfg.model, find_tokenizer(folder, cfg)
 
 
 def tokenizer_source(tokenizer) -> Path | None:
