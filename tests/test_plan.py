@@ -306,3 +306,29 @@ def test_plan_reads_mindformers_configs():
     assert "MindFormers run config" in out.splitlines()[0]
     own = out.split("the config's own layout:")[1].splitlines()[1]
     assert own.startswith("FSDP 8, AC none, micro batch 1")  # data_parallel 8 with the parallel optimizer
+
+
+@pytest.mark.parametrize(
+    "recipe, gpus, gpu, own",
+    [
+        ("llama2_7b_pretrain.yaml", 8, "Ascend-910B", "FSDP 8, AC none, micro batch 1"),
+        ("llama2_7b_pretrain.yaml", 8, "H100", "FSDP 8, AC none, micro batch 1"),
+        ("llama3_70b_pretrain.yaml", 64, "Ascend-910B", "TP 8 x PP 8 (1f1b), AC selective, micro batch 1"),
+        ("llama3_70b_pretrain.yaml", 64, "H100", "TP 8 x PP 8 (1f1b), AC selective, micro batch 1"),
+    ],
+)
+def test_plan_of_the_mindformers_guide_recipes(recipe, gpus, gpu, own):
+    from lmforge.mindformers import load_run_config
+
+    cfg = load_run_config(str(FIXTURES / recipe))
+    acc = find_accelerator(gpu)
+    text, fits = plan_report(cfg, gpus, acc, acc.memory_gib)
+    assert fits and "\nrecommended: " in text
+    mine = text.split("the config's own layout:\n")[1].splitlines()
+    assert mine[0].startswith(own) and mine[0].split()[-1] != "big"  # the guide's layout fits
+    if "PP 8" in own:
+        # Memory per stage (first > last under 1F1B), bubble (p-1)/m = 7/256, step time.
+        first, last = (float(x) for x in mine[0].split("stages ")[1].split(".."))
+        assert first > last
+        layout = Layout("fsdp+tp", 1, 1, 8, ac="selective", micro_batch=1, pp=8, schedule="1f1b")
+        assert plan(cfg, layout, acc)["bubble"] == pytest.approx(7 / 256)
