@@ -1,5 +1,5 @@
 """Pipeline parallel trains like one process: PP 2 with every schedule the installed torch has,
-PP 2 x DP 2 (DDP and FSDP2), PP 2 x TP 2 (tied and untied, with vocab-parallel loss), gradient
+PP 2 x DP 2 (DDP and FSDP2), PP 2 x TP 2 (gathered and vocab-parallel loss), gradient
 accumulation, padded batches (unequal target counts) and an MoE model give the one-process losses of
 AdamW steps on fixed random batches; a DCP checkpoint saved under PP 2 x DP 2 resumes bitwise on the
 same layout and within tolerance on PP 1 x DP 4 and in one process.
@@ -170,9 +170,8 @@ def scenarios(ckpt: str) -> tuple[dict, dict]:
         "pp2xdp2_ddp": {"parallel": _pp("1f1b", strategy="ddp"), "accum": 2, "save_at": 3, "save_to": ckpt},
         "pp2xfsdp2": {"parallel": _pp("1f1b", strategy="fsdp"), "accum": 2},
         "pp2xtp2": {"parallel": _pp("1f1b", strategy="fsdp+tp", tp=2, dp_shard=1), "accum": 2},
-        "pp2xtp2_untied_lossparallel": {
-            "parallel": _pp("1f1b", strategy="fsdp+tp", tp=2, dp_shard=1, loss_parallel=True),
-            "accum": 2, "init": "untied", "model": UNTIED,
+        "pp2xtp2_lossparallel": {
+            "parallel": _pp("1f1b", strategy="fsdp+tp", tp=2, dp_shard=1, loss_parallel=True), "accum": 2,
         },
         "pp2xdp2_resume": {"parallel": _pp("1f1b", strategy="ddp"), "accum": 2,
                            "resume_from": ckpt, "resume_step": 3},
@@ -240,7 +239,7 @@ def test_pp2_schedule_matches_single_process(runs, sched):
 
 @pytest.mark.parametrize(
     "name",
-    ["pp2xdp2_ddp", "pp2xfsdp2", "pp2xtp2", "pp2xtp2_untied_lossparallel", "pp2_1f1b_accum4_padded", "pp2_gpipe_moe"],
+    ["pp2xdp2_ddp", "pp2xfsdp2", "pp2xtp2", "pp2xtp2_lossparallel", "pp2_1f1b_accum4_padded", "pp2_gpipe_moe"],
 )
 def test_pp_layouts_match_single_process(runs, name):
     ref = _reference(runs, name)

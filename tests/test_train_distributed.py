@@ -80,3 +80,31 @@ def test_ddp_matches_one_process_and_fsdp_checkpoint_resumes_in_one_process(tmp_
     fsdp, one = _losses(tmp_path, "fsdp"), _losses(tmp_path, "one")
     assert list(one) == [3, 4]
     assert max(abs(fsdp[s] - one[s]) for s in one) < 1e-5
+
+
+def test_pipeline_trainer_checkpoint_resumes_in_one_process_and_loads_anywhere(tmp_path):
+    # The trainer under PP 2 (1f1b, gradient accumulation 2 = 2 microbatches, padded batches of
+    # varying length and unequal target counts) trains; its DCP checkpoint resumes in one process
+    # on the same loss curve, and the weights reader (export/eval/generate) sees the plain model.
+    # (Loss parity with one process from equal weights: tests/test_pipeline_parity.py; the
+    # stages' own initialisation is not value-equal to the unsplit model's.)
+    from lmforge.infer.loading import load_weights
+    from lmforge.model import Transformer
+
+    data = make_dataset(tmp_path / "data")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _torchrun(tmp_path, _cfg(tmp_path, data, "pp2", parallel__pp=2))
+        pp_ckpt = tmp_path / "runs" / "pp2" / "checkpoints" / "step_2"
+        resumed = run_training(_cfg(tmp_path, data, "one_from_pp", train__resume=str(pp_ckpt)))
+        state, cfg, _ = load_weights(pp_ckpt)
+    finally:
+        torch.set_num_threads(before)
+    pp = _losses(tmp_path, "pp2")
+    assert list(pp) == [1, 2, 3, 4]
+    assert pp[4] < pp[1] - 0.1  # it learns
+    assert resumed["resumed_from"] == str(pp_ckpt)
+    one = _losses(tmp_path, "one_from_pp")
+    assert max(abs(pp[s] - one[s]) / pp[s] for s in one) < 1e-5
+    assert set(state) == set(Transformer(cfg.model).state_dict())

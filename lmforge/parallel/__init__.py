@@ -14,6 +14,7 @@ from lmforge.parallel.apply import (
 )
 from lmforge.parallel.distributed import ParallelContext, init_distributed
 from lmforge.parallel.mesh import MeshShape, resolve_mesh_shape
+from lmforge.parallel.tensor_parallel import loss_parallel_context, plain
 
 __all__ = [
     "MeshShape",
@@ -24,6 +25,8 @@ __all__ = [
     "grad_sync",
     "init_distributed",
     "load_full_state_dict",
+    "loss_parallel_context",
+    "plain",
     "resolve_mesh_shape",
     "unwrap_model",
 ]

@@ -19,8 +19,10 @@ import inspect
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from lmforge.errors import ConfigError
+from lmforge.loss import IGNORE_INDEX
 
 # parallel.pp_schedule -> torch.distributed.pipelining class name. All exist in torch >= 2.6;
 # a build without one gets a one-line error naming the schedule and the installed version.
@@ -124,6 +126,11 @@ def _stage_examples(stage, cfg, ctx, rows: int, logits_dtype: torch.dtype):
     return inputs, tuple(t.detach().requires_grad_(True) for t in outputs)
 
 
+def _pad(parts: list[torch.Tensor], length: int, value: int) -> torch.Tensor:
+    out = torch.cat([F.pad(t, (0, length - t.shape[1]), value=value) for t in parts])
+    return out
+
+
 def _logits_dtype(amp, cfg, ctx) -> torch.dtype:
     """The dtype of the last stage's logits: autocast's, else the (FSDP) parameters'."""
     from lmforge.parallel.apply import fsdp_param_dtype
@@ -144,6 +151,7 @@ class PipelineRunner:
         from torch.distributed.pipelining import PipelineStage
 
         self.model, self.ctx = model, ctx
+        self.seq_len = cfg.data.seq_len
         self.n_micro = microbatches(cfg)
         vocab_parallel = bool(cfg.parallel.loss_parallel) and ctx.tp_size > 1
         self.loss = _Loss(ctx.mesh["tp"] if vocab_parallel else None, vocab_parallel)
@@ -175,8 +183,16 @@ class PipelineRunner:
         loss.aux_weight = 1.0 / self.n_micro
         loss.scaler = scaler
         loss.values.clear()
-        inputs = torch.cat([b["input_ids"] for b in batches])
-        labels = torch.cat([b["labels"] for b in batches])
+        if any("doc_ids" in b or "position_ids" in b for b in batches):
+            raise ConfigError(
+                "parallel.pp: document masking (doc_ids/position_ids batches) is not supported under "
+                "pipeline parallel yet; turn document masking off or set parallel.pp 1"
+            )
+        # Stages exchange fixed-shape buffers, so every step is padded to data.seq_len (padded
+        # mode may hand out shorter batches): causal attention never looks at the appended
+        # positions and their labels are ignored, so the loss and gradients are unchanged.
+        inputs = _pad([b["input_ids"] for b in batches], self.seq_len, 0)
+        labels = _pad([b["labels"] for b in batches], self.seq_len, IGNORE_INDEX)
         if inputs.shape[0] % self.n_micro:
             raise ConfigError(
                 f"parallel.pp_microbatches: {self.n_micro} does not divide the {inputs.shape[0]} sequences "

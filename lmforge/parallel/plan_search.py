@@ -275,7 +275,7 @@ def _row(label: str, o: Option, limit_gib: float) -> str:
     if o.layout.pp > 1:
         stages = f"  stages {_gib(c['stage_totals'][0])}..{_gib(c['stage_totals'][-1])}"
     verdict = "fits" if c["total"] <= limit_gib * GIB else "too big"
-    return f"{label:<58}{cells}{c['step_time_s']:9.1f}{c['bubble']:7.0%}  {verdict}{stages}"
+    return f"{label:<58}{cells}{c['step_time_s']:9.3g}{c['bubble']:7.0%}  {verdict}{stages}"
 
 
 def _explain(o: Option, best: Option, limit_gib: float) -> str:
@@ -284,8 +284,8 @@ def _explain(o: Option, best: Option, limit_gib: float) -> str:
         return f"needs {_gib(c['total'])} GiB > {limit_gib:g} even with AC {o.layout.ac} at micro batch {o.layout.micro_batch}"
     slower = c["step_time_s"] / best.cost["step_time_s"]
     if slower < 1.005:
-        return f"fits ({_gib(c['total'])} GiB) and is as fast as the best ({c['step_time_s']:.1f} s/step)"
-    parts = [f"compute {c['compute_time_s']:.1f} s"]
+        return f"fits ({_gib(c['total'])} GiB) and is as fast as the best ({c['step_time_s']:.3g} s/step)"
+    parts = [f"compute {c['compute_time_s']:.3g} s"]
     for key, name in (
         ("bubble", "bubble"),
         ("dp_comm_time_s", "DP"),
@@ -293,8 +293,8 @@ def _explain(o: Option, best: Option, limit_gib: float) -> str:
         ("pp_p2p_time_s", "P2P"),
     ):
         if c[key] > 0:
-            parts.append(f"{name} {c[key]:.0%}" if key == "bubble" else f"{name} {c[key]:.1f} s")
-    return f"fits ({_gib(c['total'])} GiB) but {c['step_time_s']:.1f} s/step, {slower:.2f}x the best ({', '.join(parts)})"
+            parts.append(f"{name} {c[key]:.0%}" if key == "bubble" else f"{name} {c[key]:.3g} s")
+    return f"fits ({_gib(c['total'])} GiB) but {c['step_time_s']:.3g} s/step, {slower:.2f}x the best ({', '.join(parts)})"
 
 
 def plan_report(
@@ -353,11 +353,11 @@ def plan_report(
     lines += [
         f"recommended: {describe(best.layout)}, {c['grad_accum_steps']} micro batches per step",
         f"  {config_keys(best.layout, c['grad_accum_steps'])}",
-        f"  {_gib(c['total'])} GiB per GPU; {c['flops_per_step']:.3e} FLOPs/step; step {c['step_time_s']:.2f} s; "
+        f"  {_gib(c['total'])} GiB per GPU; {c['flops_per_step']:.3e} FLOPs/step; step {c['step_time_s']:.3g} s; "
         f"{c['tokens_per_s']:,.0f} tokens/s ({c['tokens_per_s'] / gpus:,.0f} per GPU)",
-        f"  compute {c['compute_time_s']:.1f} s (bubble {c['bubble']:.1%}), data-parallel traffic "
-        f"{c['dp_comm_time_s']:.1f} s (overlapped), tensor-parallel {c['tp_comm_time_s']:.1f} s, "
-        f"pipeline P2P {c['pp_p2p_time_s']:.2f} s",
+        f"  compute {c['compute_time_s']:.3g} s (bubble {c['bubble']:.1%}), data-parallel traffic "
+        f"{c['dp_comm_time_s']:.3g} s (overlapped), tensor-parallel {c['tp_comm_time_s']:.3g} s, "
+        f"pipeline P2P {c['pp_p2p_time_s']:.3g} s",
     ]
     for o in ordered:
         if o is not best:

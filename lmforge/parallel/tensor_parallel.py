@@ -82,6 +82,17 @@ def blocks_of(model: nn.Module) -> list[nn.Module]:
     return list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
 
 
+def loss_parallel_context(model: nn.Module):
+    """The context a training or validation loss (forward and backward) of `model` runs in:
+    torch's vocab-parallel cross-entropy when its logits are vocab-sharded DTensors, else nothing."""
+    return loss_context(bool(getattr(model, "vocab_parallel_logits", False)))
+
+
+def plain(t):
+    """A replicated DTensor loss as a plain tensor (differentiable); other tensors unchanged."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def loss_context(enabled: bool):
     """torch's vocab-parallel cross-entropy for DTensor logits sharded on the vocabulary; the
     forward AND backward of the loss must run inside it."""
@@ -108,6 +119,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, cfg, local_logits: bool = F
 
     check_tp_divisibility(cfg, tp_mesh.size())
     vocab_parallel = bool(getattr(cfg.parallel, "loss_parallel", False))
+    model.vocab_parallel_logits = vocab_parallel and not local_logits
     has = {name: getattr(model, name, None) is not None for name in ("tok_embeddings", "norm", "output")}
     tied = not has["output"] and model.cfg.tie_embeddings
     top = {}

@@ -14,6 +14,7 @@ import torch
 
 from lmforge.infer.generate import encode_prompt, generate
 from lmforge.loss import IGNORE_INDEX, summed_cross_entropy
+from lmforge.parallel import loss_parallel_context, plain
 from lmforge.tokenizer import load_tokenizer
 
 
@@ -39,7 +40,8 @@ def validate(model, val_loader, ctx, amp, max_batches: int) -> dict:
                 with amp:
                     logits = model(batch["input_ids"]).logits
                 labels = batch["labels"]
-                loss_sum += summed_cross_entropy(logits, labels).double()
+                with loss_parallel_context(model):  # vocab-sharded logits (parallel.loss_parallel)
+                    loss_sum += plain(summed_cross_entropy(logits, labels)).double()
                 tokens += (labels != IGNORE_INDEX).sum().double()
             val_loader.close()
     finally:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from lmforge.loss import IGNORE_INDEX, language_model_loss, summed_cross_entropy
-from lmforge.parallel import clip_grad_norm, grad_sync
+from lmforge.parallel import clip_grad_norm, grad_sync, loss_parallel_context, plain
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype):
@@ -69,17 +69,24 @@ def accumulate_gradients(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward/backward over the micro batches of one step. Returns (this rank's share of the
     step loss as a device tensor, global target-token count). Gradients are reduced across ranks
-    only on the last micro step."""
+    only on the last micro step. A pipeline-parallel model runs its micro batches through its
+    schedule instead (lmforge.parallel.pipeline_step)."""
+    if getattr(model, "is_pipeline", False):
+        from lmforge.parallel.pipeline_step import pipeline_gradients
+
+        return pipeline_gradients(model, batches, ctx, amp, scaler)
     n_targets = count_targets(batches, ctx)
     denom = n_targets.clamp(min=1.0)
     scale = float(ctx.dp_size)
     total = torch.zeros((), device=batches[0]["input_ids"].device, dtype=torch.float32)
     last = len(batches) - 1
     for i, batch in enumerate(batches):
-        with grad_sync(model, enabled=i == last):
+        # loss_parallel_context: vocab-sharded logits (parallel.loss_parallel) need torch's
+        # vocab-parallel cross-entropy around the loss and its backward.
+        with grad_sync(model, enabled=i == last), loss_parallel_context(model):
             with amp:
                 ce_sum, aux = loss(model, batch)
-            micro_loss = ce_sum * scale / denom + aux / len(batches)
+            micro_loss = plain(ce_sum) * scale / denom + aux / len(batches)
             (scaler.scale(micro_loss) if scaler is not None else micro_loss).backward()
         total += micro_loss.detach()
     return total, n_targets

@@ -124,6 +124,10 @@ class _Trainer:
                 raise
             self.no_val_reason = str(exc)
         self.model = build_parallel_model(cfg, ctx)
+        if ctx.pp_size > 1 and self.val_loader is not None:  # stages cannot run a plain forward
+            self.val_loader.close()
+            self.val_loader = None
+            self.no_val_reason = "not run during pipeline-parallel training; use lmforge eval on a checkpoint"
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.total = total_steps(cfg, self.train_loader.samples_per_epoch)
         self.scheduler = build_schedule(self.optimizer, cfg.optim, self.total)
@@ -266,9 +270,9 @@ class _Trainer:
         wants_samples = bool(cfg.train.sample_prompts and cfg.train.sample_max_new_tokens)
         if wants_samples and self.tokenizer is None:
             self.logger.print(f"note: no sample generations ({self.no_samples_reason})")
-        elif wants_samples and ctx.tp_size > 1:
+        elif wants_samples and (ctx.tp_size > 1 or ctx.pp_size > 1):
             self.logger.print(
-                "note: no sample generations under tensor parallel; use lmforge generate on a checkpoint"
+                "note: no sample generations under tensor or pipeline parallel; use lmforge generate on a checkpoint"
             )
 
     def _log_step(self, result, window, real: torch.Tensor) -> float:
@@ -324,6 +328,7 @@ class _Trainer:
             and cfg.train.sample_prompts
             and cfg.train.sample_max_new_tokens
             and ctx.tp_size == 1
+            and ctx.pp_size == 1
         ):
             write_samples(
                 unwrap_model(self.model),
