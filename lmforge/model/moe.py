@@ -113,13 +113,7 @@ class MoEFeedForward(nn.Module):
         ):
             y = self._per_expert(rows, flat_idx)
         elif compute_dtype is not None and self.experts[0].w1.bias is None:
-            counts = torch.bincount(flat_idx, minlength=self.num_experts)
-            offsets = torch.cumsum(counts, 0).to(torch.int32)
-            (w1, _), (w3, _), (w2, _) = self.stacked_weights(compute_dtype)
-            rows = rows.to(compute_dtype)
-            gate = torch._grouped_mm(rows, w1.transpose(-2, -1), offs=offsets)
-            up = torch._grouped_mm(rows, w3.transpose(-2, -1), offs=offsets)
-            y = torch._grouped_mm(F.silu(gate) * up, w2.transpose(-2, -1), offs=offsets)
+            y = self._grouped(rows, flat_idx, expert_of, compute_dtype)
         else:  # "tiled", or "auto" on an accelerator without grouped GEMM
             y = tiled_expert_matmul(rows, expert_of, self.stacked_weights(), self.num_experts)
         y = y.to(x_flat.dtype) * weight_of[:, None]
@@ -129,6 +123,25 @@ class MoEFeedForward(nn.Module):
 
         aux = load_balancing_loss(probs, idx, self.num_experts, self.aux_loss_coef)
         return self.dropout(out.view(shape)), aux
+
+    def _grouped(self, rows, flat_idx, expert_of, dtype):
+        """One grouped GEMM per projection. Each expert's rows start at a multiple of
+        _GROUP_ALIGN (the kernel's alignment, as torchtitan pads), placed without a host sync in a
+        buffer of static size M + E * (_GROUP_ALIGN - 1)."""
+        m, num_experts = rows.shape[0], self.num_experts
+        counts = torch.bincount(flat_idx, minlength=num_experts)
+        padded = (counts + _GROUP_ALIGN - 1) // _GROUP_ALIGN * _GROUP_ALIGN
+        padded_ends = torch.cumsum(padded, 0)
+        starts = torch.cumsum(counts, 0) - counts
+        dest = (padded_ends - padded)[expert_of] + torch.arange(m, device=rows.device) - starts[expert_of]
+        capacity = _GROUP_ALIGN * math.ceil((m + num_experts * (_GROUP_ALIGN - 1)) / _GROUP_ALIGN)
+        buf = rows.new_zeros(capacity, rows.shape[1], dtype=dtype).index_copy(0, dest, rows.to(dtype))
+        offsets = padded_ends.to(torch.int32)
+        (w1, _), (w3, _), (w2, _) = self.stacked_weights(dtype)
+        gate = torch._grouped_mm(buf, w1.transpose(-2, -1), offs=offsets)
+        up = torch._grouped_mm(buf, w3.transpose(-2, -1), offs=offsets)
+        out = torch._grouped_mm(F.silu(gate) * up, w2.transpose(-2, -1), offs=offsets)
+        return out.index_select(0, dest)
 
     def _per_expert(self, rows: torch.Tensor, flat_idx: torch.Tensor) -> torch.Tensor:
         """Each expert on its slice of the sorted rows; the slice sizes are read on the host."""
@@ -140,6 +153,7 @@ class MoEFeedForward(nn.Module):
 # "auto": per-expert loop eager on the CPU, grouped GEMM on CUDA bf16, tiled elsewhere;
 # "tiled" / "loop" force one (tests run the accelerators' sync-free path on the CPU with "tiled").
 DISPATCH = "auto"
+_GROUP_ALIGN = 16
 
 
 def _grouped_mm_dtype(x: torch.Tensor) -> torch.dtype | None:
