@@ -82,11 +82,11 @@ def resolve_mesh_shape(pcfg, world_size: int) -> MeshShape:
             f"parallel.pp: {pp} pipeline stages do not divide WORLD_SIZE {world_size}; "
             "make the number of processes a multiple of parallel.pp"
         )
-    shape = _resolve_per_stage(pcfg, world_size // pp)
+    shape = _resolve_per_stage(pcfg, world_size // pp, pp)
     return MeshShape(shape.strategy, shape.dp_replicate, shape.dp_shard, shape.tp, pp)
 
 
-def _resolve_per_stage(pcfg, world_size: int) -> MeshShape:
+def _resolve_per_stage(pcfg, world_size: int, pp: int) -> MeshShape:
     s = pcfg.strategy
     if pcfg.tp > 1 and s != "fsdp+tp":
         raise ConfigError(
@@ -96,7 +96,7 @@ def _resolve_per_stage(pcfg, world_size: int) -> MeshShape:
     if s == "single":
         if world_size != 1:
             raise ConfigError(
-                f"parallel.strategy: single but WORLD_SIZE / parallel.pp is {world_size}; "
+                f"parallel.strategy: single but WORLD_SIZE{' / parallel.pp' if pp > 1 else ''} is {world_size}; "
                 "set parallel.strategy to ddp, fsdp, hsdp or fsdp+tp for multi-process runs"
             )
         return MeshShape("single", 1, 1, 1)
