@@ -173,6 +173,8 @@ def scenarios(ckpt: str) -> tuple[dict, dict]:
         "pp2xtp2_lossparallel": {
             "parallel": _pp("1f1b", strategy="fsdp+tp", tp=2, dp_shard=1, loss_parallel=True), "accum": 2,
         },
+        # Vocab-parallel loss without a pipeline: the trainer's step under torch's loss_parallel().
+        "fsdp2xtp2_lossparallel": {"parallel": {"strategy": "fsdp+tp", "tp": 2, "loss_parallel": True}, "accum": 2},
         "pp2xdp2_resume": {"parallel": _pp("1f1b", strategy="ddp"), "accum": 2,
                            "resume_from": ckpt, "resume_step": 3},
         "pp1xdp4_resume": {"parallel": {"strategy": "fsdp"}, "accum": 1,
@@ -239,7 +241,15 @@ def test_pp2_schedule_matches_single_process(runs, sched):
 
 @pytest.mark.parametrize(
     "name",
-    ["pp2xdp2_ddp", "pp2xfsdp2", "pp2xtp2", "pp2xtp2_lossparallel", "pp2_1f1b_accum4_padded", "pp2_gpipe_moe"],
+    [
+        "pp2xdp2_ddp",
+        "pp2xfsdp2",
+        "pp2xtp2",
+        "pp2xtp2_lossparallel",
+        "fsdp2xtp2_lossparallel",
+        "pp2_1f1b_accum4_padded",
+        "pp2_gpipe_moe",
+    ],
 )
 def test_pp_layouts_match_single_process(runs, name):
     ref = _reference(runs, name)
