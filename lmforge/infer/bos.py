@@ -2,9 +2,9 @@
 
 A model lmforge trained saw every document as [bos] + tokens + [eos] (that is what `prepare`
 writes), so it is prompted the same way. An imported model (no data.train in its config) follows
-its tokenizer's own rule, as transformers' AutoTokenizer applies it: `add_bos_token` in
-tokenizer_config.json when set, else the tokenizer.json post-processor's template (Llama's
-`<s> $A`; SmolLM2's ByteLevel adds nothing); a SentencePiece model adds BOS (LlamaTokenizer's
+its tokenizer's own rule, as transformers' AutoTokenizer applies it: the tokenizer.json
+post-processor's template (Llama's `<s> $A`; SmolLM2's ByteLevel adds nothing), else
+`add_bos_token` in tokenizer_config.json; a SentencePiece model adds BOS (LlamaTokenizer's
 default). `--bos` / `--no-bos` override both.
 """
 
@@ -31,27 +31,29 @@ def _template_adds_bos(processor: dict | None, bos_token: str | None) -> bool | 
 
 
 def tokenizer_adds_bos(tokenizer) -> bool:
-    """The tokenizer's own rule (what transformers would do with its files)."""
+    """The tokenizer's own rule, as transformers 5 applies it to these files: the tokenizer.json
+    post-processor when there is one (add_bos_token in tokenizer_config.json does not change it
+    then), else add_bos_token (default false)."""
     if tokenizer is None or tokenizer.bos_id is None:
         return False
     path = Path(getattr(tokenizer, "path", ""))
     if path.suffix != ".json":  # SentencePiece (LlamaTokenizer adds BOS); tiktoken adds none
         return getattr(tokenizer, "kind", "") == "sentencepiece" or path.suffix == ".model"
     config_path = path.parent / "tokenizer_config.json"
-    bos_token = None
+    config: dict = {}
     if config_path.is_file():
         try:
             config = json.loads(config_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             config = {}
-        if isinstance(config.get("add_bos_token"), bool):
-            return config["add_bos_token"]
-        token = config.get("bos_token")
-        bos_token = token.get("content") if isinstance(token, dict) else token
+    token = config.get("bos_token")
+    bos_token = token.get("content") if isinstance(token, dict) else token
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
+    if spec.get("post_processor") is None:
+        return config.get("add_bos_token") is True
     return bool(_template_adds_bos(spec.get("post_processor"), bos_token))
 
 
