@@ -239,3 +239,52 @@ def test_a_test_leaves_no_process_behind(tmp_path):
         time.sleep(0.05)
     else:
         raise AssertionError(f"process {orphan} outlived the test")
+
+
+def _losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r and "step" in r]
+
+
+def test_mindformers_yaml_runs_tp2_pp2_on_four_processes_like_one(tmp_path):
+    """MindFormers' own layout (model_parallel 2 x pipeline_stage 2) from its YAML, launched with
+    msrun's 6-argument form, trains like the converted lmforge YAML in one process."""
+    from test_train_utils import make_dataset
+
+    mf = Path(__file__).parent / "fixtures" / "mindformers" / "tiny_pp2_tp2.yaml"
+    data = make_dataset(tmp_path / "data")
+    common = ["train.device=cpu", "train.sample_max_new_tokens=0", "train.eval_interval=0", "train.eval_batches=1",
+              "log.interval=1", "log.tensorboard=false", "log.plots=false", "log.progress=false"]  # fmt: skip
+    one = ["parallel.strategy=single", "parallel.tp=1", "parallel.pp=1"]
+    lmforge = [sys.executable, "-m", "lmforge"]
+    # Shared start: one step in one process, saved as a DCP checkpoint that both runs resume
+    # (the TP shards' CPU initialisation differs from one process's, so neither starts from scratch).
+    init = run_reaped(
+        [*lmforge, "train", "--config", str(mf), "--train_dataset_dir", str(data), *one, *common,
+         f"run.out_dir={tmp_path}/init", "train.max_steps=1", "checkpoint.interval=1"],
+        timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert init.returncode == 0, init.stderr[-3000:]
+    start = next(p for p in (tmp_path / "init").rglob("step_1") if p.is_dir())
+    converted = tmp_path / "tiny.yaml"
+    conv = run_reaped([*lmforge, "config", "convert", str(mf), "--out", str(converted)], timeout=120)
+    assert conv.returncode == 0, conv.stderr
+    finetune = ["train.max_steps=4", f"train.resume={start}"]
+    ref = run_reaped(
+        [*lmforge, "train", "--config", str(converted), f"data.train=[{data}]", *one, *common, *finetune,
+         f"run.out_dir={tmp_path}/ref"],
+        timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    command = (
+        f"run_mindformer.py --config {mf} --train_dataset_dir {data} --use_parallel True --run_mode train "
+        f"--resume_training {start} run.out_dir={tmp_path}/mf train.max_steps=4 " + " ".join(common)
+    )
+    with contextlib.ExitStack() as stack:
+        out = _finish(_launch(stack, command, 4, _port(), tmp_path / "logs", "True", 300))
+    assert "--nproc-per-node=4" in out and "MindFormers run config, mapped to lmforge" in out
+    want, got = _losses(tmp_path / "ref" / "tiny_llama"), _losses(tmp_path / "mf" / "tiny_llama")
+    assert len(want) == len(got) == 3, (want, got)  # steps 2..4
+    worst = max(abs(g - w) / w for g, w in zip(got, want))
+    print(f"TP 2 x PP 2 from the MindFormers YAML vs one process: max relative loss difference {worst:.1e}")
+    assert worst < 1e-5, (got, want)
