@@ -12,6 +12,7 @@ import yaml
 from test_train_utils import make_dataset, run_reaped, tiny_config
 
 from lmforge import cli
+from lmforge.tokenizer import load_tokenizer
 from lmforge.train import preflight
 from lmforge.train.metrics import fmt_ppl
 
@@ -163,3 +164,22 @@ def test_promised_val_split_that_fails_is_an_error(tmp_path, capsys, damage):
     tree["data"]["valid"] = str(folder)
     (tmp_path / "v2.yaml").write_text(yaml.safe_dump(tree))
     assert "val_00000.bin" in _main_error(capsys, ["train", "--config", str(tmp_path / "v2.yaml")])
+
+
+def test_relative_tokenizer_path_is_stored_resolved(tmp_path, monkeypatch):
+    from lmforge.tokenizer import train_tokenizer
+    from lmforge.train.trainer import run_training
+
+    (tmp_path / "text.txt").write_text("the cat sat on the mat. a dog ran.\n" * 40, encoding="utf-8")
+    tokenizer = load_tokenizer(train_tokenizer([str(tmp_path / "text.txt")], 300, tmp_path / "tok"))
+    data = make_dataset(tmp_path / "ds", vocab_size=300, docs=40, fingerprint=tokenizer.fingerprint)
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config(tmp_path, data, model__vocab_size=300, tokenizer__path="tok", train__max_steps=2)
+    summary = run_training(cfg)
+    saved = yaml.safe_load((Path(summary["run_dir"]) / "config.yaml").read_text())
+    assert saved["tokenizer"]["path"] == str(tmp_path / "tok")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = _lmforge("generate", "--checkpoint", summary["checkpoint"], "--prompt", "the cat",
+                    "--max-new-tokens", "3", "--temperature", "0", cwd=elsewhere)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.startswith("the cat"), proc.stderr

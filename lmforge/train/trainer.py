@@ -73,6 +73,7 @@ def _check_inputs(cfg) -> None:
 
 def run_training(cfg) -> dict:
     """Train until the step budget is spent (or a stop signal); returns a summary dict."""
+    cfg = _resolve_paths(cfg)
     _check_inputs(cfg)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     if cfg.train.deterministic:
@@ -341,6 +342,16 @@ class _Trainer:
                 cfg.run.seed,
             )
         return result
+
+
+def _resolve_paths(cfg):
+    """A relative tokenizer.path made absolute, so the config saved in the run and in every
+    checkpoint still finds the tokenizer from another working directory (generate --checkpoint)."""
+    path = cfg.tokenizer.path
+    if not path or Path(path).is_absolute():
+        return cfg
+    tokenizer = cfg.tokenizer.model_copy(update={"path": str(Path(path).resolve())})
+    return cfg.model_copy(update={"tokenizer": tokenizer})
 
 
 def _lists_val_split(train_specs) -> bool:
