@@ -199,12 +199,16 @@ def test_minimind_tokenizer_embeds_and_comes_back(tmp_path):
 
 
 def test_imported_folder_is_ready_for_eval_generate_and_export(tmp_path, tokenizer_dir):
+    from lmforge.config import load_config
     from lmforge.infer.loading import find_tokenizer, load_model_for_inference, load_weights
     from lmforge.tokenizer import load_tokenizer
 
     model, cfg = _model(False, 4, False, SCALING)
     first = export_gguf(model, cfg, tokenizer_dir, tmp_path / "m.gguf")
     out = import_gguf_to_folder(first, tmp_path / "weights")
+    run_cfg = load_config(out / "config.yaml")  # finetune-ready: names these weights and tokenizer
+    assert run_cfg.train.load_checkpoint == str(out) and run_cfg.tokenizer.path == str(out)
+    assert run_cfg.checkpoint.export_dtype == "float32"
     loaded, cfg_back, tok = load_model_for_inference(out)
     assert cfg_back == cfg and tok.encode(TEXT) == load_tokenizer(tokenizer_dir).encode(TEXT)
     ids = torch.randint(0, VOCAB, (1, 30), generator=torch.Generator().manual_seed(5))

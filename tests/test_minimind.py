@@ -162,6 +162,7 @@ def test_refusals(tmp_path):
 
 
 def test_imported_folder_generates_like_minimind(tmp_path):
+    from lmforge.config import load_config
     from lmforge.infer.generate import generate
     from lmforge.infer.loading import load_model_for_inference
     from lmforge.interop import import_minimind_to_folder
@@ -171,6 +172,8 @@ def test_imported_folder_generates_like_minimind(tmp_path):
     out = import_minimind_to_folder(
         tmp_path / "pretrain_768.pth", tmp_path / "w", tokenizer=MINIMIND / "model"
     )
+    run_cfg = load_config(out / "config.yaml")
+    assert run_cfg.train.load_checkpoint == str(out) and run_cfg.checkpoint.export_dtype == "float16"
     model, _, tok = load_model_for_inference(out)
     prompt = [tok.bos_id, *tok.encode("你好，MiniMind")]
     ours = generate(model, prompt, max_new_tokens=8, temperature=0.0)

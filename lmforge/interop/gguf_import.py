@@ -239,27 +239,42 @@ def import_gguf(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig,
     return state, cfg, tokenizer_files_from_gguf(meta, source)
 
 
+def finetune_ready_config(model_cfg: ModelConfig, state: dict[str, torch.Tensor], out: Path, tokenizer: bool):
+    """The run config written beside imported weights, as `lmforge import --hf` writes it: it
+    names these weights (train.load_checkpoint) and the tokenizer copied next to them by absolute
+    path, and exports in the dtype the weights came in when they share one, so
+    `lmforge train --config OUT/config.yaml --run_mode finetune data.train=...` runs as it is."""
+    cfg = config_for_model(model_cfg)
+    here = out.resolve()
+    updates: dict[str, Any] = {"train": cfg.train.model_copy(update={"load_checkpoint": str(here)})}
+    if tokenizer:
+        updates["tokenizer"] = cfg.tokenizer.model_copy(update={"path": str(here)})
+    stored = {str(t.dtype).replace("torch.", "") for t in state.values() if t.is_floating_point()}
+    if len(stored) == 1 and stored <= {"float32", "bfloat16", "float16"}:
+        updates["checkpoint"] = cfg.checkpoint.model_copy(update={"export_dtype": stored.pop()})
+    return cfg.model_copy(update=updates)
+
+
 def write_weights_folder(
     state: dict[str, torch.Tensor],
     cfg: ModelConfig,
     files: dict[str, str | bytes],
     out: str | Path,
     overwrite: bool = False,
+    tokenizer_src: Path | None = None,
 ) -> Path:
-    """`out/` in lmforge's weights-folder form (model.safetensors + config.yaml + the given
-    tokenizer files), loadable by eval/generate/finetune/export; lmforge.weights owns the writing
-    (temp sibling, refuses a folder it did not write unless overwrite)."""
+    """`out/` in lmforge's weights-folder form (model.safetensors + finetune-ready config.yaml +
+    tokenizer files: `files` written out, or copied from `tokenizer_src`), loadable by
+    eval/generate/finetune/export; lmforge.weights owns the writing (temp sibling, refuses a
+    folder it did not write unless overwrite)."""
+    has_tokenizer = bool(files) or tokenizer_src is not None
+    run_cfg = finetune_ready_config(cfg, state, Path(out), has_tokenizer)
     with tempfile.TemporaryDirectory(prefix="lmforge-tok-") as tok_dir:
         for name, text in files.items():
             target = Path(tok_dir) / name
             target.write_bytes(text) if isinstance(text, bytes) else target.write_text(text, encoding="utf-8")
-        return save_weights(
-            state,
-            config_for_model(cfg),
-            out,
-            tokenizer_src=Path(tok_dir) if files else None,
-            overwrite=overwrite,
-        )
+        src = Path(tok_dir) if files else tokenizer_src
+        return save_weights(state, run_cfg, out, tokenizer_src=src, overwrite=overwrite)
 
 
 def import_gguf_to_folder(path: str | Path, out: str | Path, overwrite: bool = False) -> Path:

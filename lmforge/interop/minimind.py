@@ -27,14 +27,14 @@ from typing import Any
 
 import torch
 
-from lmforge.config import ModelConfig, config_for_model
+from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.interop.export import _plain_state, check_state
+from lmforge.interop.gguf_import import write_weights_folder
 from lmforge.model.layers import resolve_intermediate_size
 from lmforge.model.moe import expert_intermediate_size
 from lmforge.tokenizer import load_tokenizer
 from lmforge.weights.dtypes import resolve_dtype
-from lmforge.weights.files import save_weights
 from lmforge.weights.outdir import check_output_dir, output_dir
 from lmforge.weights.shapes import config_shapes
 from lmforge.weights.tokenizer_files import copy_tokenizer_files
@@ -341,4 +341,4 @@ def import_minimind_to_folder(
             raise LmforgeError(
                 f"{src}: {size} tokens but {pth} embeds {cfg.vocab_size}; pass the tokenizer it was trained with"
             )
-    return save_weights(state, config_for_model(cfg), out, tokenizer_src=src, overwrite=overwrite)
+    return write_weights_folder(state, cfg, {}, out, overwrite, tokenizer_src=src)
