@@ -33,7 +33,13 @@ def compile_seconds() -> float:
         from torch._dynamo.utils import compilation_time_metrics
     except ImportError:  # pragma: no cover - very old torch
         return 0.0
+    forward = 0.0
     for key in ("_compile.compile_inner", "compile_inner", "entire_frame_compile"):
         if key in compilation_time_metrics:
-            return float(sum(compilation_time_metrics[key]))
-    return 0.0
+            forward = float(sum(compilation_time_metrics[key]))
+            break
+    # AOTAutograd compiles the backward lazily, on the first backward, outside compile_inner
+    backward = sum(
+        float(sum(v)) for k, v in compilation_time_metrics.items() if k.endswith("bw_compiler")
+    )
+    return forward + backward
