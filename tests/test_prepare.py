@@ -256,3 +256,24 @@ def test_workers_from_a_script_without_main_guard(tok_dir, corpus, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.count("TOKENS") == 1  # the script ran once, not once per worker
     assert TokenDataset.open(tmp_path / "o", "train").num_docs == len(DOCS) - 1
+
+
+def test_parquet_row_group_units_and_gzip_equal_the_jsonl(tok_dir, corpus, tmp_path):
+    """Parquet is cut into units of row groups, .gz is one unit; the tokens equal the JSONL's."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": DOCS}), tmp_path / "c.parquet", row_group_size=10)
+    (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(corpus.read_bytes()))
+    kw = dict(val_fraction=0, progress=False)
+    ref = prepare_dataset(corpus, tok_dir, tmp_path / "ref", **kw)
+    par = prepare_dataset(tmp_path / "c.parquet", tok_dir, tmp_path / "par", chunk_bytes=200, **kw)
+    gz = prepare_dataset(tmp_path / "c.jsonl.gz", tok_dir, tmp_path / "gz", chunk_bytes=200, **kw)
+    assert par["units"] > 3 and gz["units"] == 1
+    want = TokenDataset.open(tmp_path / "ref", "train")
+    for name, s in (("par", par), ("gz", gz)):
+        ds = TokenDataset.open(tmp_path / name, "train")
+        assert s["tokens"] == ref["tokens"] and ds.num_docs == len(DOCS)
+        assert np.array_equal(ds.tokens(0, ds.num_tokens), want.tokens(0, want.num_tokens)), name
