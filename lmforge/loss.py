@@ -66,7 +66,8 @@ def set_loss_compile(enabled: bool) -> None:
     fuses the element-wise passes over the [chunk, vocab] block (parallel.compile_mode: model)."""
     global _chunk_kernel
     _chunk_kernel = (
-        torch.compile(_chunk_loss_and_logit_grad, dynamic=False) if enabled else _chunk_loss_and_logit_grad
+        # dynamic shapes after the first change: padded batches and the last chunk vary in tokens
+        torch.compile(_chunk_loss_and_logit_grad) if enabled else _chunk_loss_and_logit_grad
     )
 
 
