@@ -64,7 +64,7 @@ def test_preflight_advice_is_the_planners_and_the_skip_key_goes_on(tmp_path, dat
     preflight.check_memory(skip, 1, torch.device("cpu"))  # no error
 
 
-def test_run_output_first_step_real_tokens_report_and_complete_rerun(tmp_path, data):
+def test_run_output_first_step_real_tokens_report_and_complete_rerun(tmp_path, data, capsys):
     # Padded mode: real (target) tokens are fewer than the positions the batch holds.
     cfg = tiny_config(
         tmp_path,
@@ -91,9 +91,8 @@ def test_run_output_first_step_real_tokens_report_and_complete_rerun(tmp_path, d
     assert [r["step"] for r in steps] == [1, 2]  # step 1 logged although log.interval is 10
     assert all(0 < r["real_tokens_per_s"] < r["tokens_per_s"] for r in steps)
 
-    again = _lmforge("train", "--config", str(path))
-    assert again.returncode == 0, again.stderr
-    assert "run already complete: step 2 of 2" in again.stdout
+    assert cli.main(["train", "--config", str(path)]) == 0  # the same command again, in-process
+    assert "run already complete: step 2 of 2" in capsys.readouterr().out
 
 
 def test_stop_at_step_one_has_metrics_visible_plots_and_a_report(tmp_path, data, monkeypatch):
