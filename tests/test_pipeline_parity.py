@@ -65,7 +65,13 @@ def run_layout(sc: dict, init: dict) -> list[float]:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     from lmforge.config import config_from_dict
-    from lmforge.parallel import build_parallel_model, clip_grad_norm, init_distributed, load_full_state_dict
+    from lmforge.parallel import (
+        build_parallel_model,
+        clip_grad_norm,
+        full_state_dict,
+        init_distributed,
+        load_full_state_dict,
+    )
     from lmforge.parallel.pipeline_step import pipeline_gradients
     from lmforge.train.step import accumulate_gradients
 
@@ -104,6 +110,8 @@ def run_layout(sc: dict, init: dict) -> list[float]:
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(ctx.reduce_mean(loss).item())
+    if sc.get("check_full_state"):  # what an export of the live model would write (rank 0)
+        sc["full_state"] = {k: list(v.shape) for k, v in full_state_dict(model).items()}
     ctx.barrier()  # the process group is kept for the next layout (re-creating it on one store hangs)
     return losses
 
@@ -133,6 +141,8 @@ def _worker(spec_path: str) -> None:
     results = {}
     for name, sc in spec["scenarios"].items():
         results[name] = run_layout(sc, load_file(spec["inits"][sc.get("init", "tied")]))
+        if "full_state" in sc:
+            results[f"{name}:full_state"] = sc["full_state"]
     torch.distributed.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         tmp = Path(spec["out"] + ".tmp")
@@ -163,7 +173,7 @@ def scenarios(ckpt: str) -> tuple[dict, dict]:
     for sched in _schedules():
         init = "untied" if sched == "zbv" else "tied"
         two[f"pp2_{sched}"] = {"parallel": _pp(sched), "accum": 4 if sched == "zbv" else 2, "init": init,
-                               "model": UNTIED if init == "untied" else {}}
+                               "model": UNTIED if init == "untied" else {}, "check_full_state": True}
     # Padded batches (unequal target counts per microbatch) with full activation checkpointing.
     two["pp2_1f1b_accum4_padded"] = {
         "parallel": _pp("1f1b", activation_checkpoint="full"), "accum": 4, "padded": True,
@@ -171,7 +181,7 @@ def scenarios(ckpt: str) -> tuple[dict, dict]:
     two["pp2_gpipe_moe"] = {"parallel": _pp("gpipe"), "accum": 2, "init": "moe", "model": {**MOE, **UNTIED}}
     four = {
         "pp2xdp2_ddp": {"parallel": _pp("1f1b", strategy="ddp"), "accum": 2, "save_at": 3, "save_to": ckpt},
-        "pp2xfsdp2": {"parallel": _pp("1f1b", strategy="fsdp"), "accum": 2},
+        "pp2xfsdp2": {"parallel": _pp("1f1b", strategy="fsdp"), "accum": 2, "check_full_state": True},
         "pp2xtp2": {"parallel": _pp("1f1b", strategy="fsdp+tp", tp=2, dp_shard=1), "accum": 2},
         "pp2xtp2_lossparallel": {
             "parallel": _pp("1f1b", strategy="fsdp+tp", tp=2, dp_shard=1, loss_parallel=True), "accum": 2,
@@ -209,6 +219,7 @@ def runs(tmp_path_factory, one_intra_op_thread):
         for accum, padded in ((2, False), (4, True), (1, False)):
             sc = {"model": extra, "accum": accum, "padded": padded}
             results[f"single_{name}_a{accum}_p{int(padded)}"] = run_layout(sc, load_file(inits[name]))
+    results["inits"] = inits
     results["single_resume"] = run_layout(
         {"resume_from": ckpt, "resume_step": 3, "accum": 2}, load_file(inits["tied"])
     )
@@ -264,6 +275,14 @@ def test_losses_move_and_padding_matters(runs):
     assert max(ref) - min(ref) > 1e-3
     assert _max_rel(runs["single_tied_a1_p0"], ref) < RTOL  # accumulation does not change the step
     assert abs(runs["single_tied_a4_p1"][0] - ref[0]) > 1e-3  # the padded run is a different run
+
+
+@pytest.mark.parametrize("name", ["pp2xfsdp2", "pp2_1f1b", "pp2_zbv"])
+def test_full_state_dict_of_a_pipeline_is_the_whole_model(runs, name):
+    from safetensors.torch import load_file
+
+    init = load_file(runs["inits"]["untied" if "zbv" in name else "tied"])
+    assert runs[f"{name}:full_state"] == {k: list(v.shape) for k, v in init.items()}
 
 
 def test_pp_checkpoint_resumes_bitwise_and_reshards(runs):

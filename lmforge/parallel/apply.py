@@ -204,11 +204,35 @@ def full_state_dict(model: nn.Module, cpu_offload: bool = True) -> dict[str, tor
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     module = unwrap_model(model)
+    if getattr(module, "is_pipeline", False) and module.ctx.pp_group is not None:
+        return _pipeline_full_state_dict(module, cpu_offload)
     if not _has_dtensor(module):
         return {k: v.detach().cpu() if cpu_offload else v.detach() for k, v in module.state_dict().items()}
     return get_model_state_dict(
         module, options=StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload)
     )
+
+
+def _pipeline_full_state_dict(module: nn.Module, cpu_offload: bool) -> dict[str, torch.Tensor]:
+    """Every stage's weights gathered (within the stage) and collected along the pipeline: the
+    ranks of the pipeline group through global rank 0 exchange their stages on the CPU."""
+    import torch.distributed as dist
+
+    ctx = module.ctx
+    if _has_dtensor(module):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        own = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
+    else:
+        own = module.state_dict()
+    if cpu_offload and (ctx.dp_rank != 0 or ctx.tp_rank != 0):
+        return {}  # not in rank 0's pipeline group; only rank 0 receives with cpu_offload
+    parts: list = [None] * ctx.pp_size
+    dist.all_gather_object(parts, {k: v.detach().cpu() for k, v in own.items()}, group=ctx.pp_group)
+    if cpu_offload and ctx.rank != 0:
+        return {}
+    merged = {k: v for part in parts for k, v in part.items()}
+    return merged if cpu_offload else {k: v.to(ctx.device) for k, v in merged.items()}
 
 
 def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], from_rank0: bool = False) -> None:
