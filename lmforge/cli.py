@@ -342,7 +342,7 @@ def cmd_eval(args) -> None:
         device=args.device,
         bos=args.bos,
     )
-    from lmforge.train.metrics import fmt_ppl
+    from lmforge.infer.evaluate import fmt_ppl
 
     print(f"loss {result['loss']:.4f}  perplexity {fmt_ppl(result['ppl'])}  tokens {result['tokens']}")
     print(f"counted: {result['counted']}")

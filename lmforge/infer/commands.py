@@ -9,7 +9,7 @@ from lmforge.config import Config, config_for_model
 from lmforge.data.shards import TokenDataset
 from lmforge.errors import LmforgeError
 from lmforge.infer.bos import describe_bos, use_bos
-from lmforge.infer.evaluate import evaluate, text_token_stream
+from lmforge.infer.evaluate import evaluate, fmt_ppl, text_token_stream
 from lmforge.infer.generate import TextStreamer, encode_prompt, generate
 from lmforge.infer.loading import (
     CONFIG_NAME,
@@ -264,5 +264,5 @@ def evaluate_from_config(cfg: Config, out=None) -> dict:
         device=cfg.train.device,
         run_cfg=cfg,
     )
-    print(f"loss {result['loss']:.4f}  perplexity {result['ppl']:.2f}  tokens {result['tokens']}", file=out)
+    print(f"loss {result['loss']:.4f}  perplexity {fmt_ppl(result['ppl'])}  tokens {result['tokens']}", file=out)
     return result

@@ -89,6 +89,15 @@ def evaluate(
     return {"loss": mean, "ppl": math.exp(min(mean, 700.0)), "tokens": count}
 
 
+def fmt_ppl(x) -> str:
+    """Perplexity a person can read: 'inf' when it overflowed, scientific above a million."""
+    if x is None:
+        return "n/a"
+    if not math.isfinite(x) or x >= 1e300:
+        return "inf"
+    return f"{x:.3e}" if x >= 1e6 else f"{x:.2f}"
+
+
 def _is_batch_iterable(data) -> bool:
     if hasattr(data, "tokens") or isinstance(data, (np.ndarray, torch.Tensor, Sequence)):
         return False

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.infer.evaluate import fmt_ppl  # noqa: F401 (the one perplexity format; re-exported)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -40,15 +41,6 @@ def fmt_count(x: float) -> str:
         if abs(x) >= scale:
             return f"{x / scale:.1f}{unit}"
     return f"{x:.0f}"
-
-
-def fmt_ppl(x) -> str:
-    """Perplexity a person can read: 'inf' when it overflowed, scientific above a million."""
-    if x is None:
-        return "n/a"
-    if not math.isfinite(x) or x >= 1e300:
-        return "inf"
-    return f"{x:.3e}" if x >= 1e6 else f"{x:.2f}"
 
 
 def console_line(rec: dict, total_steps: int) -> str:

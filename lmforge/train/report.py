@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
-from lmforge.train.metrics import fmt_count, fmt_duration
+from lmforge.train.metrics import fmt_count, fmt_duration, fmt_ppl
 
 
 def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
@@ -113,7 +113,7 @@ def report(run_dir: str | Path) -> str:
         f"steps          {s['steps']}",
         f"tokens         {fmt_count(s['tokens'] or 0)}",
         f"train loss     {num(s['first_loss'])} -> {num(s['last_loss'])}",
-        f"val loss       {num(s['val_loss'])} (ppl {num(s['val_ppl'], '.2f')})",
+        f"val loss       {num(s['val_loss'])} (ppl {fmt_ppl(s['val_ppl'])})",
         f"best val loss  {num(s['best_val_loss'])} at step {s['best_val_step'] if s['best_val_step'] is not None else 'n/a'}",
         f"tokens/s       {fmt_count(s['tokens_per_s']) if s['tokens_per_s'] else 'n/a'}",
         f"MFU            {mfu_text}",
