@@ -55,9 +55,9 @@ def _torchrun(tmp, cfg, nproc=2):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def _losses(tmp, name):
+def _losses(tmp, name, key="loss"):
     recs = [json.loads(x) for x in (tmp / "runs" / name / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in recs if r.get("loss") is not None}
+    return {r["step"]: r[key] for r in recs if r.get(key) is not None}
 
 
 def test_ddp_matches_one_process_and_fsdp_checkpoint_resumes_in_one_process(tmp_path):
@@ -82,12 +82,12 @@ def test_ddp_matches_one_process_and_fsdp_checkpoint_resumes_in_one_process(tmp_
     assert max(abs(fsdp[s] - one[s]) for s in one) < 1e-5
 
 
-def test_pipeline_trainer_checkpoint_resumes_in_one_process_and_loads_anywhere(tmp_path):
+def test_pipeline_trainer_logs_like_one_process_and_its_checkpoint_loads_anywhere(tmp_path):
     # The trainer under PP 2 (1f1b, gradient accumulation 2 = 2 microbatches, padded batches of
     # varying length and unequal target counts) trains; its DCP checkpoint resumes in one process
     # on the same loss curve, and the weights reader (export/eval/generate) sees the plain model.
-    # (Loss parity with one process from equal weights: tests/test_pipeline_parity.py; the
-    # stages' own initialisation is not value-equal to the unsplit model's.)
+    # Finetuned from that checkpoint (equal start: the stages' own init is not value-equal to the
+    # unsplit model's), PP 2 logs the one-process loss AND gradient norm (clip over all stages).
     from lmforge.infer.loading import load_weights
     from lmforge.model import Transformer
 
@@ -99,6 +99,9 @@ def test_pipeline_trainer_checkpoint_resumes_in_one_process_and_loads_anywhere(t
         pp_ckpt = tmp_path / "runs" / "pp2" / "checkpoints" / "step_2"
         resumed = run_training(_cfg(tmp_path, data, "one_from_pp", train__resume=str(pp_ckpt)))
         state, cfg, _ = load_weights(pp_ckpt)
+        finetune = {"run_mode": "finetune", "train__load_checkpoint": str(pp_ckpt)}
+        run_training(_cfg(tmp_path, data, "ft_one", **finetune))
+        _torchrun(tmp_path, _cfg(tmp_path, data, "ft_pp2", parallel__pp=2, **finetune))
     finally:
         torch.set_num_threads(before)
     pp = _losses(tmp_path, "pp2")
@@ -108,3 +111,7 @@ def test_pipeline_trainer_checkpoint_resumes_in_one_process_and_loads_anywhere(t
     one = _losses(tmp_path, "one_from_pp")
     assert max(abs(pp[s] - one[s]) / pp[s] for s in one) < 1e-5
     assert set(state) == set(Transformer(cfg.model).state_dict())
+    for key in ("loss", "grad_norm"):
+        ref, got = _losses(tmp_path, "ft_one", key), _losses(tmp_path, "ft_pp2", key)
+        assert list(got) == [1, 2, 3, 4]
+        assert max(abs(ref[s] - got[s]) / ref[s] for s in ref) < 1e-5, (key, ref, got)

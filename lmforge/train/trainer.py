@@ -46,7 +46,7 @@ from lmforge.train.step import (
     seed_everything,
 )
 from lmforge.weights.dtypes import compute_dtype
-from lmforge.weights.shapes import check_shapes, model_state_shapes, state_shapes
+from lmforge.weights.shapes import check_shapes, config_shapes, model_state_shapes, state_shapes
 
 
 def run_dir_of(cfg) -> Path:
@@ -170,7 +170,10 @@ class _Trainer:
                 "train.load_checkpoint: run_mode finetune needs weights to start from (a checkpoint or HF folder)"
             )
         state, _, _ = load_weights(src)
-        check_shapes(state_shapes(state), model_state_shapes(self.model), src, "this run's model")
+        # A pipeline rank holds only its stages; the whole model's shapes come from the config.
+        pipelined = getattr(self.model, "is_pipeline", False)
+        have = config_shapes(self.cfg.model) if pipelined else model_state_shapes(self.model)
+        check_shapes(state_shapes(state), have, src, "this run's model")
         load_full_state_dict(self.model, state)
 
     # -- the loop ------------------------------------------------------------------------------
