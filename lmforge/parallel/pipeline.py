@@ -51,8 +51,8 @@ def split_layers(num_layers: int, num_stages: int, embed_cost: float, output_cos
     extra[0] += embed_cost
     extra[-1] += output_cost
     for _ in range(num_layers - num_stages):
-        # Ties go to the later stage nearest the middle-ish: min() takes the first minimum, and
-        # stage 0 already carries the embedding, so equal costs favour the earlier middle stages.
+        # The cheapest stage takes the next block (the first of equals); with identical blocks
+        # this minimises the most expensive stage, e.g. Llama3-70B on 8 stages: 10,11,10,...,10,9.
         costs = [c + e for c, e in zip(counts, extra)]
         counts[costs.index(min(costs))] += 1
     return counts
