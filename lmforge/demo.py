@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.infer.evaluate import fmt_ppl
 
 # Package data (pyproject's package-data), so an installed lmforge has it; configs/demo.yaml in the
 # repository links to this file.
@@ -135,7 +134,7 @@ def run_demo(
     )
     torch.manual_seed(cfg.run.seed)
     before = evaluate(Transformer(cfg.model), val, **eval_args)
-    _say(f"initial validation perplexity {fmt_ppl(before['ppl'])} (loss {before['loss']:.3f})")
+    _say(f"initial validation perplexity {before['ppl']:.1f} (loss {before['loss']:.3f})")
 
     _say(
         f"pretraining {cfg.train.max_steps} steps of {cfg.train.global_batch_size} x {cfg.data.seq_len} tokens"
@@ -145,7 +144,7 @@ def run_demo(
         raise LmforgeError(f"{run_dir}: training wrote no checkpoint; see the log above")
     model, _, _ = load_model_for_inference(summary["checkpoint"], device="cpu")
     after = evaluate(model, val, **eval_args)
-    _say(f"final validation perplexity {fmt_ppl(after['ppl'])} (loss {after['loss']:.3f})")
+    _say(f"final validation perplexity {after['ppl']:.1f} (loss {after['loss']:.3f})")
 
     _say("samples (temperature 0.8, top-k 50):")
     for i, prompt in enumerate(PROMPTS):
@@ -196,7 +195,7 @@ def format_table(r: dict) -> str:
         ("tokens seen", f"{r['tokens']:,} in {r['steps']} steps"),
         ("train loss", f"{num(r['train_loss_first'], '.3f')} -> {num(r['train_loss'], '.3f')}"),
         ("val loss", f"{r['val_loss_before']:.3f} -> {r['val_loss_after']:.3f} ({r['val_tokens']:,} tokens)"),
-        ("val perplexity", f"{fmt_ppl(r['val_ppl_before'])} -> {fmt_ppl(r['val_ppl_after'])} ({drop:.1f}x lower)"),
+        ("val perplexity", f"{r['val_ppl_before']:.1f} -> {r['val_ppl_after']:.1f} ({drop:.1f}x lower)"),
         ("train tokens/s", num(r["tokens_per_s"], ",.0f")),
         ("time", f"{r['wall_seconds']:.0f} s total, {num(r['train_seconds'], '.0f')} s training"),
     ] + [(name.replace("_", " "), path) for name, path in r["paths"].items()]
