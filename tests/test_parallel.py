@@ -193,9 +193,9 @@ def test_fsdp_in_one_process_trains_like_single(monkeypatch):
 
 
 def test_cpu_shard_seeds_differ_across_shards_and_match_across_replicas():
-    from lmforge.parallel.apply import _init_seed
     from lmforge.parallel.distributed import ParallelContext
     from lmforge.parallel.mesh import MeshShape
+    from lmforge.parallel.sharding import init_seed as _init_seed
 
     shape = MeshShape("fsdp+tp", dp_replicate=2, dp_shard=2, tp=2)
     seeds = [

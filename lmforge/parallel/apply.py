@@ -22,59 +22,10 @@ import contextlib
 import torch
 from torch import nn
 
-from lmforge.errors import ConfigError
-from lmforge.parallel.activation import apply_activation_checkpointing
 from lmforge.parallel.distributed import ParallelContext
-from lmforge.weights.dtypes import DTYPES as _DTYPES  # the one dtype table
-
-
-def _init_seed(seed: int, ctx: ParallelContext) -> int:
-    shape = ctx.shape
-    if ctx.device.type == "cuda" or not (shape.uses_fsdp or shape.tp > 1):
-        return seed
-    shard_index = (ctx.rank // shape.tp) % shape.dp_shard  # position along dp_shard, same for replicas
-    return seed + 1_000_003 * (shard_index * shape.tp + ctx.tp_rank)
-
-
-def _init_weights(model: nn.Module, seed: int, device: torch.device) -> None:
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            model.init_weights()
-
-
-def shard_module(model: nn.Module, cfg, ctx: ParallelContext, local_logits: bool = False) -> bool:
-    """TP -> AC -> compile per block -> FSDP2 on a meta model or pipeline stage, in place.
-    Returns whether parameters are offloaded to host memory."""
-    from lmforge.parallel.tensor_parallel import blocks_of
-
-    shape = ctx.shape
-    if shape.tp > 1:
-        from lmforge.parallel.tensor_parallel import apply_tensor_parallel
-
-        apply_tensor_parallel(model, ctx.mesh["tp"], cfg, local_logits=local_logits)
-    apply_activation_checkpointing(model, cfg.parallel.activation_checkpoint, cfg.parallel.ac_every)
-    if cfg.parallel.compile:
-        from lmforge.parallel.compile import apply_compile
-
-        apply_compile(model, blocks_of(model), cfg.parallel.compile_mode)
-    if cfg.parallel.cpu_offload and not shape.uses_fsdp:
-        raise ConfigError(
-            f"parallel.cpu_offload: offloading needs FSDP sharding (strategy is {shape.strategy}); "
-            "use parallel.strategy=fsdp or turn cpu_offload off"
-        )
-    # CPU offload keeps sharded parameters (and so their init) in host memory; on a CPU device they
-    # are there already, and FSDP2's pinned-memory offload needs an accelerator, so it is skipped.
-    offload = cfg.parallel.cpu_offload and ctx.device.type == "cuda"
-    if shape.uses_fsdp:
-        apply_fsdp(model, ctx, cfg.parallel, offload)
-    elif shape.pp > 1 and shape.strategy == "ddp" and shape.dp_size > 1:
-        # DDP's reducer cannot follow a pipeline's interleaved forwards and backwards; FSDP2 on the
-        # (dp_replicate, dp_shard=1) mesh is replication with a gradient all-reduce, which the
-        # pipeline schedules drive correctly.
-        apply_fsdp(model, ctx, cfg.parallel, offload)
-    return offload
+from lmforge.parallel.pipeline import build_pipeline_model
+from lmforge.parallel.pipeline_step import pipeline_clip_grad_norm
+from lmforge.parallel.sharding import init_seed, init_weights_seeded, shard_module
 
 
 def build_parallel_model(cfg, ctx: ParallelContext) -> nn.Module:
@@ -84,15 +35,13 @@ def build_parallel_model(cfg, ctx: ParallelContext) -> nn.Module:
 
     shape = ctx.shape
     if shape.pp > 1:
-        from lmforge.parallel.pipeline import build_pipeline_model
-
         return build_pipeline_model(cfg, ctx)
     with torch.device("meta"):
         model = Transformer(cfg.model)
     offload = shard_module(model, cfg, ctx)
     init_device = torch.device("cpu") if offload else ctx.device
     model.to_empty(device=init_device)
-    _init_weights(model, _init_seed(cfg.run.seed, ctx), ctx.device)
+    init_weights_seeded(model, init_seed(cfg.run.seed, ctx), ctx.device)
     if offload:  # buffers (RoPE tables) are not FSDP-managed and are used on the GPU
         for module in model.modules():
             for name, buf in module.named_buffers(recurse=False):
@@ -105,37 +54,6 @@ def build_parallel_model(cfg, ctx: ParallelContext) -> nn.Module:
             model, device_ids=ids, process_group=ctx.mesh["dp_replicate"].get_group()
         )
     return model
-
-
-def fsdp_param_dtype(pcfg, device: torch.device) -> torch.dtype:
-    """FSDP2 compute dtype of the parameters. On CPU it is always fp32: gloo and the CPU kernels are
-    for tests, which compare against an fp32 single-process run; bf16 is for GPUs."""
-    return _DTYPES[pcfg.param_dtype] if device.type == "cuda" else torch.float32
-
-
-def apply_fsdp(model: nn.Module, ctx: ParallelContext, pcfg, offload: bool = False) -> None:
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-
-    shape = ctx.shape
-    mesh = ctx.mesh["dp_replicate", "dp_shard"] if shape.dp_replicate > 1 else ctx.mesh["dp_shard"]
-    reduce_dtype = _DTYPES[pcfg.reduce_dtype] if ctx.device.type == "cuda" else torch.float32
-    kwargs = {
-        "mesh": mesh,
-        "mp_policy": MixedPrecisionPolicy(
-            param_dtype=fsdp_param_dtype(pcfg, ctx.device), reduce_dtype=reduce_dtype
-        ),
-    }
-    if offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
-    from lmforge.parallel.tensor_parallel import blocks_of
-
-    blocks = blocks_of(model)
-    last = len(blocks) - 1
-    for i, block in enumerate(blocks):
-        # The last block's parameters are needed again at the start of backward; keeping them
-        # gathered saves one all-gather per step.
-        fully_shard(block, reshard_after_forward=i < last, **kwargs)
-    fully_shard(model, **kwargs)
 
 
 def _is_fsdp(model: nn.Module) -> bool:
@@ -172,8 +90,6 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     tensor; `max_norm <= 0` only measures. Sharded (DTensor) gradients are reduced across ranks,
     and a pipeline's norm covers all of its stages."""
     if getattr(model, "is_pipeline", False):
-        from lmforge.parallel.pipeline_step import pipeline_clip_grad_norm
-
         return pipeline_clip_grad_norm(model, max_norm, model.ctx)
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import ConfigError, LmforgeError
+from lmforge.parallel.sharding import init_seed, init_weights_seeded, shard_module
 
 LOOPED = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
 
@@ -242,9 +243,8 @@ def _tied_groups(ctx):
 
 def build_pipeline_model(cfg, ctx) -> PipelineModel:
     """This rank's stages: built on meta, each sharded like a model (TP -> AC -> compile -> FSDP),
-    then materialised and initialised (ddp replicates through FSDP2, see apply.shard_module)."""
+    then materialised and initialised (ddp replicates through FSDP2, see sharding.shard_module)."""
     from lmforge.model import Transformer
-    from lmforge.parallel.apply import _init_seed, _init_weights, shard_module
 
     pcfg, shape = cfg.parallel, ctx.shape
     if cfg.model.tie_embeddings and pcfg.pp_schedule == "zbv":
@@ -262,7 +262,7 @@ def build_pipeline_model(cfg, ctx) -> PipelineModel:
         stage = StageModule(full, layout[s], s == 0, s == num_stages - 1, shape.tp)
         offload = shard_module(stage, cfg, ctx, local_logits=True)
         stage.to_empty(device=torch.device("cpu") if offload else ctx.device)
-        _init_weights(stage, _init_seed(cfg.run.seed, ctx) + 7919 * (s + 1), ctx.device)
+        init_weights_seeded(stage, init_seed(cfg.run.seed, ctx) + 7919 * (s + 1), ctx.device)
         if offload:
             for name in ("rope_cos", "rope_sin"):
                 stage._buffers[name] = stage._buffers[name].to(ctx.device)

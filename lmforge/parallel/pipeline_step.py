@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from lmforge.errors import ConfigError
 from lmforge.loss import IGNORE_INDEX
+from lmforge.parallel.sharding import fsdp_param_dtype
 
 # parallel.pp_schedule -> torch.distributed.pipelining class name. All exist in torch >= 2.6;
 # a build without one gets a one-line error naming the schedule and the installed version.
@@ -105,7 +106,6 @@ def _stage_examples(stage, cfg, ctx, rows: int, logits_dtype: torch.dtype):
     """(input_args, output_args) of one stage for one microbatch of `rows` sequences, on meta.
     Given to PipelineStage so no torch version has to infer shapes at run time (torch 2.13's
     inference mis-sizes the sequence-parallel hidden states under tensor parallel)."""
-    from lmforge.parallel.apply import fsdp_param_dtype
 
     seq, hidden, vocab = cfg.data.seq_len, cfg.model.hidden_size, cfg.model.vocab_size
     shape = ctx.shape
@@ -133,7 +133,6 @@ def _pad(parts: list[torch.Tensor], length: int, value: int) -> torch.Tensor:
 
 def _logits_dtype(amp, cfg, ctx) -> torch.dtype:
     """The dtype of the last stage's logits: autocast's, else the (FSDP) parameters'."""
-    from lmforge.parallel.apply import fsdp_param_dtype
 
     if isinstance(amp, torch.autocast):
         return amp.fast_dtype
