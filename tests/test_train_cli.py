@@ -182,3 +182,17 @@ def test_relative_tokenizer_path_is_stored_resolved(tmp_path, monkeypatch):
     proc = _lmforge("generate", "--checkpoint", summary["checkpoint"], "--prompt", "the cat",
                     "--max-new-tokens", "3", "--temperature", "0", cwd=elsewhere)  # fmt: skip
     assert proc.returncode == 0 and proc.stdout.startswith("the cat"), proc.stderr
+
+
+def test_preflight_on_a_gpu_reads_the_devices_memory(tmp_path, data, monkeypatch):
+    import torch
+
+    gib = 1024**3
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20 * gib, 24 * gib))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 4090")
+    cuda = torch.device("cuda")
+    big = tiny_config(tmp_path, data, model__preset="llama3-8b", data__seq_len=256)
+    with pytest.raises(Exception) as info:
+        preflight.check_memory(big, 1, cuda)
+    assert "the memory of NVIDIA GeForce RTX 4090 is 24.0 GiB" in str(info.value)
+    preflight.check_memory(tiny_config(tmp_path, data), 1, cuda)  # the tiny model fits
