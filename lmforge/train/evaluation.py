@@ -37,8 +37,11 @@ def validate(model, val_loader, ctx, amp, max_batches: int) -> dict:
             for i, batch in enumerate(val_loader):
                 if i >= max_batches:
                     break
+                # The same attention masks and positions as training (data.document_mask /
+                # reset_positions), so validation measures the model that is being trained.
+                masks = {k: batch[k] for k in ("doc_ids", "position_ids") if k in batch}
                 with amp:
-                    logits = model(batch["input_ids"]).logits
+                    logits = model(batch["input_ids"], **masks).logits
                 labels = batch["labels"]
                 with loss_parallel_context(model):  # vocab-sharded logits (parallel.loss_parallel)
                     loss_sum += plain(summed_cross_entropy(logits, labels)).double()
