@@ -177,15 +177,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="put BOS before each text (default: as the model was trained, or the imported tokenizer's own rule)",
     )
 
-    p = _sub(sub, "export", "write a checkpoint as a Hugging Face folder or a safetensors weights file")
+    p = _sub(sub, "export", "write a checkpoint as a Hugging Face folder, safetensors weights, GGUF or MiniMind .pth")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder or weights export")
-    p.add_argument("--format", default="hf", choices=["hf", "safetensors"], help="output format")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weight dtype")
+    p.add_argument(
+        "--format", default="hf", choices=["hf", "safetensors", "gguf", "minimind"], help="output format"
+    )
+    p.add_argument("--out", required=True, help="output folder (a .gguf file for --format gguf)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16", "f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"],
+        help="weight dtype (gguf: f32, f16 (default), bf16, q8_0, q5_1, q5_0, q4_1, q4_0; minimind: float16 default)",
+    )
     p.add_argument("--overwrite", action="store_true", help=WEIGHTS_OVERWRITE_HELP)
 
-    p = _sub(sub, "import", "convert a Hugging Face model folder into lmforge weights")
-    p.add_argument("--hf", required=True, help="folder with config.json and *.safetensors")
+    p = _sub(sub, "import", "convert a Hugging Face folder, a GGUF file or a MiniMind .pth into lmforge weights")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf", help="folder with config.json and *.safetensors")
+    source.add_argument("--gguf", help="a .gguf file (llama.cpp llama / qwen3 / qwen3moe)")
+    source.add_argument("--minimind", help="a MiniMind .pth state dict (as its trainer saves it)")
+    p.add_argument("--minimind-config", default=None, help="MiniMind's config.json, to check shapes against")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder to copy along (--minimind)")
     p.add_argument("--out", required=True, help="output folder (usable as --checkpoint / load_checkpoint)")
     p.add_argument("--overwrite", action="store_true", help=WEIGHTS_OVERWRITE_HELP)
 
@@ -373,6 +385,19 @@ def cmd_export(args) -> None:
 
 
 def cmd_import(args) -> None:
+    if args.gguf:
+        from lmforge.interop import import_gguf_to_folder
+
+        print(import_gguf_to_folder(args.gguf, args.out, overwrite=args.overwrite))
+        return
+    if args.minimind:
+        from lmforge.interop import import_minimind_to_folder
+
+        out = import_minimind_to_folder(
+            args.minimind, args.out, args.minimind_config, args.tokenizer, overwrite=args.overwrite
+        )
+        print(out)
+        return
     from lmforge.infer import import_hf_folder
 
     print(import_hf_folder(args.hf, args.out, overwrite=args.overwrite))

@@ -21,7 +21,8 @@ from lmforge.infer.loading import (
     save_weights,
     tokenizer_source,
 )
-from lmforge.interop import export_hf, import_hf
+from lmforge.interop import export_gguf, export_hf, export_minimind, import_hf
+from lmforge.interop.minimind import minimind_script_differences
 from lmforge.tokenizer import load_tokenizer
 from lmforge.weights.outdir import check_output_dir
 from lmforge.weights.shapes import check_shapes, config_shapes
@@ -163,6 +164,8 @@ def generate_from_checkpoint(
 
 
 def export_checkpoint(checkpoint, out, fmt="hf", dtype=None, overwrite=False) -> Path:
+    if fmt in ("gguf", "minimind"):
+        return _export_gguf_or_minimind(checkpoint, out, fmt, dtype, overwrite)
     if fmt not in ("hf", "safetensors"):
         raise LmforgeError(f"export: unknown format '{fmt}'; use hf or safetensors")
     check_output_dir(out, overwrite)  # refuse before the (slow) load
@@ -175,6 +178,21 @@ def export_checkpoint(checkpoint, out, fmt="hf", dtype=None, overwrite=False) ->
     return export_hf(
         state, cfg.model, out, dtype=dtype, tokenizer=tokenizer_source(tokenizer), overwrite=overwrite
     )
+
+
+def _export_gguf_or_minimind(checkpoint, out, fmt, dtype, overwrite) -> Path:
+    """GGUF (one file for llama.cpp, f16 unless asked) or MiniMind (.pth + config.json, fp16 like
+    MiniMind's trainer); the tokenizer found with the weights goes along."""
+    state, cfg, folder = load_weights(checkpoint)
+    tokenizer = find_tokenizer(folder, cfg)
+    if fmt == "gguf":
+        return export_gguf(state, cfg.model, tokenizer, out, dtype=dtype or "f16", overwrite=overwrite)
+    path = export_minimind(
+        state, cfg.model, out, dtype=dtype or "float16", tokenizer=tokenizer, overwrite=overwrite
+    )
+    for line in minimind_script_differences(cfg.model):
+        print(f"note: MiniMind's trainer scripts build {line}; set it in MiniMindConfig there", file=sys.stderr)
+    return path
 
 
 def import_hf_folder(hf_dir, out, overwrite=False) -> Path:
