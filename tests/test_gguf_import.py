@@ -278,3 +278,42 @@ def test_moe_shapes_gguf_cannot_hold_are_refused(tmp_path, tokenizer_dir):
         with pytest.raises(LmforgeError, match=words):
             export_gguf(model.state_dict(), bad, tokenizer_dir, tmp_path / "x.gguf")
     assert not list(tmp_path.iterdir())
+
+
+def test_cli_export_gguf_and_import_back(tmp_path, tokenizer_dir, capsys):
+    """`lmforge export --format gguf` from a weights folder, `lmforge import --gguf` back, and the
+    one-line error for an existing output."""
+    from lmforge.cli import main
+
+    model, cfg = _model(True, 1, False, None)
+    weights = import_gguf_to_folder(
+        export_gguf(model, cfg, tokenizer_dir, tmp_path / "a.gguf"), tmp_path / "w"
+    )
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(weights),
+                "--format",
+                "gguf",
+                "--dtype",
+                "q8_0",
+                "--out",
+                str(tmp_path / "b.gguf"),
+            ]
+        )
+        == 0
+    )
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "b.gguf")).tensors}
+    assert kinds["blk.0.attn_q.weight"] == "Q8_0"
+    assert main(["import", "--gguf", str(tmp_path / "b.gguf"), "--out", str(tmp_path / "back")]) == 0
+    assert (tmp_path / "back" / "model.safetensors").is_file() and (
+        tmp_path / "back" / "tokenizer.json"
+    ).is_file()
+    assert (
+        main(["export", "--checkpoint", str(weights), "--format", "gguf", "--out", str(tmp_path / "b.gguf")])
+        == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already exists" in err[0]

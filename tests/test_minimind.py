@@ -194,3 +194,39 @@ def test_script_differences_name_what_minimind_trainers_would_not_build(tmp_path
         _, cfg = import_minimind(tmp_path / "p.pth")
         got = minimind_script_differences(cfg)
         assert [d.split(" ")[0] for d in got] == want, got
+
+
+def test_cli_import_and_export_minimind(tmp_path):
+    from lmforge.cli import main
+
+    mm = _minimind("default-dense")
+    _save_like_trainer(mm, tmp_path / "pretrain_768.pth")
+    args = [
+        "import",
+        "--minimind",
+        str(tmp_path / "pretrain_768.pth"),
+        "--tokenizer",
+        str(MINIMIND / "model"),
+    ]
+    assert main([*args, "--out", str(tmp_path / "w")]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(tmp_path / "w"),
+                "--format",
+                "minimind",
+                "--out",
+                str(tmp_path / "mm"),
+            ]
+        )
+        == 0
+    )
+    back = MiniMindForCausalLM(MiniMindConfig.from_pretrained(str(tmp_path / "mm"))).eval()
+    saved = torch.load(str(tmp_path / "mm" / "pretrain_768.pth"), weights_only=True)
+    assert all(v.dtype == torch.float16 for v in saved.values())
+    back.load_state_dict(saved, strict=True)
+    ids = torch.randint(0, 6400, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (back.float()(ids).logits - mm(ids).logits).abs().max().item() < 1e-5
