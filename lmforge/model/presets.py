@@ -75,6 +75,7 @@ PRESETS: dict[str, dict] = {
         "ffn_rule": "minimind3",
         "qk_norm": True,
         "rope_theta": 1e6,
+        "norm_eps": 1e-6,  # MiniMind's current MiniMindConfig default (MiniMind2 used 1e-5)
     },
     "llama2-7b": {
         **_LLAMA,
