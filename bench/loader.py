@@ -57,7 +57,7 @@ def write_tiny_shards(folder: Path, n: int, doc_len: int = 64) -> None:
 def open_many(n: int) -> str:
     import psutil
 
-    from lmforge.data.shards import TokenDataset
+    from lmforge.data.token_dataset import TokenDataset
 
     proc = psutil.Process()
     with tempfile.TemporaryDirectory() as tmp:

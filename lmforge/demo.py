@@ -74,7 +74,7 @@ def run_demo(
     """Run the pipeline into `out_dir`; returns the figures of the final table."""
     from lmforge.config import config_from_dict
     from lmforge.data.prepare import prepare_dataset
-    from lmforge.data.shards import TokenDataset
+    from lmforge.data.token_dataset import TokenDataset
     from lmforge.infer import evaluate, export_checkpoint, load_model_for_inference
     from lmforge.infer.commands import _print_generation
     from lmforge.model import Transformer

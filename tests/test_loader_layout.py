@@ -18,7 +18,8 @@ from test_train_utils import write_jsonl
 
 from lmforge.config import DataConfig
 from lmforge.data.loader import IGNORE_INDEX, PAD_MULTIPLE, build_loader
-from lmforge.data.shards import ShardWriter, TokenDataset, write_meta
+from lmforge.data.shards import ShardWriter, write_meta
+from lmforge.data.token_dataset import TokenDataset
 
 MINIMIND = Path(__file__).resolve().parents[2] / "shared/reference/minimind"
 

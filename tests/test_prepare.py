@@ -14,7 +14,8 @@ import pytest
 from test_train_utils import write_jsonl
 
 from lmforge.data.prepare import format_summary, prepare_dataset
-from lmforge.data.shards import TokenDataset, file_sha256
+from lmforge.data.shards import file_sha256
+from lmforge.data.token_dataset import TokenDataset
 from lmforge.errors import DataError, LmforgeError
 from lmforge.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 

@@ -15,7 +15,7 @@ import pytest
 from test_train_utils import reaped_popen, run_reaped, write_jsonl
 
 from lmforge.data.prepare import prepare_dataset
-from lmforge.data.shards import TokenDataset
+from lmforge.data.token_dataset import TokenDataset
 from lmforge.errors import DataError
 from lmforge.tokenizer import load_tokenizer, train_tokenizer
 

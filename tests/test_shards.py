@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from lmforge.data import shards
-from lmforge.data.shards import ShardWriter, TokenDataset, clear_prepared, dtype_for_vocab, write_meta
+from lmforge.data.shards import ShardWriter, clear_prepared, dtype_for_vocab, write_meta
+from lmforge.data.token_dataset import TokenDataset
 from lmforge.errors import DataError
 
 

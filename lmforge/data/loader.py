@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmforge.data.shards import TokenDataset
+from lmforge.data.token_dataset import TokenDataset
 from lmforge.errors import DataError
 from lmforge.loss import IGNORE_INDEX
 

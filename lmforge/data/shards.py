@@ -298,13 +298,3 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
     if meta.get("dtype") not in DTYPES or not isinstance(meta.get("splits"), dict):
         raise DataError(f"{path}: missing or invalid 'dtype'/'splits'; re-run lmforge prepare")
     return meta
-
-
-def __getattr__(name: str):
-    # The reader lives in token_dataset.py (which imports this module); served from here lazily
-    # so `from lmforge.data.shards import TokenDataset` keeps working without an import cycle.
-    if name in ("TokenDataset", "_open_shard"):
-        from lmforge.data import token_dataset
-
-        return getattr(token_dataset, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

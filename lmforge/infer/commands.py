@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from lmforge.config import Config, config_for_model
-from lmforge.data.shards import TokenDataset
+from lmforge.data.token_dataset import TokenDataset
 from lmforge.errors import LmforgeError
 from lmforge.infer.bos import describe_bos, use_bos
 from lmforge.infer.evaluate import evaluate, fmt_ppl, text_token_stream
