@@ -278,7 +278,17 @@ def wikitext_articles(lines, source: str, stats: SourceStats, strict: bool) -> I
             stats.problem("empty text", f"{source}:{start}", f"article {title!r} has no text", strict)
 
 
-def _read_parquet(path: Path, text_field: str, stats: SourceStats, strict: bool) -> Iterator[Document]:
+def _read_parquet(
+    path: Path,
+    text_field: str,
+    stats: SourceStats,
+    strict: bool,
+    row_groups: list[int] | None = None,
+    first_row: int = 1,
+    nbytes: int | None = None,
+) -> Iterator[Document]:
+    """Documents of a Parquet file's `text_field` column: every row group, or only `row_groups`
+    (a prepare work unit) whose first row is number `first_row` in the file."""
     import pyarrow.parquet as pq
 
     try:
@@ -288,9 +298,11 @@ def _read_parquet(path: Path, text_field: str, stats: SourceStats, strict: bool)
     names = pf.schema_arrow.names
     if text_field not in names:
         raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(names)}); pass --text-field")
-    stats.bytes += path.stat().st_size
-    row = 0
-    for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
+    stats.bytes += path.stat().st_size if nbytes is None else nbytes
+    if row_groups is not None and not row_groups:
+        return
+    row = first_row - 1
+    for batch in pf.iter_batches(batch_size=1024, columns=[text_field], row_groups=row_groups):
         for value in batch.column(0).to_pylist():
             row += 1
             where = f"{path}:row {row}"

@@ -124,30 +124,8 @@ def plan_units(inputs, fmt: str, unit_bytes: int = UNIT_BYTES) -> tuple[list[dic
 
 
 def _parquet_rows(path: Path, unit: dict, text_field: str, stats, strict: bool) -> Iterator[S.Document]:
-    import pyarrow.parquet as pq
-
-    pf = pq.ParquetFile(path)
-    names = pf.schema_arrow.names
-    if text_field not in names:
-        raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(names)}); pass --text-field")
-    stats.bytes += unit["bytes"]
-    row = unit["line"] - 1
     groups = list(range(unit["start"], unit["stop"]))
-    if not groups:
-        return
-    for batch in pf.iter_batches(batch_size=1024, columns=[text_field], row_groups=groups):
-        for value in batch.column(0).to_pylist():
-            row += 1
-            where = f"{path}:row {row}"
-            if isinstance(value, bytes):
-                try:
-                    value = value.decode("utf-8")
-                except UnicodeDecodeError:
-                    stats.problem("non-UTF-8", where, "invalid UTF-8 in a binary column", strict)
-                    continue
-            doc = S._record({text_field: value}, where, str(path), row, text_field, stats, strict)
-            if doc is not None:
-                yield doc
+    yield from S._read_parquet(path, text_field, stats, strict, groups, unit["line"], unit["bytes"])
 
 
 def iter_unit(
