@@ -187,7 +187,7 @@ def test_training_checkpoint_loads_through_latest(model, cfg, tmp_path):
     opt = torch.optim.AdamW(clone.parameters(), lr=1e-3)
     root = tmp_path / "run" / "checkpoints"
     save_checkpoint(root, 3, clone, opt, {"config": cfg.model_dump(mode="json")}, {}, keep=2)
-    for path in (root, root / "step_3", tmp_path / "run"):
+    for path in (root, root / "step_3", tmp_path / "run", root / "latest"):  # the pointer file too
         back, back_cfg, _ = load_model_for_inference(path)
         assert back_cfg == cfg.model
         assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())

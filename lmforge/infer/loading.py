@@ -47,11 +47,17 @@ def _run_config_from_yaml(path: Path) -> Config:
     return config_from_dict(tree, str(path))
 
 
+def _accepted_path(path: str | Path) -> Path:
+    """A checkpoints folder's `latest` pointer file stands for the folder (users pass it by hand)."""
+    path = Path(path)
+    return path.parent if path.is_file() and path.name == "latest" else path
+
+
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, Path]:
     """(state_dict, run config, folder the weights came from) for any accepted path.
 
     Also used by the trainer for `train.load_checkpoint` (finetune from our weights or HF)."""
-    path = Path(path)
+    path = _accepted_path(path)
     if not path.exists():
         raise CheckpointError(
             f"{path}: checkpoint not found; pass a checkpoint folder, a weights export or an HF folder"
@@ -140,7 +146,8 @@ def load_model_for_inference(path: str | Path, device: str | torch.device = "cpu
     """(model in eval mode, ModelConfig, tokenizer or None) from any accepted path; with
     run_config=True the whole run Config in place of the ModelConfig."""
     device = resolve_device(device)
-    step = resolve_checkpoint_dir(Path(path)) if Path(path).is_dir() else None
+    path = _accepted_path(path)
+    step = resolve_checkpoint_dir(path) if path.is_dir() else None
     if step is not None:
         model, cfg = _model_from_checkpoint(step, device)
         return model, cfg if run_config else cfg.model, find_tokenizer(step, cfg)
