@@ -219,9 +219,11 @@ class _Trainer:
         compile_pending = cfg.parallel.compile
         first_step = state.step + 1
         real = torch.zeros((), device=self.ctx.device)  # target tokens since the last log, this rank
+        positions = 0  # positions computed since the last log, this rank (padded batches are trimmed)
         while state.step < self.total:
             batches = [next(self.train_loader) for _ in range(cfg.train.grad_accum_steps)]
             real += sum((b["labels"] != IGNORE_INDEX).sum() for b in batches)
+            positions += sum(b["input_ids"].numel() for b in batches)
             result = self.train_step(batches)
             state.record_step(result.finite, self.tokens_per_step)
             if compile_pending:  # the first step compiled the graphs: one line with the cost
@@ -233,8 +235,9 @@ class _Trainer:
             # The first step of every segment and a step a signal stops at are always logged, so a
             # short or interrupted run still has a curve and a report.
             if state.step % cfg.log.interval == 0 or last_step or state.step == first_step or stopping:
-                last_loss = self._log_step(result, window, real)
+                last_loss = self._log_step(result, window, real, positions)
                 real.zero_()
+                positions = 0
                 window = (time.perf_counter(), state.tokens, state.step)
                 first_loss = last_loss if first_loss is None else first_loss
             if state.bad_streak >= cfg.train.max_bad_steps:
@@ -279,15 +282,17 @@ class _Trainer:
                 "note: no sample generations under tensor or pipeline parallel; use lmforge generate on a checkpoint"
             )
 
-    def _log_step(self, result, window, real: torch.Tensor) -> float:
+    def _log_step(self, result, window, real: torch.Tensor, positions: int) -> float:
         """Log one step's record (rates over the window since the last log) and return its loss.
-        tokens_per_s counts every position of the batches; real_tokens_per_s only the positions
-        with a target (padding and ignored labels excluded)."""
+        tokens_per_s counts every position the model computed (padded batches are trimmed to their
+        longest sample, so this is below the seq_len budget there); real_tokens_per_s only the
+        positions with a target (padding and ignored labels excluded)."""
         state, ctx = self.state, self.ctx
-        real_tokens = float(ctx.reduce_sum(real.to(torch.float32)).item())
+        local = torch.stack([real.to(torch.float32), torch.tensor(float(positions), device=real.device)])
+        real_tokens, computed = (float(v) for v in ctx.reduce_sum(local).tolist())
         now = time.perf_counter()
-        t0, tokens0, step0 = window
-        rate = (state.tokens - tokens0) / max(now - t0, 1e-9)
+        t0, _, step0 = window
+        rate = computed / max(now - t0, 1e-9)
         rec = {
             "step": state.step,
             "loss": result.loss.item(),
