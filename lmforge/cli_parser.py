@@ -34,6 +34,17 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
 
 
+def _add_device_and_bos(p: argparse.ArgumentParser) -> None:
+    """The inference commands' shared flags (eval, generate)."""
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    p.add_argument(
+        "--bos",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="put BOS before each text (default: as the model was trained, or the imported tokenizer's own rule)",
+    )
+
+
 # Same flag, same rule on every command that writes weights (lmforge.weights.outdir).
 WEIGHTS_OVERWRITE_HELP = "write into a non-empty --out; only files lmforge wrote there are replaced"
 
@@ -144,26 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's seq_len)")
     p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
-    p.add_argument(
-        "--bos",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="put BOS before each text (default: as the model was trained, or the imported tokenizer's own rule)",
-    )
+    _add_device_and_bos(p)
 
     p = _sub(sub, "generate", "sample text from a checkpoint, streamed as it is produced")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, weights export or HF folder")
     p.add_argument("--prompt", default="", help="prompt text")
     _add_sampling(p)
     p.add_argument("--interactive", action="store_true", help="read prompts from stdin in a loop")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
-    p.add_argument(
-        "--bos",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="put BOS before each text (default: as the model was trained, or the imported tokenizer's own rule)",
-    )
+    _add_device_and_bos(p)
 
     p = _sub(sub, "export", "write a checkpoint as a Hugging Face folder, safetensors weights, GGUF or MiniMind .pth")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder or weights export")

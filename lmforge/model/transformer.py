@@ -50,6 +50,26 @@ class HiddenOutput(NamedTuple):
     aux_loss: torch.Tensor
 
 
+@torch.no_grad()
+def init_decoder_parts(cfg: ModelConfig, parts: nn.Module, layers) -> None:
+    """The init rule of `Transformer.init_weights` on whichever of `tok_embeddings`, `norm`, `output`
+    `parts` holds (None where absent: a pipeline stage holds some of them), the blocks `layers`, and
+    its `rope_cos`/`rope_sin` buffers."""
+    std = cfg.init_std
+    residual_std = std / math.sqrt(2 * cfg.num_layers)
+    if parts.tok_embeddings is not None:
+        nn.init.normal_(parts.tok_embeddings.weight, mean=0.0, std=std)
+    for layer in layers:
+        layer.reset_parameters(std, residual_std)
+    if parts.norm is not None:
+        parts.norm.reset_parameters()
+    if parts.output is not None:
+        init_linear(parts.output, std)
+    cos, sin = rope_tables(cfg)
+    parts.rope_cos.copy_(cos)
+    parts.rope_sin.copy_(sin)
+
+
 class TransformerBlock(nn.Module):
     """h = x + attention(attention_norm(x)); out = h + feed_forward(ffn_norm(h))."""
 
@@ -123,17 +143,7 @@ class Transformer(nn.Module):
         init_std / sqrt(2 * num_layers) so the residual variance does not grow with depth
         (GPT-2); RMSNorm weights 1, biases 0.
         """
-        std = self.cfg.init_std
-        residual_std = std / math.sqrt(2 * self.cfg.num_layers)
-        nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=std)
-        for layer in self.layers:
-            layer.reset_parameters(std, residual_std)
-        self.norm.reset_parameters()
-        if self.output is not None:
-            init_linear(self.output, std)
-        cos, sin = rope_tables(self.cfg)
-        self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(sin)
+        init_decoder_parts(self.cfg, self, self.layers)
 
     def output_weight(self) -> torch.Tensor:
         """The [vocab, hidden] matrix of the output projection (the embedding table when tied)."""

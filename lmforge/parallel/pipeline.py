@@ -27,14 +27,13 @@ checkpoint stores it once (DCP deduplicates equal keys at equal offsets).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import ConfigError, LmforgeError
+from lmforge.model.transformer import init_decoder_parts
 from lmforge.parallel.sharding import init_seed, init_weights_seeded, shard_module
 
 LOOPED = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
@@ -121,24 +120,9 @@ class StageModule(nn.Module):
         self.register_buffer("rope_cos", torch.empty(table, device="meta"), persistent=False)
         self.register_buffer("rope_sin", torch.empty(table, device="meta"), persistent=False)
 
-    @torch.no_grad()
     def init_weights(self) -> None:
         """The plain model's init rule (lmforge.model.Transformer.init_weights) on this stage's parts."""
-        from lmforge.model.layers import init_linear, rope_tables
-
-        std = self.cfg.init_std
-        residual_std = std / math.sqrt(2 * self.cfg.num_layers)
-        if self.tok_embeddings is not None:
-            nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=std)
-        for layer in self.layers.values():
-            layer.reset_parameters(std, residual_std)
-        if self.norm is not None:
-            self.norm.reset_parameters()
-        if self.output is not None:
-            init_linear(self.output, std)
-        cos, sin = rope_tables(self.cfg)
-        self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(sin)
+        init_decoder_parts(self.cfg, self, self.layers.values())
 
     def forward(self, x: torch.Tensor, aux: torch.Tensor | None = None):
         if self.first:
