@@ -100,6 +100,7 @@ class StepResult:
     grad_norm: torch.Tensor
     lr: float  # the rate this step used
     finite: bool  # False: the update was skipped
+    targets: torch.Tensor  # target tokens of the global batch (summed over data-parallel ranks)
 
 
 class TrainStep:
@@ -113,7 +114,7 @@ class TrainStep:
 
     def __call__(self, batches: list[dict]) -> StepResult:
         scaler, optimizer = self.scaler, self.optimizer
-        loss, _ = accumulate_gradients(self.model, batches, self.ctx, self.amp, scaler, self.loss)
+        loss, targets = accumulate_gradients(self.model, batches, self.ctx, self.amp, scaler, self.loss)
         if scaler is not None:
             scaler.unscale_(optimizer)
         norm = clip_grad_norm(self.model, self.grad_clip)
@@ -130,7 +131,7 @@ class TrainStep:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return StepResult(loss, norm, lr, finite)
+        return StepResult(loss, norm, lr, finite, targets)
 
 
 # ---------------------------------------------------------------------------------------------

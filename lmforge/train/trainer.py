@@ -23,7 +23,6 @@ from lmforge.data.loader import build_loader
 from lmforge.data.shards import read_meta
 from lmforge.errors import ConfigError, DataError, LmforgeError
 from lmforge.infer.loading import load_weights
-from lmforge.loss import IGNORE_INDEX
 from lmforge.parallel import build_parallel_model, init_distributed, load_full_state_dict, unwrap_model
 from lmforge.parallel.compile import compile_seconds
 from lmforge.train.checkpointer import Checkpointer
@@ -218,13 +217,13 @@ class _Trainer:
         first_loss = last_loss = last_eval = None
         compile_pending = cfg.parallel.compile
         first_step = state.step + 1
-        real = torch.zeros((), device=self.ctx.device)  # target tokens since the last log, this rank
+        real = torch.zeros((), device=self.ctx.device)  # target tokens since the last log, all ranks
         positions = 0  # positions computed since the last log, this rank (padded batches are trimmed)
         while state.step < self.total:
             batches = [next(self.train_loader) for _ in range(cfg.train.grad_accum_steps)]
-            real += sum((b["labels"] != IGNORE_INDEX).sum() for b in batches)
             positions += sum(b["input_ids"].numel() for b in batches)
             result = self.train_step(batches)
+            real += result.targets  # counted by the step for its loss normalisation: no second pass
             state.record_step(result.finite, self.tokens_per_step)
             if compile_pending:  # the first step compiled the graphs: one line with the cost
                 compile_pending = False
@@ -288,8 +287,8 @@ class _Trainer:
         longest sample, so this is below the seq_len budget there); real_tokens_per_s only the
         positions with a target (padding and ignored labels excluded)."""
         state, ctx = self.state, self.ctx
-        local = torch.stack([real.to(torch.float32), torch.tensor(float(positions), device=real.device)])
-        real_tokens, computed = (float(v) for v in ctx.reduce_sum(local).tolist())
+        computed = ctx.reduce_sum(torch.tensor(float(positions), device=real.device))
+        real_tokens, computed = (float(v) for v in torch.stack([real.to(torch.float32), computed]).tolist())
         now = time.perf_counter()
         t0, _, step0 = window
         rate = computed / max(now - t0, 1e-9)
