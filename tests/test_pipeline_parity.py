@@ -72,7 +72,6 @@ def run_layout(sc: dict, init: dict) -> list[float]:
         init_distributed,
         load_full_state_dict,
     )
-    from lmforge.parallel.pipeline_step import pipeline_gradients
     from lmforge.train.step import accumulate_gradients
 
     cfg = config_from_dict(_tree(sc), "<pipeline parity>")
@@ -102,10 +101,7 @@ def run_layout(sc: dict, init: dict) -> list[float]:
             for i in range(accum)
         ]
         amp = contextlib.nullcontext()
-        if ctx.pp_size > 1:
-            loss, _ = pipeline_gradients(model, batches, ctx, amp)
-        else:
-            loss, _ = accumulate_gradients(model, batches, ctx, amp)
+        loss, _ = accumulate_gradients(model, batches, ctx, amp)  # dispatches to pipeline_gradients under pp
         clip_grad_norm(model, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)

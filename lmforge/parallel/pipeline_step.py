@@ -1,6 +1,6 @@
 """The pipeline-parallel step body: gradient accumulation mapped onto pipeline microbatches.
 
-`pipeline_gradients(model, batches, ctx, amp, scaler)` replaces the data-parallel loop of
+`pipeline_gradients(model, batches, n_targets, ctx, amp, scaler)` replaces the data-parallel loop of
 `train/step.py` under `parallel.pp > 1`: the step's micro batches are concatenated and the
 schedule (torch.distributed.pipelining) splits them into `parallel.pp_microbatches` microbatches
 (default: one per micro batch, so the split equals gradient accumulation's). Each microbatch's
@@ -214,18 +214,15 @@ class PipelineRunner:
         return total
 
 
-def pipeline_gradients(model, batches: list[dict], ctx, amp, scaler=None, cfg=None):
-    """The pipelined `accumulate_gradients`: (this rank's share of the step loss, global targets)."""
-    from lmforge.loss import IGNORE_INDEX
-
+def pipeline_gradients(model, batches: list[dict], n_targets: torch.Tensor, ctx, amp, scaler=None):
+    """The pipelined `accumulate_gradients`: (this rank's share of the step loss, global targets).
+    `n_targets` is the global batch's target-token count (train.step.count_targets)."""
     runner = model.__dict__.get("runner")
     if runner is None:
         rows = sum(b["input_ids"].shape[0] for b in batches)
-        cfg = cfg or model.run_cfg
+        cfg = model.run_cfg
         logits_dtype = _logits_dtype(amp, cfg, ctx)
         runner = model.__dict__["runner"] = PipelineRunner(model, cfg, ctx, rows, logits_dtype)
-    local = sum((b["labels"] != IGNORE_INDEX).sum() for b in batches)
-    n_targets = ctx.reduce_sum(local.to(torch.float32))
     return runner.step(batches, n_targets, amp, scaler), n_targets
 
 

@@ -71,11 +71,11 @@ def accumulate_gradients(
     step loss as a device tensor, global target-token count). Gradients are reduced across ranks
     only on the last micro step. A pipeline-parallel model runs its micro batches through its
     schedule instead (lmforge.parallel.pipeline_step)."""
+    n_targets = count_targets(batches, ctx)
     if getattr(model, "is_pipeline", False):
         from lmforge.parallel.pipeline_step import pipeline_gradients
 
-        return pipeline_gradients(model, batches, ctx, amp, scaler)
-    n_targets = count_targets(batches, ctx)
+        return pipeline_gradients(model, batches, n_targets, ctx, amp, scaler)
     denom = n_targets.clamp(min=1.0)
     scale = float(ctx.dp_size)
     total = torch.zeros((), device=batches[0]["input_ids"].device, dtype=torch.float32)
