@@ -21,8 +21,6 @@ from lmforge.train.state import TrainState
 from lmforge.train.step import rng_state, seed_everything, set_rng_state
 from lmforge.weights import checkpoint as ckpt
 
-# Optimizer settings that live in param groups and that the config, not the checkpoint, decides.
-GROUP_HYPERPARAMETERS = ("initial_lr", "weight_decay", "betas", "eps")
 # Config keys whose change on resume is honoured (and reported), beyond the optim section.
 HONOURED_TRAIN_KEYS = ("max_steps", "max_tokens", "epochs")
 
@@ -74,12 +72,11 @@ class Checkpointer:
             )
         if found is None:
             return None
-        configured = [{k: g[k] for k in GROUP_HYPERPARAMETERS} for g in self.optimizer.param_groups]
+        # Only moments come back into the optimizer; its param groups (lr, weight decay, betas, eps,
+        # fused/foreach flags for this device) stay the ones this run's config built.
         saved, rank_state = ckpt.load_checkpoint(
             found, self.model, self.optimizer, cfg.model.model_dump(mode="json")
         )
-        for group, values in zip(self.optimizer.param_groups, configured):
-            group.update(values)
         self._restore_schedule_position(saved["scheduler"])
         if self.scaler is not None and saved.get("scaler"):
             self.scaler.load_state_dict(saved["scaler"])

@@ -3,15 +3,15 @@
 Layout of `<checkpoint dir>/step_<N>/`:
   .metadata, __*.distcp   model and optimizer tensors (DCP: sharded by FSDP/TP, reshardable,
                           also written and read by a single process without a process group)
-  rank_<r>.pt             per-rank RNG states and loader state (tensors and plain values only,
-                          read back with weights_only=True)
-  state.json              counters, scheduler, scaler, optimizer hyper-parameters, loader state,
-                          the resolved config; written last inside the folder
+  rank_<r>.pt             per-rank RNG states (tensors and plain values only, read back with
+                          weights_only=True)
+  state.json              counters, scheduler position, scaler, loader state, the resolved config;
+                          written last inside the folder
 A checkpoint is written into `step_<N>.tmp-<id>`, synced, renamed to `step_<N>`, and only then is
 `latest` (a one-line text file, replaced atomically) pointed at it. A crash at any moment leaves
 the earlier checkpoints and `latest` untouched; `*.tmp-*` leftovers are removed on the next save
-or resume. Only tensors go through DCP (optimizer param_groups live in state.json), so loading
-never reaches DCP's pickle path for non-tensor values, and its `.metadata` index is vetted by
+or resume. Only tensors go through DCP (optimizer hyper-parameters are not saved: on resume they
+are the run config's, built into the optimizer it passes in), so loading never reaches DCP's pickle path for non-tensor values, and its `.metadata` index is vetted by
 `safe_meta` before DCP reads it.
 """
 
@@ -219,7 +219,7 @@ def save_checkpoint(
         torch.save(rank_state, tmp / f"rank_{_rank()}.pt")
         _barrier()
         if _rank() == 0:
-            full = dict(state, step=step, optim_param_groups=_jsonable_groups(optim_sd["param_groups"]))
+            full = dict(state, step=step)
             full["world_size"] = dist.get_world_size() if _dist() else 1
             full["saved_at"] = time.time()
             for f in tmp.iterdir():
@@ -298,10 +298,6 @@ def _advice(exc: BaseException) -> str:
     return "check the folder is writable; earlier checkpoints are intact"
 
 
-def _jsonable_groups(groups: list[dict]) -> list[dict]:
-    return [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in groups]
-
-
 # ---------------------------------------------------------------------------------------------
 # Loading
 
@@ -375,8 +371,6 @@ def load_checkpoint(
             model_sd, optim_sd = get_state_dict(model, optimizer)
             with quiet_single_process():
                 dcp.load({"model": model_sd, "optim": {"state": optim_sd["state"]}}, checkpoint_id=str(path))
-            groups = state.get("optim_param_groups") or optim_sd["param_groups"]
-            optim_sd["param_groups"] = [_restore_group(g) for g in groups]
             set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     except (OSError, RuntimeError, ValueError, KeyError, dcp.api.CheckpointException) as exc:
         raise CheckpointError(
@@ -392,7 +386,3 @@ def load_checkpoint(
                 f"{rank_file}: unreadable ({type(exc).__name__}); pick another step folder"
             ) from None
     return state, rank_state
-
-
-def _restore_group(group: dict) -> dict:
-    return {k: (tuple(v) if k == "betas" else v) for k, v in group.items()}
