@@ -22,6 +22,7 @@ from lmforge.infer.loading import (
     tokenizer_source,
 )
 from lmforge.interop import export_gguf, export_hf, export_minimind, import_hf
+from lmforge.interop.folder import finetune_ready_config
 from lmforge.interop.minimind import minimind_script_differences
 from lmforge.tokenizer import load_tokenizer
 from lmforge.weights.outdir import check_output_dir
@@ -204,18 +205,9 @@ def import_hf_folder(hf_dir, out, overwrite=False) -> Path:
     state, model_cfg = import_hf(hf_dir)
     cfg = config_for_model(model_cfg)
     tokenizer = find_tokenizer(hf_dir, cfg)
-    # The config.yaml written beside the weights is the starting point of a finetune
-    # (`lmforge train --config OUT/config.yaml --run_mode finetune data.train=[...]`): it names
-    # these weights and the tokenizer copied next to them by absolute path, and exports in the
-    # dtype the model was published in (fp32 stays fp32).
-    here = Path(out).resolve()
-    stored = {str(t.dtype).replace("torch.", "") for t in state.values() if t.is_floating_point()}
-    updates = {"train": cfg.train.model_copy(update={"load_checkpoint": str(here)})}
-    if tokenizer is not None:
-        updates["tokenizer"] = cfg.tokenizer.model_copy(update={"path": str(here)})
-    if len(stored) == 1 and stored <= {"float32", "bfloat16", "float16"}:
-        updates["checkpoint"] = cfg.checkpoint.model_copy(update={"export_dtype": stored.pop()})
-    cfg = cfg.model_copy(update=updates)
+    # The config.yaml written beside the weights is the starting point of a finetune (the same
+    # one `lmforge import --gguf/--minimind` writes).
+    cfg = finetune_ready_config(model_cfg, state, Path(out), tokenizer is not None)
     return save_weights(state, cfg, out, dtype=None, tokenizer=tokenizer, overwrite=overwrite)
 
 

@@ -9,15 +9,15 @@ is rebuilt as a `tokenizer.json` that splits text like llama.cpp's named pre-tok
 from __future__ import annotations
 
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from lmforge.config import ModelConfig, RopeScaling, config_for_model
+from lmforge.config import ModelConfig, RopeScaling
 from lmforge.errors import LmforgeError
+from lmforge.interop.folder import write_weights_folder
 from lmforge.interop.gguf_export import (
     LAYER_NAMES,
     ROPE_KEYS,
@@ -28,7 +28,6 @@ from lmforge.interop.gguf_export import (
 )
 from lmforge.interop.gguf_reader import GGUFTensor, read_gguf
 from lmforge.interop.gguf_vocab import tokenizer_files_from_gguf
-from lmforge.weights.files import save_weights
 from lmforge.weights.shapes import config_shapes
 
 ARCHES = ("llama", "qwen3", "qwen3moe")
@@ -237,44 +236,6 @@ def import_gguf(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig,
     if missing:
         raise LmforgeError(f"{path}: tensor for '{missing[0]}' is missing ({len(missing)} in all)")
     return state, cfg, tokenizer_files_from_gguf(meta, source)
-
-
-def finetune_ready_config(model_cfg: ModelConfig, state: dict[str, torch.Tensor], out: Path, tokenizer: bool):
-    """The run config written beside imported weights, as `lmforge import --hf` writes it: it
-    names these weights (train.load_checkpoint) and the tokenizer copied next to them by absolute
-    path, and exports in the dtype the weights came in when they share one, so
-    `lmforge train --config OUT/config.yaml --run_mode finetune data.train=...` runs as it is."""
-    cfg = config_for_model(model_cfg)
-    here = out.resolve()
-    updates: dict[str, Any] = {"train": cfg.train.model_copy(update={"load_checkpoint": str(here)})}
-    if tokenizer:
-        updates["tokenizer"] = cfg.tokenizer.model_copy(update={"path": str(here)})
-    stored = {str(t.dtype).replace("torch.", "") for t in state.values() if t.is_floating_point()}
-    if len(stored) == 1 and stored <= {"float32", "bfloat16", "float16"}:
-        updates["checkpoint"] = cfg.checkpoint.model_copy(update={"export_dtype": stored.pop()})
-    return cfg.model_copy(update=updates)
-
-
-def write_weights_folder(
-    state: dict[str, torch.Tensor],
-    cfg: ModelConfig,
-    files: dict[str, str | bytes],
-    out: str | Path,
-    overwrite: bool = False,
-    tokenizer_src: Path | None = None,
-) -> Path:
-    """`out/` in lmforge's weights-folder form (model.safetensors + finetune-ready config.yaml +
-    tokenizer files: `files` written out, or copied from `tokenizer_src`), loadable by
-    eval/generate/finetune/export; lmforge.weights owns the writing (temp sibling, refuses a
-    folder it did not write unless overwrite)."""
-    has_tokenizer = bool(files) or tokenizer_src is not None
-    run_cfg = finetune_ready_config(cfg, state, Path(out), has_tokenizer)
-    with tempfile.TemporaryDirectory(prefix="lmforge-tok-") as tok_dir:
-        for name, text in files.items():
-            target = Path(tok_dir) / name
-            target.write_bytes(text) if isinstance(text, bytes) else target.write_text(text, encoding="utf-8")
-        src = Path(tok_dir) if files else tokenizer_src
-        return save_weights(state, run_cfg, out, tokenizer_src=src, overwrite=overwrite)
 
 
 def import_gguf_to_folder(path: str | Path, out: str | Path, overwrite: bool = False) -> Path:

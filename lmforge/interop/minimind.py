@@ -30,7 +30,7 @@ import torch
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.interop.export import _plain_state, check_state
-from lmforge.interop.gguf_import import write_weights_folder
+from lmforge.interop.folder import write_weights_folder
 from lmforge.model.layers import resolve_intermediate_size
 from lmforge.model.moe import expert_intermediate_size
 from lmforge.tokenizer import load_tokenizer
