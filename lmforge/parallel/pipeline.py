@@ -36,8 +36,6 @@ from lmforge.errors import ConfigError, LmforgeError
 from lmforge.model.transformer import init_decoder_parts
 from lmforge.parallel.sharding import init_seed, init_weights_seeded, shard_module
 
-LOOPED = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
-
 
 def split_layers(num_layers: int, num_stages: int, embed_cost: float, output_cost: float) -> list[int]:
     """Blocks per stage balancing `1 per block + embed_cost on stage 0 + output_cost on the last`."""
@@ -148,7 +146,7 @@ class StageModule(nn.Module):
 class PipelineModel(nn.Module):
     """This rank's share of a pipelined model: the union of its stages' submodules under the plain
     model's names (what optimizers, `state_dict` and DCP see), plus the stages themselves and
-    their schedule. Train it with `pipeline_step.PipelineStep`, not by calling it."""
+    their schedule. Train it with `pipeline_step.pipeline_gradients`, not by calling it."""
 
     is_pipeline = True
 

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from lmforge.config import PP_MULTI_STAGE_SCHEDULES
 from lmforge.errors import ConfigError
 from lmforge.loss import IGNORE_INDEX
 from lmforge.parallel.sharding import fsdp_param_dtype
@@ -34,7 +35,6 @@ SCHEDULES = {
     "zero_bubble": "ScheduleInterleavedZeroBubble",
     "zbv": "ScheduleZBVZeroBubble",
 }
-MULTI_STAGE = ("interleaved_1f1b", "zero_bubble", "zbv")
 
 
 def available_schedules() -> list[str]:
@@ -69,7 +69,7 @@ def microbatches(cfg) -> int:
             f"parallel.pp_microbatches: {n} microbatches; zbv needs at least 2 x parallel.pp = "
             f"{2 * cfg.parallel.pp} (raise train.grad_accum_steps or parallel.pp_microbatches)"
         )
-    if cfg.parallel.pp_schedule in MULTI_STAGE and n % cfg.parallel.pp:
+    if cfg.parallel.pp_schedule in PP_MULTI_STAGE_SCHEDULES and n % cfg.parallel.pp:
         raise ConfigError(
             f"parallel.pp_microbatches: {n} is not a multiple of parallel.pp {cfg.parallel.pp}, which "
             f"{cfg.parallel.pp_schedule} needs; change train.grad_accum_steps or parallel.pp_microbatches"
@@ -168,7 +168,7 @@ class PipelineRunner:
         kwargs = {"n_microbatches": self.n_micro, "loss_fn": self.loss}
         if "scale_grads" in inspect.signature(cls.__init__).parameters:
             kwargs["scale_grads"] = False  # the loss is already normalised by the global token count
-        if cfg.parallel.pp_schedule in MULTI_STAGE:
+        if cfg.parallel.pp_schedule in PP_MULTI_STAGE_SCHEDULES:
             self.schedule = cls(stages, **kwargs)
         else:
             self.schedule = cls(stages[0], **kwargs)

@@ -154,7 +154,7 @@ def _part_numel(model_json: str, tp: int, shard: int) -> dict:
 # Pipeline stages
 
 
-def stage_layers(m, layout: Layout, seq_len: int) -> list[int]:
+def stage_layers(m, layout: Layout) -> list[int]:
     """Layers per stage by the pipeline builder's own rule (parallel/pipeline.py)."""
     stages = layout.pp * layout.virtual
     if layout.pp_layers is not None and len(layout.pp_layers) == stages:
@@ -262,7 +262,7 @@ def rank_memory(cfg, layout: Layout, rank: int, loss_parallel: bool = False) -> 
     key = m.model_dump_json()
     shard = layout.dp_shard if layout.fsdp else 1
     parts, full = _part_numel(key, layout.tp, shard), _part_numel(key, layout.tp, 1)
-    layers_per_stage = stage_layers(m, layout, seq)
+    layers_per_stage = stage_layers(m, layout)
     stages = rank_stages(layout, rank)
     starts = [sum(layers_per_stage[:i]) for i in range(len(layers_per_stage) + 1)]
     layers = [i for st in stages for i in range(starts[st], starts[st + 1])]
