@@ -95,12 +95,12 @@ def train_tokenizer(
         )
     if max_docs is not None and max_docs < 1:
         raise LmforgeError(f"max_docs {max_docs}: must be >= 1 (or None for all documents)")
-    from lmforge.weights.outdir import check_output_dir, output_dir
+    from lmforge.weights.outdir import check_output_dir, output_dir, written_by_lmforge
 
     out = Path(out_dir)
     # A folder an earlier `tokenizer train` wrote is ours to retrain into; any other non-empty
     # folder needs --overwrite, and even then no file lmforge did not write is replaced.
-    overwrite = overwrite or _written_by_tokenizer_train(out)
+    overwrite = overwrite or bool(written_by_lmforge(out, kind=MARKER_KIND))
     check_output_dir(out, overwrite)
 
     tok = Tokenizer(models.BPE())
@@ -145,13 +145,3 @@ def train_tokenizer(
         )
         tok.save(str(tmp / "tokenizer.json"), pretty=True)
     return out
-
-
-def _written_by_tokenizer_train(folder: Path) -> bool:
-    from lmforge.weights.outdir import MARKER
-
-    try:
-        record = json.loads((folder / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(record, dict) and record.get("kind") == MARKER_KIND

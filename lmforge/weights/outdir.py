@@ -31,11 +31,14 @@ from lmforge.errors import LmforgeError
 MARKER = "lmforge.json"
 
 
-def written_by_lmforge(folder: Path) -> set[str]:
-    """Names of the files lmforge's manifest in `folder` lists (empty when there is none)."""
+def written_by_lmforge(folder: Path, kind: str | None = None) -> set[str]:
+    """Names of the files lmforge's manifest in `folder` lists (empty when there is none, or,
+    with `kind`, when the manifest records another kind of output)."""
     try:
         record = json.loads((Path(folder) / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        return set()
+    if kind is not None and (not isinstance(record, dict) or record.get("kind") != kind):
         return set()
     names = record.get("files") if isinstance(record, dict) else None
     return {n for n in names if isinstance(n, str) and "/" not in n} if isinstance(names, list) else set()
