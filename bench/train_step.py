@@ -77,7 +77,7 @@ def bench(cfg, steps: int, warmup: int) -> dict:
     step_s = sorted(times)[len(times) // 2]  # median: robust to a noisy shared machine
     tokens_per_step = cfg.train.global_batch_size * seq
     tokens_per_s = tokens_per_step / step_s
-    fpt = model_flops_per_token(cfg.model, seq, model)
+    fpt = model_flops_per_token(cfg.model, seq)
     peak = peak_flops(ctx.device, dtype)
     result = {
         "device": torch.cuda.get_device_name(ctx.device)

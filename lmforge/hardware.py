@@ -60,6 +60,15 @@ def _key(name: str) -> str:
     return "".join(ch for ch in name.lower() if ch.isalnum())
 
 
+def accelerator_of_device(device_name: str, with_memory: bool = False) -> Accelerator | None:
+    """The first row whose fragment is in a CUDA device name ("NVIDIA H100 80GB HBM3"), or None;
+    with_memory: only rows that state a memory size."""
+    for acc in ACCELERATORS:
+        if acc.match in device_name and (acc.memory_gib is not None or not with_memory):
+            return acc
+    return None
+
+
 def find_accelerator(name: str) -> Accelerator:
     """The row for a `--gpu-type` name (case, spaces and dashes ignored: "a100-80", "Ascend 910B");
     KeyError naming the choices otherwise."""

@@ -208,5 +208,5 @@ def test_resume_with_changed_weight_decay_and_betas_uses_them(
 def test_resume_without_changes_prints_no_change_note(tmp_path, reference, monkeypatch, capsys, one_thread):
     data, ref = reference
     groups, out = _stop_at_3_then_resume(tmp_path, data, monkeypatch, capsys, "same")
-    assert "note: resumed with" not in out and "resumed from" in out
+    assert "note: resumed with" not in out and "resuming at step" in out
     assert _curve(tmp_path, "same") == ref  # still bitwise the uninterrupted run

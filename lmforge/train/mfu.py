@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from lmforge.hardware import ACCELERATORS
+from lmforge.hardware import accelerator_of_device
 from lmforge.model.flops import flops_per_token
-
-# name fragment -> (bf16/fp16 dense TFLOP/s, tf32 dense TFLOP/s), from the one accelerator table the
-# planner also uses; first match wins (torch.cuda.get_device_name gives e.g. "NVIDIA H100 80GB HBM3").
-_PEAKS_TFLOPS = [(a.match, a.bf16_tflops, a.tf32_tflops) for a in ACCELERATORS]
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
@@ -25,22 +21,15 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
         return None
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         return None
-    name = torch.cuda.get_device_name(device)
-    for fragment, half, tf32 in _PEAKS_TFLOPS:
-        if fragment in name:
-            return (tf32 if dtype == torch.float32 else half) * 1e12
-    return None
+    acc = accelerator_of_device(torch.cuda.get_device_name(device))
+    if acc is None:
+        return None
+    return (acc.tf32_tflops if dtype == torch.float32 else acc.bf16_tflops) * 1e12
 
 
-def model_flops_per_token(model_cfg, seq_len: int, model: torch.nn.Module | None = None) -> float:
-    """Training FLOPs per token (forward + backward) from the model config; 6 x parameters when
-    the model package's estimate is unavailable."""
-    try:
-        return float(flops_per_token(model_cfg, seq_len))
-    except ImportError:
-        if model is None:
-            return 0.0
-        return 6.0 * sum(p.numel() for p in model.parameters())
+def model_flops_per_token(model_cfg, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward) from the model config."""
+    return float(flops_per_token(model_cfg, seq_len))
 
 
 def mfu(flops_per_token: float, tokens_per_s: float, peak: float | None, world_size: int) -> float | None:

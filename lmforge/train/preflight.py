@@ -13,7 +13,7 @@ from dataclasses import replace
 import torch
 
 from lmforge.errors import ConfigError
-from lmforge.hardware import ACCELERATORS, find_accelerator
+from lmforge.hardware import accelerator_of_device, find_accelerator
 from lmforge.parallel.plan import DEFAULT_GPU, GIB, OVERHEAD, plan
 from lmforge.parallel.plan_search import config_keys, configured_layout, describe, recommend
 
@@ -25,10 +25,9 @@ CPU_BASELINE = GIB // 2
 def _accelerator(device: torch.device):
     """The hardware row of this CUDA device (for the planner's step-time side; memory is measured)."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for acc in ACCELERATORS:
-            if acc.match in name and acc.memory_gib is not None:
-                return acc
+        acc = accelerator_of_device(torch.cuda.get_device_name(device), with_memory=True)
+        if acc is not None:
+            return acc
     return find_accelerator(DEFAULT_GPU)
 
 
@@ -47,10 +46,9 @@ def available_memory(device: torch.device) -> tuple[int, str]:
 
 
 def own_layout(cfg, world_size: int):
-    """The config's layout on this world size, or None (configured_layout returns the layout, or
-    (layout or None, why not) in the planner's newer form: both are read)."""
-    found = configured_layout(cfg, world_size)
-    return found[0] if isinstance(found, tuple) else found
+    """The config's layout on this world size, or None when it cannot run here."""
+    layout, _ = configured_layout(cfg, world_size)
+    return layout
 
 
 def estimate_bytes(cfg, world_size: int, device: torch.device) -> tuple[int, str] | None:

@@ -146,7 +146,7 @@ class _Trainer:
         parts = (self.model, self.optimizer, self.scheduler, self.scaler, self.train_loader, self.state)
         self.checkpointer = Checkpointer(cfg, ctx, ckpt_root, *parts)
         self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
-        self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_len, self.model)
+        self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak = peak_flops(ctx.device, self.dtype)
         if self.checkpointer.load() is None and cfg.run_mode == "finetune":
             self._load_finetune_weights()
@@ -264,8 +264,6 @@ class _Trainer:
         note = warmup_note(cfg.optim, self.total)
         if note:
             self.logger.print(note)
-        if ckpt.resumed_from:
-            self.logger.print(f"resumed from {ckpt.resumed_from} at step {self.state.step}")
         if ckpt.changes:
             changed = ", ".join(ckpt.changes)
             self.logger.print(
