@@ -24,12 +24,7 @@ from lmforge.weights.tokenizer_files import copy_tokenizer_files
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # the shard size HF uses for large checkpoints
 
 
-def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every entry in our state dict for `cfg` (kept for interop's callers)."""
-    return config_shapes(cfg)
-
-
-def _plain_state(model_or_state: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def plain_state(model_or_state: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A CPU state dict with wrapper prefixes (torch.compile, DDP) removed and DTensors gathered."""
     if isinstance(model_or_state, nn.Module):
         raw = model_or_state.state_dict()
@@ -53,7 +48,7 @@ def _plain_state(model_or_state: nn.Module | dict[str, torch.Tensor]) -> dict[st
 
 def check_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The state dict must hold exactly the parameters `cfg` describes, with their shapes."""
-    expected = param_shapes(cfg)
+    expected = config_shapes(cfg)
     state = dict(state)
     if cfg.tie_embeddings and "output.weight" in state:
         if not torch.equal(state["output.weight"].cpu(), state["tok_embeddings.weight"].cpu()):
@@ -116,7 +111,7 @@ def export_hf(
     family = choose_family(model_cfg)
     check_output_dir(out_dir, overwrite)
     target = resolve_dtype(dtype)
-    state = check_state(_plain_state(model_or_state), model_cfg)
+    state = check_state(plain_state(model_or_state), model_cfg)
     ids = _token_ids(tokenizer)
     if bos_token_id is not None:
         ids["bos_token_id"] = bos_token_id

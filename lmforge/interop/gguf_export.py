@@ -25,7 +25,7 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
-from lmforge.interop.export import _plain_state, check_state
+from lmforge.interop.export import check_state, plain_state
 from lmforge.interop.gguf_vocab import gguf_vocab, write_vocab
 from lmforge.model.layers import resolve_intermediate_size, rope_inv_freq
 from lmforge.model.moe import expert_intermediate_size
@@ -145,7 +145,7 @@ def rope_factors(cfg: ModelConfig) -> torch.Tensor:
 
 def _state(model_or_state: Any, cfg: ModelConfig) -> dict[str, torch.Tensor]:
 
-    return check_state(_plain_state(model_or_state), cfg)
+    return check_state(plain_state(model_or_state), cfg)
 
 
 def _encode(name: str, value: torch.Tensor, dtype: str):

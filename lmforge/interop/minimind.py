@@ -29,7 +29,7 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
-from lmforge.interop.export import _plain_state, check_state
+from lmforge.interop.export import check_state, plain_state
 from lmforge.interop.folder import write_weights_folder
 from lmforge.model.layers import resolve_intermediate_size
 from lmforge.model.moe import expert_intermediate_size
@@ -92,7 +92,7 @@ def _load_pth(path: Path) -> dict[str, torch.Tensor]:
         data = data["model"]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise LmforgeError(f"{path}: expected a dict of tensors (torch.save(model.state_dict()))")
-    return {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in data.items()}
+    return plain_state(data)
 
 
 def _read_config_json(path: str | Path | None) -> dict[str, Any]:
@@ -304,7 +304,7 @@ def export_minimind(
 
     hf = minimind_config(model_cfg)
     target = resolve_dtype(dtype)
-    state = check_state(_plain_state(model_or_state), model_cfg)
+    state = check_state(plain_state(model_or_state), model_cfg)
     check_output_dir(out_dir, overwrite)
     theirs = {minimind_name(k): v.detach().cpu().to(target or v.dtype).clone() for k, v in state.items()}
     if model_cfg.tie_embeddings:
