@@ -71,11 +71,9 @@ class _Source:
         return doc, len(doc)
 
     def doc_layout(self, i: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-        """(doc_ids, position_ids) [width] of sample i's inputs: the document index within the
-        window (from the shard indexes; nondecreasing from 0) and the position within it."""
+        """(doc_ids, position_ids) [width] of packed sample i's inputs: the document index within
+        the window (from the shard indexes; nondecreasing from 0) and the position within it."""
         steps = np.arange(width, dtype=np.int64)
-        if self.mode != "packed":
-            return np.zeros(width, dtype=np.int64), steps
         start = i * self.seq_len
         inside = self.ds.doc_starts(start, start + width) - start
         doc_ids = np.searchsorted(inside, steps, side="right")
@@ -229,7 +227,10 @@ class DataLoader:
         self.global_batch_size = micro_batch_size * dp_size
         self.seq_len, self.mode = sources[0].seq_len, sources[0].mode
         self.pin = pin_memory and device.type == "cuda" and torch.cuda.is_available()
-        layout = (document_mask, reset_positions)
+        # A padded sample is one document: its layout would be all zeros / 0..T-1, the plain causal
+        # attention and positions the model uses anyway, so padded batches carry none.
+        packed = self.mode == "packed"
+        layout = (document_mask and packed, reset_positions and packed)
         self._maker = _BatchMaker(sources, micro_batch_size, dp_rank, dp_size, self.pin, layout)
         self._maker.seed, self._maker.shuffle = int(seed), shuffle
         self.samples_per_epoch = sum(s.samples for s in sources)
@@ -412,8 +413,8 @@ def build_loader(
         shuffle=data_cfg.shuffle and train,
         prefetch=data_cfg.prefetch,
         pin_memory=data_cfg.pin_memory,
-        document_mask=getattr(data_cfg, "document_mask", False),
-        reset_positions=getattr(data_cfg, "reset_positions", False),
+        document_mask=data_cfg.document_mask,
+        reset_positions=data_cfg.reset_positions,
     )
     if not train:
         loader.max_batches = loader.num_batches
