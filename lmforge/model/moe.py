@@ -85,15 +85,17 @@ class MoEFeedForward(nn.Module):
 
     def stacked_weights(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
         """(w1 [E, I, H], w3 [E, I, H], w2 [E, H, I], and the biases [E, out] or None)."""
+
+        def stack(tensors):  # cast each expert's tensor first: no full-size copy in the stored dtype
+            return torch.stack([t if dtype is None else t.to(dtype) for t in tensors])
+
         parts = []
         for name in ("w1", "w3", "w2"):
-            weight = torch.stack([getattr(e, name).weight for e in self.experts])
+            weight = stack([getattr(e, name).weight for e in self.experts])
             bias = getattr(self.experts[0], name).bias
             if bias is not None:
-                bias = torch.stack([getattr(e, name).bias for e in self.experts])
+                bias = stack([getattr(e, name).bias for e in self.experts])
             parts.append((weight, bias))
-        if dtype is not None:
-            parts = [(w.to(dtype), None if b is None else b.to(dtype)) for w, b in parts]
         return tuple(parts)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
