@@ -44,6 +44,11 @@ class Tokenizer:
         )
 
 
+# Appended to a fingerprint's payload by tokenizers that encode special-token text as the special
+# ids: data prepared when specials were split as plain text then gets a different fingerprint.
+SPECIALS_AS_IDS = b"\0specials-as-ids"
+
+
 def make_fingerprint(kind: str, payload: bytes, bos_id: int | None, eos_id: int, pad_id: int | None) -> str:
     """sha256 over the tokenizer kind, its canonical id-determining content and the special-token
     roles (bos/eos/pad decide what `prepare` writes around each document). Independent of file

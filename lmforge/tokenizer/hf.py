@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LmforgeError
-from lmforge.tokenizer.base import Tokenizer, make_fingerprint
+from lmforge.tokenizer.base import SPECIALS_AS_IDS, Tokenizer, make_fingerprint
 
 # Parts of tokenizer.json that decide the ids of a text; post_processor only adds specials
 # (which `encode` never does), decoder/truncation/padding do not change ids.
@@ -18,7 +18,6 @@ _BOS_GUESSES = ("<s>", "<|begin_of_text|>", "<bos>", "<|im_start|>")
 # MiniMind / Qwen chat layout: documents end with <|im_end|>, <|endoftext|> is only padding.
 # When both chat markers exist, a lone tokenizer.json follows that convention instead.
 _CHAT_ROLES = {"bos": "<|im_start|>", "eos": "<|im_end|>", "pad": "<|endoftext|>"}
-SPECIALS_AS_IDS = b"\0specials-as-ids"
 
 
 def _guess_roles(vocab: dict[str, int], named: dict[str, str | None]) -> dict[str, int | None]:

@@ -17,7 +17,7 @@ import hashlib
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
-from lmforge.tokenizer.base import Tokenizer, make_fingerprint
+from lmforge.tokenizer.base import SPECIALS_AS_IDS, Tokenizer, make_fingerprint
 
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -158,7 +158,7 @@ class TiktokenTokenizer(Tokenizer):
             for tok, r in sorted(ranks.items(), key=lambda kv: kv[1])
         ]
         # The suffix marks specials-as-ids encoding: data prepared when they were text differs.
-        self.fingerprint = make_fingerprint(self.kind, b"\n".join(lines) + b"\0specials-as-ids", bos, eos, pad)
+        self.fingerprint = make_fingerprint(self.kind, b"\n".join(lines) + SPECIALS_AS_IDS, bos, eos, pad)
 
     def encode(self, text: str) -> list[int]:
         return self._enc.encode(text, allowed_special="all")
