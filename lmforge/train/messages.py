@@ -6,6 +6,7 @@ from pathlib import Path
 
 from lmforge.model.flops import count_params
 from lmforge.train.metrics import fmt_count, fmt_duration, fmt_ppl
+from lmforge.train.schedule import warmup_steps
 
 
 def _layout(cfg, ctx) -> str:
@@ -37,8 +38,7 @@ def start_banner(cfg, ctx, dtype, total: int, run_dir: Path, step: int, resumed_
 
 
 def warmup_note(optim_cfg, total: int) -> str | None:
-    ratio = getattr(optim_cfg, "warmup_ratio", None)
-    warmup = round(ratio * total) if ratio is not None else optim_cfg.warmup_steps
+    warmup = warmup_steps(optim_cfg, total)  # a warmup_ratio (<= 1) never exceeds the run
     if warmup <= total:
         return None
     return (

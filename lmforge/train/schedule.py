@@ -51,10 +51,14 @@ class LrMultiplier:
         raise ValueError(f"unknown schedule {self.kind}")
 
 
+def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
+    """Warmup length: warmup_ratio (MindFormers' way of saying it, a fraction of the run) wins when
+    set, else warmup_steps."""
+    return round(cfg.warmup_ratio * total_steps) if cfg.warmup_ratio is not None else cfg.warmup_steps
+
+
 def lr_multiplier(cfg: OptimConfig, total_steps: int) -> LrMultiplier:
-    # warmup_ratio (MindFormers' way of saying it) is a fraction of the run and wins when set.
-    ratio = getattr(cfg, "warmup_ratio", None)
-    warmup = round(ratio * total_steps) if ratio is not None else cfg.warmup_steps
+    warmup = warmup_steps(cfg, total_steps)
     return LrMultiplier(cfg.schedule, total_steps, warmup, cfg.min_lr_ratio, cfg.decay_ratio)
 
 
