@@ -44,6 +44,13 @@ class MeshShape:
         # data-parallel rank is plain tensor parallelism and skips the FSDP wrapper.
         return self.strategy in ("fsdp", "hsdp") or (self.strategy == "fsdp+tp" and self.dp_size > 1)
 
+    @property
+    def fsdp_wrapped(self) -> bool:
+        """Whether the model (or pipeline stage) is wrapped by FSDP2: FSDP sharding, or DDP under a
+        pipeline, which runs as FSDP2 on the (dp_replicate, dp_shard=1) mesh (DDP's reducer cannot
+        follow a pipeline's interleaved forwards and backwards)."""
+        return self.uses_fsdp or (self.pp > 1 and self.strategy == "ddp" and self.dp_size > 1)
+
 
 def _fill(sizes: dict[str, int], world_size: int) -> dict[str, int]:
     unknown = [k for k, v in sizes.items() if v == -1]

@@ -109,8 +109,7 @@ def _stage_examples(stage, cfg, ctx, rows: int, logits_dtype: torch.dtype):
 
     seq, hidden, vocab = cfg.data.seq_len, cfg.model.hidden_size, cfg.model.vocab_size
     shape = ctx.shape
-    sharded = shape.uses_fsdp or (shape.pp > 1 and shape.strategy == "ddp" and shape.dp_size > 1)
-    act = fsdp_param_dtype(cfg.parallel, ctx.device) if sharded else torch.float32
+    act = fsdp_param_dtype(cfg.parallel, ctx.device) if shape.fsdp_wrapped else torch.float32
     meta = torch.device("meta")
     hidden_state = torch.empty(rows, seq // shape.tp, hidden, dtype=act, device=meta)
     aux = (torch.empty(1, dtype=torch.float32, device=meta),) if stage.carry_aux else ()
@@ -136,8 +135,7 @@ def _logits_dtype(amp, cfg, ctx) -> torch.dtype:
 
     if isinstance(amp, torch.autocast):
         return amp.fast_dtype
-    shape = ctx.shape
-    if shape.uses_fsdp or (shape.pp > 1 and shape.strategy == "ddp" and shape.dp_size > 1):
+    if ctx.shape.fsdp_wrapped:
         return fsdp_param_dtype(cfg.parallel, ctx.device)
     return torch.float32
 

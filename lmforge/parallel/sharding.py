@@ -55,12 +55,9 @@ def shard_module(model: nn.Module, cfg, ctx: ParallelContext, local_logits: bool
     # CPU offload keeps sharded parameters (and so their init) in host memory; on a CPU device they
     # are there already, and FSDP2's pinned-memory offload needs an accelerator, so it is skipped.
     offload = cfg.parallel.cpu_offload and ctx.device.type == "cuda"
-    if shape.uses_fsdp:
-        apply_fsdp(model, ctx, cfg.parallel, offload)
-    elif shape.pp > 1 and shape.strategy == "ddp" and shape.dp_size > 1:
-        # DDP's reducer cannot follow a pipeline's interleaved forwards and backwards; FSDP2 on the
-        # (dp_replicate, dp_shard=1) mesh is replication with a gradient all-reduce, which the
-        # pipeline schedules drive correctly.
+    if shape.fsdp_wrapped:
+        # Under a pipeline, DDP too: FSDP2 on the (dp_replicate, dp_shard=1) mesh is replication
+        # with a gradient all-reduce, which the pipeline schedules drive correctly.
         apply_fsdp(model, ctx, cfg.parallel, offload)
     return offload
 
