@@ -71,32 +71,41 @@ def set_loss_compile(enabled: bool) -> None:
     )
 
 
+def _chunked_loss(hidden, weight, labels, chunk, need_h=False, need_w=False):
+    """(summed loss, d loss / d hidden or None, d loss / d weight or None), one chunk of rows at a
+    time so that only a [chunk, vocab] block of logits exists at once."""
+    total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+    grad_hidden = torch.empty_like(hidden) if need_h else None
+    # fp32 accumulator: bf16 sums over many chunks would lose the small contributions
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+    for start in range(0, hidden.shape[0], chunk):
+        h = hidden[start : start + chunk]
+        y = labels[start : start + chunk]
+        loss, grad = _chunk_kernel(h, weight, y, need_h or need_w)
+        total += loss
+        if not (need_h or need_w):
+            continue
+        valid = (y != IGNORE_INDEX).unsqueeze(1).to(h.dtype)
+        if need_h:
+            rows = grad_hidden[start : start + chunk]
+            torch.mm(grad, weight, out=rows)
+            rows.mul_(valid)
+        if need_w:
+            masked = h * valid
+            if grad.dtype == torch.float32:
+                grad_weight.addmm_(grad.t(), masked)
+            else:
+                grad_weight.add_((grad.t() @ masked).float())
+    if need_w:
+        grad_weight = grad_weight.to(weight.dtype)
+    return total, grad_hidden, grad_weight
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        total = torch.zeros((), device=hidden.device, dtype=torch.float32)
-        grad_hidden = torch.empty_like(hidden) if need_h else None
-        # fp32 accumulator: bf16 sums over many chunks would lose the small contributions
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        for start in range(0, hidden.shape[0], chunk):
-            h = hidden[start : start + chunk]
-            y = labels[start : start + chunk]
-            loss, grad = _chunk_kernel(h, weight, y, need_h or need_w)
-            total += loss
-            valid = (y != IGNORE_INDEX).unsqueeze(1).to(h.dtype)
-            if need_h:
-                rows = grad_hidden[start : start + chunk]
-                torch.mm(grad, weight, out=rows)
-                rows.mul_(valid)
-            if need_w:
-                masked = h * valid
-                if grad.dtype == torch.float32:
-                    grad_weight.addmm_(grad.t(), masked)
-                else:
-                    grad_weight.add_((grad.t() @ masked).float())
-        if need_w:
-            grad_weight = grad_weight.to(weight.dtype)
+        total, grad_hidden, grad_weight = _chunked_loss(hidden, weight, labels, chunk, need_h, need_w)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.needs = (need_h, need_w)
         return total
@@ -145,7 +154,7 @@ def fused_linear_cross_entropy(
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)
     device_type = hidden.device.type
-    if _autocast_on(device_type):
+    if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     if use_liger is None:
@@ -166,21 +175,8 @@ def fused_linear_cross_entropy(
     chunk = _chunk_size(hidden.shape[0], weight.shape[0], chunk_tokens)
     with torch.autocast(device_type, enabled=False):
         if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
-            total = torch.zeros((), device=hidden.device, dtype=torch.float32)
-            for start in range(0, hidden.shape[0], chunk):
-                loss, _ = _chunk_kernel(
-                    hidden[start : start + chunk], weight, labels[start : start + chunk], False
-                )
-                total = total + loss
-            return total
+            return _chunked_loss(hidden, weight, labels, chunk)[0]  # no gradients to keep
         return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk)
-
-
-def _autocast_on(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4 has no device argument
-        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
 
 
 def output_weight_is_tensor_parallel(weight: torch.Tensor) -> bool:
