@@ -79,9 +79,9 @@ class TokenDataset:
         shards = info.get("shards", []) if isinstance(info, dict) else None
         if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
             raise DataError(f"{meta_path}: split '{split}' has no shard list; re-run lmforge prepare")
-        for s in shards:
+        for s in shards:  # checked once here, for every shard: _open_shard relies on it
             try:
-                int(s["tokens"]), int(s["docs"]), s["file"], s["index"]
+                int(s["tokens"]), int(s["docs"]), folder / s["file"], folder / s["index"]
             except (KeyError, TypeError, ValueError):
                 raise DataError(f"{meta_path}: malformed shard entry {s!r}; re-run lmforge prepare") from None
         if vocab_size is not None:
@@ -175,15 +175,11 @@ class TokenDataset:
 
 
 def _open_shard(folder: Path, s: dict[str, Any], dtype: np.dtype, hash_bin: bool):
-    """Check one shard against its meta.json entry; return (tokens memmap, offsets array)."""
+    """Check one shard against its meta.json entry (well-formed: TokenDataset.open checked it);
+    return (tokens memmap, offsets array)."""
     redo = "the shard is corrupt or truncated; re-run lmforge prepare"
-    try:
-        bin_path, idx_path = folder / s["file"], folder / s["index"]
-        tokens, docs = int(s["tokens"]), int(s["docs"])
-    except (KeyError, TypeError, ValueError):
-        raise DataError(
-            f"{folder / META_NAME}: malformed shard entry {s!r}; re-run lmforge prepare"
-        ) from None
+    bin_path, idx_path = folder / s["file"], folder / s["index"]
+    tokens, docs = int(s["tokens"]), int(s["docs"])
     for path in (bin_path, idx_path):
         if not path.is_file():
             raise DataError(f"{path}: missing; {redo}")
