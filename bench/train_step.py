@@ -60,11 +60,11 @@ def bench(cfg, steps: int, warmup: int) -> dict:
     batches = [batch() for _ in range(cfg.train.grad_accum_steps)]
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
+    loss = fused_loss_fn if cfg.train.fused_loss else loss_fn
     times = []
     for i in range(warmup + steps):
         _sync(ctx.device)
         start = time.perf_counter()
-        loss = fused_loss_fn if cfg.train.fused_loss else loss_fn
         accumulate_gradients(model, batches, ctx, amp, scaler, loss)
         if scaler is not None:
             scaler.unscale_(optimizer)
