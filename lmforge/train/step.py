@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lmforge.loss import IGNORE_INDEX, language_model_loss, summed_cross_entropy
+from lmforge.loss import IGNORE_INDEX, language_model_loss
 from lmforge.parallel import clip_grad_norm, grad_sync, loss_parallel_context, plain
 
 
@@ -52,10 +52,7 @@ def loss_fn(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
     The swappable seam of a step: a fused linear+cross-entropy from hidden states, or a pipeline
     stage's loss, replaces this function and nothing else (autocast is already entered)."""
-    if "doc_ids" in batch or "position_ids" in batch:
-        return language_model_loss(model, batch, fused=False)
-    out = model(batch["input_ids"])
-    return summed_cross_entropy(out.logits, batch["labels"]), out.aux_loss.float()
+    return language_model_loss(model, batch, fused=False)
 
 
 def fused_loss_fn(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
