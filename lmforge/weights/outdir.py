@@ -1,7 +1,7 @@
 """Output folders: lmforge never deletes, or writes over, a file it did not write.
 
-Every command that writes a folder goes through `output_dir` (export, import and checkpoint
-consolidate do; prepare, tokenizer train and data fetch can adopt it as it stands):
+Export, import, checkpoint consolidate and tokenizer train write through `output_dir`; prepare
+and data fetch, which write in place and resume, apply the same refusal with `check_output_dir`:
 
     with output_dir(args.out, overwrite=args.overwrite, kind="weights") as tmp:
         ...write files into tmp...
