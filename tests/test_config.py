@@ -221,6 +221,15 @@ def test_pipeline_keys_are_validated(parallel, expected):
     assert expected in error_of({"parallel": parallel})
 
 
+@pytest.mark.parametrize("key", ["document_mask", "reset_positions"])
+def test_document_layout_under_pipeline_parallel_is_refused(key):
+    message = error_of({"data": {key: True}, "parallel": {"pp": 2}})
+    assert f"data.{key}: is not supported under pipeline parallel (parallel.pp 2)" in message
+    # padded batches carry no document layout, and pp 1 takes it
+    config_from_dict({"data": {key: True, "mode": "padded"}, "parallel": {"pp": 2}})
+    config_from_dict({"data": {key: True}, "parallel": {"pp": 1}})
+
+
 def test_pipeline_keys_accept_valid_layouts():
     cfg = config_from_dict(
         {

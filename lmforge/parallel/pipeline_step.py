@@ -180,11 +180,8 @@ class PipelineRunner:
         loss.aux_weight = 1.0 / self.n_micro
         loss.scaler = scaler
         loss.values.clear()
-        if any("doc_ids" in b or "position_ids" in b for b in batches):
-            raise ConfigError(
-                "parallel.pp: document masking (doc_ids/position_ids batches) is not supported under "
-                "pipeline parallel yet; turn document masking off or set parallel.pp 1"
-            )
+        # refused by the config (data.document_mask / reset_positions with parallel.pp > 1)
+        assert not any("doc_ids" in b or "position_ids" in b for b in batches), "document layout under pp"
         # Stages exchange fixed-shape buffers, so every step is padded to data.seq_len (padded
         # mode may hand out shorter batches): causal attention never looks at the appended
         # positions and their labels are ignored, so the loss and gradients are unchanged.
