@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -76,12 +75,6 @@ def worker(args) -> None:
     ctx.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=2)
@@ -95,6 +88,8 @@ def main() -> None:
         worker(args)
         return
     import torch
+
+    from lmforge.parallel.distributed import _free_port
 
     full = args.batch * args.seq * VOCAB * 4 / 2**20
     print(f"TP 2, vocab {VOCAB:,}, batch {args.batch} x seq {args.seq}, hidden {args.hidden}, "

@@ -15,12 +15,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from lmforge.parallel.distributed import _free_port
 
 RTOL = 1e-5
 STEPS = 6
@@ -144,12 +145,6 @@ def _worker(spec_path: str) -> None:
         tmp = Path(spec["out"] + ".tmp")
         tmp.write_text(json.dumps(results))
         os.replace(tmp, spec["out"])
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _schedules() -> list[str]:
