@@ -241,14 +241,6 @@ class Config(Section):
                 f"@parallel.pp {p.pp} x pp_virtual_stages {p.pp_virtual_stages} = {stages} stages but the model "
                 f"has {self.model.num_layers} layers; every stage needs at least one layer"
             )
-        # Padded batches carry no document layout (a sample is one document), so only packed
-        # data's doc_ids / position_ids reach the pipeline, whose stages do not take them.
-        if p.pp > 1 and self.data.mode == "packed" and (self.data.document_mask or self.data.reset_positions):
-            key = "document_mask" if self.data.document_mask else "reset_positions"
-            raise ValueError(
-                f"@data.{key} is not supported under pipeline parallel (parallel.pp {p.pp}) yet; "
-                "turn it off or set parallel.pp 1"
-            )
         dp = self.static_dp_size()
         if dp is not None:
             per_step = self.train.grad_accum_steps * dp

@@ -193,30 +193,58 @@ def output_weight_is_tensor_parallel(weight: torch.Tensor) -> bool:
     )
 
 
-def language_model_loss(
-    model, batch: dict, *, fused: bool = True, **model_kwargs
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed token CE in fp32, MoE aux loss) of `batch` ({"input_ids", "labels"} plus the
-    optional "doc_ids"/"position_ids" the loader adds for document masking).
+class LanguageModelLoss:
+    """The loss of one micro batch, the same object on every training path.
+
+    `loss(model, batch) -> (summed token CE in fp32, MoE aux loss)` for a batch {"input_ids",
+    "labels"} plus the optional "doc_ids"/"position_ids" the loader adds for document masking.
+    Its two halves are public for a pipeline, whose last stage runs the forward inside the
+    schedule: `forward_kwargs(model)` (what that forward must be asked for) and
+    `from_output(output, labels)` (the loss from what it returned).
 
     fused: compute the CE from hidden states with `fused_linear_cross_entropy` unless the output
     weight is tensor-parallel (then the plain logits path, whose gather the TP plan does).
     """
-    for key in ("doc_ids", "position_ids"):
-        if batch.get(key) is not None:
-            model_kwargs[key] = batch[key]
-    weight = _output_weight(model) if fused else None
-    if weight is not None and not output_weight_is_tensor_parallel(weight):
-        out = model(batch["input_ids"], return_hidden=True, **model_kwargs)
-        ce = fused_linear_cross_entropy(out.hidden, out.output_weight, batch["labels"])
-        return ce, out.aux_loss.float()
-    out = model(batch["input_ids"], **model_kwargs)
-    return summed_cross_entropy(out.logits, batch["labels"]), out.aux_loss.float()
+
+    def __init__(self, fused: bool = True):
+        self.fused = fused
+
+    def uses_hidden(self, model) -> bool:
+        """Whether `model`'s forward should return hidden states (HiddenOutput) for this loss."""
+        if not self.fused:
+            return False
+        weight = _output_weight(model)
+        return weight is not None and not output_weight_is_tensor_parallel(weight)
+
+    def forward_kwargs(self, model) -> dict:
+        return {"return_hidden": True} if self.uses_hidden(model) else {}
+
+    @staticmethod
+    def from_output(output, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed CE, aux) from a ModelOutput (logits) or HiddenOutput (hidden, output weight)."""
+        if len(output) == 3:  # HiddenOutput
+            hidden, weight, aux = output
+            return fused_linear_cross_entropy(hidden, weight, labels), aux.float()
+        logits, aux = output
+        return summed_cross_entropy(logits, labels), aux.float()
+
+    def __call__(self, model, batch: dict, **model_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        for key in ("doc_ids", "position_ids"):
+            if batch.get(key) is not None:
+                model_kwargs[key] = batch[key]
+        out = model(batch["input_ids"], **self.forward_kwargs(model), **model_kwargs)
+        return self.from_output(out, batch["labels"])
+
+
+def language_model_loss(
+    model, batch: dict, *, fused: bool = True, **model_kwargs
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`LanguageModelLoss(fused)(model, batch, **model_kwargs)`."""
+    return LanguageModelLoss(fused)(model, batch, **model_kwargs)
 
 
 def _output_weight(model) -> torch.Tensor | None:
-    """The model's output weight through DDP / compile wrappers; None for a model without one
-    (a pipeline stage), which then takes the plain path."""
+    """The model's output weight through DDP / compile wrappers; None for a module without one."""
     inner = model
     while not hasattr(inner, "output_weight"):
         inner = getattr(inner, "module", None) or getattr(inner, "_orig_mod", None)

@@ -222,12 +222,10 @@ def test_pipeline_keys_are_validated(parallel, expected):
 
 
 @pytest.mark.parametrize("key", ["document_mask", "reset_positions"])
-def test_document_layout_under_pipeline_parallel_is_refused(key):
-    message = error_of({"data": {key: True}, "parallel": {"pp": 2}})
-    assert f"data.{key}: is not supported under pipeline parallel (parallel.pp 2)" in message
-    # padded batches carry no document layout, and pp 1 takes it
-    config_from_dict({"data": {key: True, "mode": "padded"}, "parallel": {"pp": 2}})
-    config_from_dict({"data": {key: True}, "parallel": {"pp": 1}})
+def test_document_layout_under_pipeline_parallel_is_accepted(key):
+    # the masks and positions travel with each pipeline microbatch (parallel/pipeline_step.py)
+    cfg = config_from_dict({"data": {key: True}, "parallel": {"pp": 2}})
+    assert getattr(cfg.data, key) and cfg.parallel.pp == 2
 
 
 def test_pipeline_keys_accept_valid_layouts():

@@ -67,12 +67,12 @@ def test_mesh_puts_pp_outermost():
 
 
 def test_microbatch_rules():
-    assert microbatches(_cfg(pp=2, pp_microbatches=4)) == 4
+    assert microbatches(_cfg(pp=2, pp_microbatches=4).parallel, 1) == 4
     with pytest.raises(ConfigError, match="at least one per stage"):
-        microbatches(_cfg(pp=4))  # 1f1b with one microbatch for 4 stages
+        microbatches(_cfg(pp=4).parallel, 1)  # 1f1b with one microbatch for 4 stages
     with pytest.raises(ConfigError, match="multiple"):
-        microbatches(_cfg(pp=2, pp_schedule="interleaved_1f1b", pp_virtual_stages=2, pp_microbatches=3))
+        microbatches(_cfg(pp=2, pp_schedule="interleaved_1f1b", pp_virtual_stages=2, pp_microbatches=3).parallel, 1)
     with pytest.raises(ConfigError, match="zbv"):
-        microbatches(_cfg(pp=2, pp_schedule="zbv", pp_virtual_stages=2, pp_microbatches=2))
-    assert microbatches(_cfg(pp=2, pp_schedule="gpipe")) == 1
+        microbatches(_cfg(pp=2, pp_schedule="zbv", pp_virtual_stages=2, pp_microbatches=2).parallel, 1)
+    assert microbatches(_cfg(pp=2, pp_schedule="gpipe").parallel, 1) == 1
     assert {"gpipe", "1f1b", "interleaved_1f1b"} <= set(available_schedules())

@@ -46,41 +46,50 @@ def _tree(sc: dict) -> dict:
     tree["model"].update(sc.get("model", {}))
     tree["parallel"] = dict(sc.get("parallel", {}))
     tree["train"]["grad_accum_steps"] = sc.get("accum", 1)
+    tree["train"]["fused_loss"] = sc.get("fused", True)
     return tree
 
 
-def _batches(vocab: int, padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """[STEPS, 8, 17] token ids and labels (-100 after a random length per row when padded)."""
+def _batches(vocab: int, padded: bool, docs: bool) -> dict[str, torch.Tensor]:
+    """[STEPS, 8, 16] input_ids and labels (-100 after a random length per row when padded), with
+    doc_ids / position_ids of random document boundaries when `docs` (data.document_mask and
+    reset_positions)."""
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (STEPS, 8, 17), generator=gen)
     labels = ids[:, :, 1:].clone()
     if padded:
         keep = torch.randint(1, 17, (STEPS, 8, 1), generator=gen)
         labels[torch.arange(16).expand_as(labels) >= keep] = -100
-    return ids[:, :, :-1].contiguous(), labels
+    out = {"input_ids": ids[:, :, :-1].contiguous(), "labels": labels}
+    if docs:
+        starts = torch.rand(STEPS, 8, 16, generator=gen) < 0.2
+        starts[:, :, 0] = False
+        doc_ids = starts.long().cumsum(-1)
+        pos = torch.arange(16).expand_as(doc_ids)
+        first = torch.where(starts, pos, torch.zeros_like(pos)).cummax(-1).values
+        out.update(doc_ids=doc_ids, position_ids=pos - first)
+    return out
 
 
 def run_layout(sc: dict, init: dict) -> list[float]:
-    """Train STEPS steps of one layout; returns the logged (dp-mean) loss of each step."""
+    """Train STEPS steps of one layout through the trainer's step (build_train_step); returns the
+    logged (dp-mean) loss of each step. With sc["eval"], also the validation loss of the first
+    step's batches after training, appended (the step's forward-only eval_sums)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     from lmforge.config import config_from_dict
-    from lmforge.parallel import (
-        build_parallel_model,
-        clip_grad_norm,
-        full_state_dict,
-        init_distributed,
-        load_full_state_dict,
-    )
-    from lmforge.train.step import accumulate_gradients
+    from lmforge.parallel import build_parallel_model, full_state_dict, init_distributed, load_full_state_dict
+    from lmforge.train.step import build_train_step
 
     cfg = config_from_dict(_tree(sc), "<pipeline parity>")
     ctx = init_distributed(cfg)
     model = build_parallel_model(cfg, ctx)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+    constant = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    step_fn = build_train_step(cfg, ctx, model, opt, constant, amp=contextlib.nullcontext())
     load_full_state_dict(model, init)
-    ids, labels = _batches(cfg.model.vocab_size, sc.get("padded", False))
+    data = _batches(cfg.model.vocab_size, sc.get("padded", False), sc.get("docs", False))
     start = 0
     if sc.get("resume_from"):
         model_sd, optim_sd = get_state_dict(model, opt)
@@ -90,23 +99,22 @@ def run_layout(sc: dict, init: dict) -> list[float]:
         start = sc["resume_step"]
     accum = cfg.train.grad_accum_steps
     rows = 8 // ctx.dp_size
+    micro = rows // accum
+
+    def batches_of(step):
+        mine = {k: v[step, ctx.dp_rank * rows : (ctx.dp_rank + 1) * rows] for k, v in data.items()}
+        return [{k: v[i * micro : (i + 1) * micro] for k, v in mine.items()} for i in range(accum)]
+
     losses = []
     for step in range(start, STEPS):
         if sc.get("save_at") == step:
             model_sd, optim_sd = get_state_dict(model, opt)
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=sc["save_to"])
-        mine = slice(ctx.dp_rank * rows, (ctx.dp_rank + 1) * rows)
-        micro = rows // accum
-        batches = [
-            {"input_ids": ids[step, mine][i * micro : (i + 1) * micro], "labels": labels[step, mine][i * micro : (i + 1) * micro]}
-            for i in range(accum)
-        ]
-        amp = contextlib.nullcontext()
-        loss, _ = accumulate_gradients(model, batches, ctx, amp)  # dispatches to pipeline_gradients under pp
-        clip_grad_norm(model, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(ctx.reduce_mean(loss).item())
+        losses.append(step_fn.step(batches_of(step)).loss.item())
+    if sc.get("eval"):
+        model.eval()
+        ce, n = step_fn.eval_sums(batches_of(0))
+        losses.append((ctx.reduce_sum(ce) / ctx.reduce_sum(n)).item())
     if sc.get("check_full_state"):  # what an export of the live model would write (rank 0)
         sc["full_state"] = {k: list(v.shape) for k, v in full_state_dict(model).items()}
     ctx.barrier()  # the process group is kept for the next layout (re-creating it on one store hangs)
@@ -120,7 +128,7 @@ def _inits(tmp: Path) -> dict:
     from lmforge.model import Transformer
 
     paths = {}
-    for name, extra in {"tied": {}, "untied": UNTIED, "moe": {**MOE, **UNTIED}}.items():
+    for name, extra in {"tied": {}, "moe": {**MOE, **UNTIED}}.items():
         torch.manual_seed(0)
         sd = Transformer(config_from_dict(_tree({"model": extra})).model).state_dict()
         paths[name] = str(tmp / f"{name}.safetensors")
@@ -159,23 +167,28 @@ def _pp(schedule: str, **extra) -> dict:
 
 
 def scenarios(ckpt: str) -> tuple[dict, dict]:
-    """(4-process scenarios, 2-process scenarios)."""
+    """(4-process scenarios, 2-process scenarios). Every one uses the fused loss (train.fused_loss)
+    unless it says fused False; tensor-parallel output layers take the logits path anyway."""
     two = {}
-    for sched in _schedules():
-        init = "untied" if sched == "zbv" else "tied"
-        two[f"pp2_{sched}"] = {"parallel": _pp(sched), "accum": 4 if sched == "zbv" else 2, "init": init,
-                               "model": UNTIED if init == "untied" else {}, "check_full_state": True}
-    # Padded batches (unequal target counts per microbatch) with full activation checkpointing.
+    for sched in _schedules():  # tied embeddings with every schedule (zbv: one table on rank 0)
+        two[f"pp2_{sched}"] = {"parallel": _pp(sched), "accum": 4 if sched == "zbv" else 2,
+                               "check_full_state": sched in ("1f1b", "zbv")}
+    # Padded batches (unequal target counts per microbatch) with full activation checkpointing,
+    # through the plain logits loss.
     two["pp2_1f1b_accum4_padded"] = {
-        "parallel": _pp("1f1b", activation_checkpoint="full"), "accum": 4, "padded": True,
+        "parallel": _pp("1f1b", activation_checkpoint="full"), "accum": 4, "padded": True, "fused": False,
     }
     two["pp2_gpipe_moe"] = {"parallel": _pp("gpipe"), "accum": 2, "init": "moe", "model": {**MOE, **UNTIED}}
+    # Fused loss, document masking + reset positions, compile per block, and validation.
+    two["pp2_docs_compile_eval"] = {"parallel": _pp("1f1b", compile=True), "accum": 2, "docs": True, "eval": True}
     four = {
         "pp2xdp2_ddp": {"parallel": _pp("1f1b", strategy="ddp"), "accum": 2, "save_at": 3, "save_to": ckpt},
-        "pp2xfsdp2": {"parallel": _pp("1f1b", strategy="fsdp"), "accum": 2, "check_full_state": True},
+        "pp2xfsdp2": {"parallel": _pp("1f1b", strategy="fsdp"), "accum": 2, "check_full_state": True, "eval": True},
+        "pp2xhsdp": {"parallel": _pp("interleaved_1f1b", strategy="hsdp", dp_replicate=2, dp_shard=1), "accum": 2},
         "pp2xtp2": {"parallel": _pp("1f1b", strategy="fsdp+tp", tp=2, dp_shard=1), "accum": 2},
         "pp2xtp2_lossparallel": {
             "parallel": _pp("1f1b", strategy="fsdp+tp", tp=2, dp_shard=1, loss_parallel=True), "accum": 2,
+            "eval": True,
         },
         # Vocab-parallel loss without a pipeline: the trainer's step under torch's loss_parallel().
         "fsdp2xtp2_lossparallel": {"parallel": {"strategy": "fsdp+tp", "tp": 2, "loss_parallel": True}, "accum": 2},
@@ -187,9 +200,48 @@ def scenarios(ckpt: str) -> tuple[dict, dict]:
     return four, two
 
 
+EIGHT = {  # the 8-process layouts (slow)
+    "pp2xtp2xfsdp2": {"parallel": _pp("1f1b", strategy="fsdp+tp", tp=2, dp_shard=2), "accum": 2, "eval": True},
+    "pp2xhsdp2x2": {"parallel": _pp("1f1b", strategy="hsdp", dp_replicate=2, dp_shard=2), "accum": 2},
+}
+
+
+def _torchrun(tmp: Path, nproc: int, inits: dict, group: dict) -> dict:
+    from test_train_utils import run_reaped
+
+    spec = {"inits": inits, "out": str(tmp / f"out{nproc}.json"), "scenarios": group}
+    (tmp / f"spec{nproc}.json").write_text(json.dumps(spec))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           f"--master-port={_free_port()}", __file__, str(tmp / f"spec{nproc}.json")]
+    # One inductor compile thread per process: a pool of compile workers costs more than it saves.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1"}
+    proc = run_reaped(cmd, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return json.loads(Path(spec["out"]).read_text())
+
+
+def _single_references(inits: dict) -> dict:
+    """One-process losses (and the validation loss after training, key ':eval') per reference."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for name, extra in {"tied": {}, "moe": {**MOE, **UNTIED}}.items():
+        for accum, padded, docs, fused in (
+            (2, False, False, True), (4, True, False, True), (1, False, False, True), (2, False, True, True),
+            (2, False, False, False),
+        ):
+            if name == "moe" and (padded or docs or accum != 2 or not fused):
+                continue
+            sc = {"model": extra, "accum": accum, "padded": padded, "docs": docs, "eval": True, "fused": fused}
+            losses = run_layout(sc, load_file(inits[name]))
+            key = f"single_{name}_a{accum}_p{int(padded)}" + ("_docs" if docs else "") + ("" if fused else "_plain")
+            out[key], out[f"{key}:eval"] = losses[:-1], losses[-1]
+    return out
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, one_intra_op_thread):
-    from test_train_utils import run_reaped
+    from safetensors.torch import load_file
 
     tmp = tmp_path_factory.mktemp("pipeline")
     inits = _inits(tmp)
@@ -197,19 +249,8 @@ def runs(tmp_path_factory, one_intra_op_thread):
     four, two = scenarios(ckpt)
     results = {}
     for nproc, group in ((4, four), (2, two)):
-        spec = {"inits": inits, "out": str(tmp / f"out{nproc}.json"), "scenarios": group}
-        (tmp / f"spec{nproc}.json").write_text(json.dumps(spec))
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               f"--master-port={_free_port()}", __file__, str(tmp / f"spec{nproc}.json")]
-        proc = run_reaped(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=400)
-        assert proc.returncode == 0, proc.stderr[-6000:]
-        results.update(json.loads(Path(spec["out"]).read_text()))
-    from safetensors.torch import load_file
-
-    for name, extra in {"tied": {}, "untied": UNTIED, "moe": {**MOE, **UNTIED}}.items():
-        for accum, padded in ((2, False), (4, True), (1, False)):
-            sc = {"model": extra, "accum": accum, "padded": padded}
-            results[f"single_{name}_a{accum}_p{int(padded)}"] = run_layout(sc, load_file(inits[name]))
+        results.update(_torchrun(tmp, nproc, inits, group))
+    results.update(_single_references(inits))
     results["inits"] = inits
     results["single_resume"] = run_layout(
         {"resume_from": ckpt, "resume_step": 3, "accum": 2}, load_file(inits["tied"])
@@ -222,14 +263,24 @@ def _max_rel(losses, ref) -> float:
     return max(abs(a - b) / abs(b) for a, b in zip(losses, ref))
 
 
-def _reference(runs, name: str) -> list[float]:
+def _reference(name: str) -> str:
     if "moe" in name:
-        return runs["single_moe_a2_p0"]
+        return "single_moe_a2_p0"
     if "padded" in name:
-        return runs["single_tied_a4_p1"]
-    if "untied" in name or "zbv" in name:
-        return runs["single_untied_a2_p0"]
-    return runs["single_tied_a2_p0"]
+        return "single_tied_a4_p1"
+    if "docs" in name:
+        return "single_tied_a2_p0_docs"
+    if "tp2" in name:  # a tensor-parallel output layer takes the logits path even with fused_loss
+        return "single_tied_a2_p0_plain"
+    return "single_tied_a2_p0"
+
+
+def _check(runs: dict, name: str, sc: dict) -> None:
+    got, ref = runs[name], runs[_reference(name)]
+    if sc.get("eval"):  # the validation loss after training, then the training losses
+        assert abs(got[-1] - runs[_reference(name) + ":eval"]) / got[-1] < RTOL, (name, got[-1])
+        got = got[:-1]
+    assert _max_rel(got, ref) < RTOL, (name, got, ref)
 
 
 def test_every_available_schedule_is_covered():
@@ -240,8 +291,7 @@ def test_every_available_schedule_is_covered():
 def test_pp2_schedule_matches_single_process(runs, sched):
     if sched not in _schedules():
         pytest.skip(f"torch {torch.__version__} has no {sched} schedule")
-    name = f"pp2_{sched}"
-    assert _max_rel(runs[name], _reference(runs, name)) < RTOL, (runs[name], _reference(runs, name))
+    _check(runs, f"pp2_{sched}", {})
 
 
 @pytest.mark.parametrize(
@@ -249,30 +299,33 @@ def test_pp2_schedule_matches_single_process(runs, sched):
     [
         "pp2xdp2_ddp",
         "pp2xfsdp2",
+        "pp2xhsdp",
         "pp2xtp2",
         "pp2xtp2_lossparallel",
         "fsdp2xtp2_lossparallel",
         "pp2_1f1b_accum4_padded",
         "pp2_gpipe_moe",
+        "pp2_docs_compile_eval",
     ],
 )
 def test_pp_layouts_match_single_process(runs, name):
-    ref = _reference(runs, name)
-    assert _max_rel(runs[name], ref) < RTOL, (runs[name], ref)
+    four, two = scenarios("")
+    _check(runs, name, {**four, **two}[name])
 
 
-def test_losses_move_and_padding_matters(runs):
+def test_losses_move_and_padding_and_documents_matter(runs):
     ref = runs["single_tied_a2_p0"]
     assert max(ref) - min(ref) > 1e-3
     assert _max_rel(runs["single_tied_a1_p0"], ref) < RTOL  # accumulation does not change the step
     assert abs(runs["single_tied_a4_p1"][0] - ref[0]) > 1e-3  # the padded run is a different run
+    assert abs(runs["single_tied_a2_p0_docs"][0] - ref[0]) > 1e-3  # so is the document-masked one
 
 
 @pytest.mark.parametrize("name", ["pp2xfsdp2", "pp2_1f1b", "pp2_zbv"])
 def test_full_state_dict_of_a_pipeline_is_the_whole_model(runs, name):
     from safetensors.torch import load_file
 
-    init = load_file(runs["inits"]["untied" if "zbv" in name else "tied"])
+    init = load_file(runs["inits"]["tied"])
     assert runs[f"{name}:full_state"] == {k: list(v.shape) for k, v in init.items()}
 
 
@@ -281,6 +334,20 @@ def test_pp_checkpoint_resumes_bitwise_and_reshards(runs):
     assert runs["pp2xdp2_resume"] == full[3:]  # same layout: bit for bit
     assert _max_rel(runs["pp1xdp4_resume"], full[3:]) < RTOL
     assert _max_rel(runs["single_resume"], full[3:]) < RTOL
+
+
+@pytest.mark.slow
+def test_eight_process_layouts_match_single_process(tmp_path, one_intra_op_thread):
+    """PP 2 x TP 2 x FSDP 2 (with validation) and PP 2 x HSDP 2 x 2 on 8 gloo processes."""
+    from safetensors.torch import load_file
+
+    inits = _inits(tmp_path)
+    runs = _torchrun(tmp_path, 8, inits, EIGHT)
+    for key, fused in (("single_tied_a2_p0", True), ("single_tied_a2_p0_plain", False)):
+        losses = run_layout({"accum": 2, "eval": True, "fused": fused}, load_file(inits["tied"]))
+        runs[key], runs[f"{key}:eval"] = losses[:-1], losses[-1]
+    for name, sc in EIGHT.items():
+        _check(runs, name, sc)
 
 
 if __name__ == "__main__":

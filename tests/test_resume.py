@@ -159,13 +159,13 @@ def _stop_at_3_then_resume(tmp_path, data, monkeypatch, capsys, name, **changed)
     monkeypatch.undo()
     capsys.readouterr()
     groups = []
-    real_step = step_mod.TrainStep.__call__
+    real_step = step_mod.TrainStep.step
 
     def spy(self, batches):
         groups.append([dict(g) for g in self.optimizer.param_groups])
         return real_step(self, batches)
 
-    monkeypatch.setattr(step_mod.TrainStep, "__call__", spy)
+    monkeypatch.setattr(step_mod.TrainStep, "step", spy)
     resumed = trainer.run_training(_cfg(tmp_path, data, name, **changed))
     captured = capsys.readouterr()
     assert resumed["resumed_from"].endswith("step_3") and resumed["steps"] == STEPS

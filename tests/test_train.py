@@ -430,13 +430,16 @@ def test_validation_under_document_mask_scores_each_document_alone(tmp_path):
     from lmforge.model import Transformer
     from lmforge.parallel.distributed import ParallelContext
     from lmforge.train.evaluation import validate
+    from lmforge.train.step import TrainStep
 
     data = make_dataset(tmp_path / "data", min_len=5, max_len=14)
     cfg = tiny_config(tmp_path, data, data__document_mask=True)
     torch.manual_seed(0)
     model = Transformer(cfg.model).eval()
     loader = build_loader(cfg.data, "val", micro_batch_size=2)
-    got = validate(model, loader, ParallelContext(), contextlib.nullcontext(), max_batches=3)
+    ctx = ParallelContext()
+    step = TrainStep(model, None, None, None, ctx, contextlib.nullcontext(), 0.0)
+    got = validate(step, loader, ctx, max_batches=3)
     loss_sum, tokens, pieces = 0.0, 0, 0
     loader.reset()
     with torch.no_grad():

@@ -11,8 +11,7 @@ from lmforge.errors import LmforgeError
 from lmforge.interop.hf_config import from_hf_config
 from lmforge.interop.hf_weights import from_hf
 from lmforge.model.config import ModelConfig
-from lmforge.model.layers import rope_tables
-from lmforge.model.transformer import Transformer
+from lmforge.model.transformer import build
 from lmforge.weights.safetensors_io import INDEX_NAME, hf_weight_files, read_json_object, read_safetensors
 from lmforge.weights.shapes import config_shapes
 
@@ -43,12 +42,7 @@ def load_hf_model(path: str | Path, device: str | torch.device = "cpu", dtype: t
     """
 
     state, cfg = import_hf(path)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.to(dtype or state["tok_embeddings.weight"].dtype)  # on meta: only changes dtypes
-    model.to_empty(device=device)
+    # fp32 RoPE tables like HF's, whatever the parameter dtype
+    model = build(cfg, device, dtype=dtype or state["tok_embeddings.weight"].dtype)
     model.load_state_dict(state, strict=True)  # every parameter; RoPE tables are not in it
-    cos, sin = rope_tables(cfg)  # fp32 like HF's, whatever the parameter dtype
-    model.rope_cos = cos.to(device)
-    model.rope_sin = sin.to(device)
     return model.eval(), cfg

@@ -2,6 +2,14 @@
 
 from lmforge.model.attention import KVCache
 from lmforge.model.layers import resolve_intermediate_size
-from lmforge.model.transformer import HiddenOutput, ModelOutput, Transformer, build_model
+from lmforge.model.transformer import HiddenOutput, ModelOutput, Transformer, build, build_model
 
-__all__ = ["HiddenOutput", "KVCache", "ModelOutput", "Transformer", "build_model", "resolve_intermediate_size"]
+__all__ = [
+    "HiddenOutput",
+    "KVCache",
+    "ModelOutput",
+    "Transformer",
+    "build",
+    "build_model",
+    "resolve_intermediate_size",
+]

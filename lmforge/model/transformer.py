@@ -131,6 +131,9 @@ class Transformer(nn.Module):
         table = (cfg.max_position_embeddings, cfg.resolved_head_dim)
         self.register_buffer("rope_cos", torch.empty(table), persistent=False)
         self.register_buffer("rope_sin", torch.empty(table), persistent=False)
+        # Sequence-parallel shards of the hidden states a pipeline stage receives (tensor parallel
+        # sets it to tp): their positions are T = received length x seq_shards.
+        self.seq_shards = 1
         if not self.tok_embeddings.weight.is_meta:
             self.init_weights()
 
@@ -143,22 +146,28 @@ class Transformer(nn.Module):
         init_std / sqrt(2 * num_layers) so the residual variance does not grow with depth
         (GPT-2); RMSNorm weights 1, biases 0.
         """
-        init_decoder_parts(self.cfg, self, self.layers)
+        init_decoder_parts(self.cfg, self, self.blocks())
 
     def output_weight(self) -> torch.Tensor:
         """The [vocab, hidden] matrix of the output projection (the embedding table when tied)."""
         return self.tok_embeddings.weight if self.output is None else self.output.weight
 
+    def blocks(self) -> list[TransformerBlock]:
+        """The blocks this model holds, in order (all of them; a pipeline stage: its own)."""
+        layers = self.layers
+        return list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
+
     def forward(
         self,
         input_ids: torch.Tensor,
+        aux_in: torch.Tensor | None = None,
+        *,
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
-        *,
         doc_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         return_hidden: bool = False,
-    ) -> ModelOutput | HiddenOutput:
+    ):
         """input_ids [B, T] at positions start_pos..start_pos+T-1.
 
         Training: kv_cache=None, start_pos=0 (causal attention over the T tokens). Generation:
@@ -167,15 +176,25 @@ class Transformer(nn.Module):
         Packed training with document masking: doc_ids [B, T] (equal within a document) limits
         attention to each token's own document; position_ids [B, T] (optional) gives each token's
         RoPE position, e.g. restarting at 0 per document. return_hidden: see HiddenOutput.
+
+        A pipeline stage (parallel/pipeline.py) is this same module with the parts it does not own
+        set to None and `layers` a ModuleDict of its blocks under their global index. A stage after
+        the first takes the previous stage's hidden states (floating point [B, T/seq_shards, H])
+        instead of token ids, plus for MoE models `aux_in`, the aux-loss sum so far; a stage
+        without the final norm returns its hidden states (and, for MoE, the aux sum as [1]).
         """
-        _, seq = input_ids.shape
+        if torch.is_floating_point(input_ids):  # hidden states from the previous pipeline stage
+            h = input_ids
+            seq = h.shape[1] * self.seq_shards  # sequence parallel: this rank holds T / tp positions
+        else:
+            h = self.dropout(self.tok_embeddings(input_ids))
+            seq = input_ids.shape[1]
         end = start_pos + seq
         if end > self.cfg.max_position_embeddings:
             raise LmforgeError(
                 f"positions up to {end} exceed model.max_position_embeddings "
                 f"{self.cfg.max_position_embeddings}; shorten the input"
             )
-        h = self.dropout(self.tok_embeddings(input_ids))
         # RoPE tables in the residual stream's dtype (HF's rule): fp32 under autocast, bf16 for a
         # bf16 model. The tables themselves stay fp32 unless the whole model is cast.
         if position_ids is None:
@@ -185,14 +204,17 @@ class Transformer(nn.Module):
             cos = self.rope_cos[position_ids].to(h.dtype).unsqueeze(1)
             sin = self.rope_sin[position_ids].to(h.dtype).unsqueeze(1)
         attn_mask = None if doc_ids is None else document_mask(doc_ids)
-        aux_loss = None
-        for layer in self.layers:
+        aux_loss = None if aux_in is None else aux_in.reshape(())
+        for layer in self.blocks():
             h, layer_aux = layer(h, cos, sin, kv_cache, start_pos, attn_mask=attn_mask)
             if layer_aux is not None:
+                layer_aux = layer_aux.float()
                 aux_loss = layer_aux if aux_loss is None else aux_loss + layer_aux
-        h = self.norm(h)
         if aux_loss is None:
             aux_loss = torch.zeros((), device=h.device, dtype=torch.float32)
+        if self.norm is None:  # a pipeline stage before the last: hand on what the next one needs
+            return (h, aux_loss.reshape(1)) if self.cfg.moe is not None else h
+        h = self.norm(h)
         if return_hidden:
             return HiddenOutput(h, self.output_weight(), aux_loss)
         if self.output is None:
@@ -217,7 +239,7 @@ class Transformer(nn.Module):
     def num_active_params(self) -> int:
         """Parameters used per token: all of them minus the routed experts a token skips."""
         total = self.num_params()
-        for layer in self.layers:
+        for layer in self.blocks():
             ff = layer.feed_forward
             if isinstance(ff, MoEFeedForward):
                 per_expert = sum(p.numel() for p in ff.experts[0].parameters())
@@ -226,3 +248,25 @@ class Transformer(nn.Module):
 
 
 build_model = Transformer
+
+
+def build(
+    cfg: ModelConfig, device: torch.device | str = "meta", *, init: bool = False, dtype: torch.dtype | None = None
+) -> Transformer:
+    """The one meta-first build: a Transformer whose tensors exist only as shapes until
+    materialised on `device` (nothing is allocated on "meta"), in `dtype` (None: fp32), and with
+    `init` its weights and RoPE tables set by `init_weights()` (else the parameters are left empty
+    for weights that are loaded next, and the RoPE tables still filled)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    if dtype is not None:
+        model.to(dtype)  # on meta: only the recorded dtypes change
+    if torch.device(device).type == "meta":
+        return model
+    model.to_empty(device=device)
+    if init:
+        model.init_weights()
+    else:
+        cos, sin = rope_tables(cfg)
+        model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    return model

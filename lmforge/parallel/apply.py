@@ -23,21 +23,19 @@ import torch
 from torch import nn
 
 from lmforge.parallel.distributed import ParallelContext
-from lmforge.parallel.pipeline import build_pipeline_model
-from lmforge.parallel.pipeline_step import pipeline_clip_grad_norm
+from lmforge.parallel.pipeline import PipelineModel, build_pipeline_model
 from lmforge.parallel.sharding import init_seed, init_weights_seeded, shard_module
 
 
 def build_parallel_model(cfg, ctx: ParallelContext) -> nn.Module:
     """The model for training under `cfg.parallel`, materialised on `ctx.device` and initialised.
     With `parallel.pp > 1` it is this rank's `pipeline.PipelineModel` (its stages' layers)."""
-    from lmforge.model import Transformer
+    from lmforge.model import build
 
     shape = ctx.shape
     if shape.pp > 1:
         return build_pipeline_model(cfg, ctx)
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
+    model = build(cfg.model)
     offload = shard_module(model, cfg, ctx)
     init_device = torch.device("cpu") if offload else ctx.device
     model.to_empty(device=init_device)
@@ -87,10 +85,8 @@ def grad_sync(model: nn.Module, enabled: bool = True):
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     """Clip the global gradient norm to `max_norm` and return the norm before clipping as a plain
-    tensor; `max_norm <= 0` only measures. Sharded (DTensor) gradients are reduced across ranks,
-    and a pipeline's norm covers all of its stages."""
-    if getattr(model, "is_pipeline", False):
-        return pipeline_clip_grad_norm(model, max_norm, model.ctx)
+    tensor; `max_norm <= 0` only measures. Sharded (DTensor) gradients are reduced across ranks.
+    (A pipeline's norm covers all stages: its schedule's clip_grad_norm, pipeline_step.py.)"""
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
         return torch.zeros(())
@@ -120,7 +116,7 @@ def full_state_dict(model: nn.Module, cpu_offload: bool = True) -> dict[str, tor
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     module = unwrap_model(model)
-    if getattr(module, "is_pipeline", False) and module.ctx.pp_group is not None:
+    if isinstance(module, PipelineModel) and module.pp_group is not None:
         return _pipeline_full_state_dict(module, cpu_offload)
     if not _has_dtensor(module):
         return {k: v.detach().cpu() if cpu_offload else v.detach() for k, v in module.state_dict().items()}
@@ -134,21 +130,21 @@ def _pipeline_full_state_dict(module: nn.Module, cpu_offload: bool) -> dict[str,
     ranks of the pipeline group through global rank 0 exchange their stages on the CPU."""
     import torch.distributed as dist
 
-    ctx = module.ctx
     if _has_dtensor(module):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         own = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
     else:
         own = module.state_dict()
-    if cpu_offload and (ctx.dp_rank != 0 or ctx.tp_rank != 0):
+    if cpu_offload and not module.feeds_rank0:
         return {}  # not in rank 0's pipeline group; only rank 0 receives with cpu_offload
-    parts: list = [None] * ctx.pp_size
-    dist.all_gather_object(parts, {k: v.detach().cpu() for k, v in own.items()}, group=ctx.pp_group)
-    if cpu_offload and ctx.rank != 0:
+    parts: list = [None] * dist.get_world_size(module.pp_group)
+    dist.all_gather_object(parts, {k: v.detach().cpu() for k, v in own.items()}, group=module.pp_group)
+    if cpu_offload and not module.is_rank0:
         return {}
     merged = {k: v for part in parts for k, v in part.items()}
-    return merged if cpu_offload else {k: v.to(ctx.device) for k, v in merged.items()}
+    device = next(module.parameters()).device
+    return merged if cpu_offload else {k: v.to(device) for k, v in merged.items()}
 
 
 def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], from_rank0: bool = False) -> None:
@@ -157,7 +153,7 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], from_
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     module = unwrap_model(model)
-    if getattr(module, "is_pipeline", False):  # a pipeline rank holds only its stages' tensors
+    if isinstance(module, PipelineModel):  # a pipeline rank holds only its stages' tensors
         own = module.state_dict().keys()
         state = {k: v for k, v in state.items() if k in own}
     if not _has_dtensor(module):

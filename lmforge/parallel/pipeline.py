@@ -12,28 +12,29 @@ that (its parameters, gradients and optimizer state, but no matmul). Each stage 
 block and the remaining blocks go one at a time to the cheapest stage, so the first and last
 stages carry fewer blocks. `parallel.pp_layers` overrides it with an explicit count per stage.
 
-Names. A stage module has the plain model's attribute names (`tok_embeddings`, `layers` as a
-ModuleDict keyed by the global layer index, `norm`, `output`), and `PipelineModel`, the object
-the trainer, the optimizer and checkpoints see, holds the same submodules under the same names:
-its state dict keys are exactly `layers.{i}...` of the plain model, so DCP checkpoints reshard
-between pipeline and non-pipeline layouts.
+Stages. A stage is the plain `lmforge.model.Transformer` (the same forward) with the parts it
+does not own set to None and `layers` a ModuleDict keyed by the global layer index: stage 0 keeps
+the embedding, the last stage the final norm and the output projection. `PipelineModel`, the
+object the trainer, the optimizer and checkpoints see, holds the same submodules under the same
+names: its state dict keys are exactly `layers.{i}...` of the plain model, so DCP checkpoints
+reshard between pipeline and non-pipeline layouts.
 
-Tied embeddings. The last stage keeps its own copy of the embedding table under the same name
-`tok_embeddings.weight` (used as the output projection). The copy starts equal to stage 0's, their
-gradients are summed between the first- and last-stage ranks of each (dp, tp) coordinate after
-backward, so both take identical optimizer steps; the gradient norm counts the table once, and a
-checkpoint stores it once (DCP deduplicates equal keys at equal offsets).
+Tied embeddings. When the first and the last stage sit on one rank (zbv: the V puts both on rank
+0) they share the one embedding module. Otherwise the last stage keeps its own copy of the table
+under the same name `tok_embeddings.weight` (used as the output projection): the copy starts equal
+to stage 0's, their gradients are summed between the first- and last-stage ranks of each (dp, tp)
+coordinate after backward, so both take identical optimizer steps; the gradient norm counts the
+table once, and a checkpoint stores it once (DCP deduplicates equal keys at equal offsets).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.model.transformer import init_decoder_parts
+from lmforge.model import Transformer, build
 from lmforge.parallel.sharding import init_seed, init_weights_seeded, shard_module
 
 
@@ -94,77 +95,44 @@ def stages_of_rank(schedule: str, pp_rank: int, pp: int, virtual: int) -> list[i
     return [pp_rank + k * pp for k in range(virtual)]
 
 
-class StageModule(nn.Module):
-    """One pipeline stage of a Transformer: blocks `layer_ids`, plus the embedding (first stage)
-    or final norm + output projection (last stage). Input/output: token ids -> hidden states ->
-    logits; MoE models also carry the running aux-loss sum ([1]) from stage to stage."""
-
-    def __init__(self, model, layer_ids: list[int], first: bool, last: bool, tp: int):
-        super().__init__()
-        cfg = model.cfg
-        self.cfg = cfg
-        self.first, self.last = first, last
-        self.carry_aux = cfg.moe is not None
-        self.seq_factor = tp  # hidden states between stages hold T / tp positions (sequence parallel)
-        self.tok_embeddings = model.tok_embeddings if first else None
-        self.dropout = model.dropout if first else None
-        if last and cfg.tie_embeddings and not first:
-            with torch.device("meta"):
-                self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleDict({str(i): model.layers[i] for i in layer_ids})
-        self.norm = model.norm if last else None
-        self.output = model.output if last else None
-        table = (cfg.max_position_embeddings, cfg.resolved_head_dim)
-        self.register_buffer("rope_cos", torch.empty(table, device="meta"), persistent=False)
-        self.register_buffer("rope_sin", torch.empty(table, device="meta"), persistent=False)
-
-    def init_weights(self) -> None:
-        """The plain model's init rule (lmforge.model.Transformer.init_weights) on this stage's parts."""
-        init_decoder_parts(self.cfg, self, self.layers.values())
-
-    def forward(self, x: torch.Tensor, aux: torch.Tensor | None = None):
-        if self.first:
-            h = self.dropout(self.tok_embeddings(x))
-            seq = x.shape[1]
-        else:
-            h = x
-            seq = x.shape[1] * self.seq_factor
-        cos = self.rope_cos[:seq].to(h.dtype)
-        sin = self.rope_sin[:seq].to(h.dtype)
-        if self.carry_aux and aux is None:
-            aux = torch.zeros(1, device=h.device, dtype=torch.float32)
-        for layer in self.layers.values():
-            h, layer_aux = layer(h, cos, sin)
-            if layer_aux is not None:
-                aux = aux + layer_aux.float().reshape(1)
-        if self.last:
-            h = self.norm(h)
-            h = self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)
-        return (h, aux) if self.carry_aux else h
+def stage_module(model_cfg, layer_ids: list[int], first: bool, last: bool) -> Transformer:
+    """The Transformer of one stage, on meta: blocks `layer_ids` (global indices), the embedding
+    on the first stage, the final norm and output projection on the last (and, tied, the table
+    the output projection reads)."""
+    stage = build(model_cfg)
+    stage.layers = nn.ModuleDict({str(i): stage.layers[i] for i in layer_ids})
+    keeps_table = first or (last and model_cfg.tie_embeddings)
+    if not keeps_table:
+        stage.tok_embeddings = None
+    if not last:
+        stage.norm = stage.output = None
+    return stage
 
 
 class PipelineModel(nn.Module):
     """This rank's share of a pipelined model: the union of its stages' submodules under the plain
-    model's names (what optimizers, `state_dict` and DCP see), plus the stages themselves and
-    their schedule. Train it with `pipeline_step.pipeline_gradients`, not by calling it."""
+    model's names (what optimizers, `state_dict` and DCP see), plus the stages themselves. It is
+    trained through `pipeline_step.PipelineSchedule`, not called."""
 
-    is_pipeline = True
-
-    def __init__(self, cfg, stages: list[StageModule], stage_ids: list[int], num_stages: int):
+    def __init__(self, model_cfg, stages: list[Transformer], stage_ids: list[int], num_stages: int, ctx):
         super().__init__()
-        self.cfg = cfg.model
+        self.cfg = model_cfg
         for name in ("tok_embeddings", "norm", "output"):
             mods = [getattr(s, name) for s in stages if getattr(s, name) is not None]
             setattr(self, name, mods[0] if mods else None)
         self.layers = nn.ModuleDict({k: v for s in stages for k, v in s.layers.items()})
-        # Kept out of the module tree so names stay plain.
-        self.__dict__["stages"] = stages
+        # A tuple, not a ModuleList: the stages' parameters are registered once, under plain names.
+        self.stages = tuple(stages)
         self.stage_ids, self.num_stages = stage_ids, num_stages
+        self.pp_group = ctx.pp_group
         self.has_first = 0 in stage_ids
         self.has_last = num_stages - 1 in stage_ids
-        # The last stage's tied table is a copy of stage 0's (see the module docstring).
-        self.tied_copy = cfg.model.tie_embeddings and self.has_last and not self.has_first
+        # The last stage's tied table is a copy of stage 0's held by another rank (module docstring).
+        self.tied_copy = model_cfg.tie_embeddings and self.has_last and not self.has_first
         self.tied_group = None
+        # Whether rank 0 of the job collects this rank's tensors (full_state_dict with cpu_offload).
+        self.feeds_rank0 = ctx.dp_rank == 0 and ctx.tp_rank == 0
+        self.is_rank0 = ctx.rank == 0
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -226,22 +194,24 @@ def _tied_groups(ctx):
 def build_pipeline_model(cfg, ctx) -> PipelineModel:
     """This rank's stages: built on meta, each sharded like a model (TP -> AC -> compile -> FSDP),
     then materialised and initialised (ddp replicates through FSDP2, see sharding.shard_module)."""
-    from lmforge.model import Transformer
-
     pcfg, shape = cfg.parallel, ctx.shape
-    if cfg.model.tie_embeddings and pcfg.pp_schedule == "zbv":
-        raise ConfigError(
-            "parallel.pp_schedule: zbv puts the first and last stage on one rank, which tied embeddings "
-            "do not support yet; set model.tie_embeddings false or use interleaved_1f1b"
-        )
     layout = stage_layout(pcfg, cfg.model)
     num_stages = len(layout)
     ids = stages_of_rank(pcfg.pp_schedule, ctx.pp_rank, shape.pp, pcfg.pp_virtual_stages)
-    with torch.device("meta"):
-        full = Transformer(cfg.model)
+    # Tied and the last stage on rank 0 with the first (zbv): one table, no copy (the same on every rank).
+    rank0 = stages_of_rank(pcfg.pp_schedule, 0, shape.pp, pcfg.pp_virtual_stages)
+    shared_table = cfg.model.tie_embeddings and num_stages - 1 in rank0
+    if shared_table and shape.fsdp_wrapped:
+        raise ConfigError(
+            f"parallel.pp_schedule: {pcfg.pp_schedule} puts the first and last stage on one rank, whose "
+            "shared tied embedding FSDP cannot wrap in two stages; set parallel.strategy single (pp alone), "
+            "model.tie_embeddings false, or use interleaved_1f1b"
+        )
     stages = []
     for s in ids:
-        stage = StageModule(full, layout[s], s == 0, s == num_stages - 1, shape.tp)
+        stage = stage_module(cfg.model, layout[s], s == 0, s == num_stages - 1)
+        if shared_table and s == num_stages - 1:  # stage 0 is built first on its rank
+            stage.tok_embeddings = stages[ids.index(0)].tok_embeddings  # one table (zbv's V)
         offload = shard_module(stage, cfg, ctx, local_logits=True)
         stage.to_empty(device=torch.device("cpu") if offload else ctx.device)
         init_weights_seeded(stage, init_seed(cfg.run.seed, ctx) + 7919 * (s + 1), ctx.device)
@@ -249,10 +219,8 @@ def build_pipeline_model(cfg, ctx) -> PipelineModel:
             for name in ("rope_cos", "rope_sin"):
                 stage._buffers[name] = stage._buffers[name].to(ctx.device)
         stages.append(stage)
-    del full
-    model = PipelineModel(cfg, stages, ids, num_stages)
-    model.__dict__.update(run_cfg=cfg, ctx=ctx)  # for the step and the clip, outside the module tree
-    if cfg.model.tie_embeddings:
+    model = PipelineModel(cfg.model, stages, ids, num_stages, ctx)
+    if cfg.model.tie_embeddings and not shared_table:
         model.tied_group = _tied_groups(ctx)
         model.copy_tied_weight()
     return model

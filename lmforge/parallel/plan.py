@@ -96,13 +96,10 @@ class Layout:
 
 @functools.lru_cache(maxsize=8)
 def _meta_shapes(model_json: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    import torch
-
-    from lmforge.model import Transformer
+    from lmforge.model import build
     from lmforge.model.config import ModelConfig
 
-    with torch.device("meta"):
-        model = Transformer(ModelConfig.model_validate_json(model_json))
+    model = build(ModelConfig.model_validate_json(model_json))
     return tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
 
 

@@ -74,15 +74,12 @@ def available_schedules() -> tuple[str, ...]:
 
 def micro_batches_refused(layout: Layout, micro_steps: int) -> str | None:
     """The pipeline step's own refusal of `micro_steps` microbatches for this schedule, if any."""
-    from types import SimpleNamespace
-
-    from lmforge.parallel.pipeline_step import microbatches
+    from lmforge.parallel.pipeline_step import check_microbatches
 
     if layout.pp == 1:
         return None
-    parallel = SimpleNamespace(pp=layout.pp, pp_schedule=layout.schedule, pp_microbatches=micro_steps)
     try:
-        microbatches(SimpleNamespace(parallel=parallel, train=SimpleNamespace(grad_accum_steps=1)))
+        check_microbatches(micro_steps, layout.pp, layout.schedule)
     except ConfigError as exc:
         return str(exc)
     return None

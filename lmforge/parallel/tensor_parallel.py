@@ -73,7 +73,10 @@ def _gather_logits(module, args, output):
 def _local_logits(module, args, output):
     from torch.distributed.tensor import DTensor
 
-    return output.to_local() if isinstance(output, DTensor) else output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, DTensor):
+        return output._replace(logits=logits.to_local())
+    return output
 
 
 def blocks_of(model: nn.Module) -> list[nn.Module]:
@@ -120,6 +123,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, cfg, local_logits: bool = F
     check_tp_divisibility(cfg, tp_mesh.size())
     vocab_parallel = bool(getattr(cfg.parallel, "loss_parallel", False))
     model.vocab_parallel_logits = vocab_parallel and not local_logits
+    model.seq_shards = tp_mesh.size()  # a pipeline stage receives [B, T/tp, hidden] (sequence parallel)
     has = {name: getattr(model, name, None) is not None for name in ("tok_embeddings", "norm", "output")}
     tied = not has["output"] and model.cfg.tie_embeddings
     top = {}

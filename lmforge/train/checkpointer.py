@@ -75,7 +75,7 @@ class Checkpointer:
         # Only moments come back into the optimizer; its param groups (lr, weight decay, betas, eps,
         # fused/foreach flags for this device) stay the ones this run's config built.
         saved, rank_state = ckpt.load_checkpoint(
-            found, self.model, self.optimizer, cfg.model.model_dump(mode="json")
+            found, self.model, self.optimizer, cfg.model.model_dump(mode="json"), partial=self.ctx.pp_size > 1
         )
         self._restore_schedule_position(saved["scheduler"])
         if self.scaler is not None and saved.get("scaler"):

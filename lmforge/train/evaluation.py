@@ -13,8 +13,6 @@ from pathlib import Path
 import torch
 
 from lmforge.infer.generate import encode_prompt, generate
-from lmforge.loss import IGNORE_INDEX, summed_cross_entropy
-from lmforge.parallel import loss_parallel_context, plain
 from lmforge.tokenizer import load_tokenizer
 
 
@@ -22,10 +20,12 @@ def _fork(device: torch.device):
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
-@torch.no_grad()
-def validate(model, val_loader, ctx, amp, max_batches: int) -> dict:
+def validate(train_step, val_loader, ctx, max_batches: int) -> dict:
     """Token-weighted mean loss over up to `max_batches` validation batches (the same ones every
-    time), reduced over data-parallel ranks; ppl = exp(loss)."""
+    time), reduced over data-parallel ranks; ppl = exp(loss). The train step's forward-only
+    `eval_sums` runs them: the same loss, attention masks and positions (data.document_mask /
+    reset_positions) as training, on every layout (a pipeline passes them through its stages)."""
+    model = train_step.model
     was_training = model.training
     model.eval()
     device = ctx.device
@@ -37,15 +37,9 @@ def validate(model, val_loader, ctx, amp, max_batches: int) -> dict:
             for i, batch in enumerate(val_loader):
                 if i >= max_batches:
                     break
-                # The same attention masks and positions as training (data.document_mask /
-                # reset_positions), so validation measures the model that is being trained.
-                masks = {k: batch[k] for k in ("doc_ids", "position_ids") if k in batch}
-                with amp:
-                    logits = model(batch["input_ids"], **masks).logits
-                labels = batch["labels"]
-                with loss_parallel_context(model):  # vocab-sharded logits (parallel.loss_parallel)
-                    loss_sum += plain(summed_cross_entropy(logits, labels)).double()
-                tokens += (labels != IGNORE_INDEX).sum().double()
+                ce, n = train_step.eval_sums([batch])
+                loss_sum += ce
+                tokens += n
             val_loader.close()
     finally:
         model.train(was_training)

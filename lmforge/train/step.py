@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lmforge.loss import IGNORE_INDEX, language_model_loss
+from lmforge.loss import IGNORE_INDEX, LanguageModelLoss
 from lmforge.parallel import clip_grad_norm, grad_sync, loss_parallel_context, plain
 
 
@@ -47,32 +47,20 @@ def count_targets(batches: list[dict], ctx) -> torch.Tensor:
     return ctx.reduce_sum(local.to(torch.float32))
 
 
-def loss_fn(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward and loss of ONE micro batch: (summed token cross-entropy, auxiliary loss).
-
-    The swappable seam of a step: a fused linear+cross-entropy from hidden states, or a pipeline
-    stage's loss, replaces this function and nothing else (autocast is already entered)."""
-    return language_model_loss(model, batch, fused=False)
-
-
-def fused_loss_fn(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """loss_fn through the fused, chunked linear + cross-entropy (train.fused_loss): the same
-    values without [tokens, vocab] logits; a tensor-parallel output layer falls back to loss_fn's."""
-    return language_model_loss(model, batch, fused=True)
+# The loss of one micro batch (lmforge.loss.LanguageModelLoss), plain and fused (train.fused_loss):
+# the fused one gives the same values without [tokens, vocab] logits; a tensor-parallel output
+# layer falls back to the plain logits path.
+loss_fn = LanguageModelLoss(fused=False)
+fused_loss_fn = LanguageModelLoss(fused=True)
 
 
 def accumulate_gradients(
     model, batches: list[dict], ctx, amp, scaler=None, loss=loss_fn
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward/backward over the micro batches of one step. Returns (this rank's share of the
-    step loss as a device tensor, global target-token count). Gradients are reduced across ranks
-    only on the last micro step. A pipeline-parallel model runs its micro batches through its
-    schedule instead (lmforge.parallel.pipeline_step)."""
+    """Forward/backward over the micro batches of one step (the plain path: one process, DDP,
+    FSDP2, TP). Returns (this rank's share of the step loss as a device tensor, global target-token
+    count). Gradients are reduced across ranks only on the last micro step."""
     n_targets = count_targets(batches, ctx)
-    if getattr(model, "is_pipeline", False):
-        from lmforge.parallel.pipeline_step import pipeline_gradients
-
-        return pipeline_gradients(model, batches, n_targets, ctx, amp, scaler)
     denom = n_targets.clamp(min=1.0)
     scale = float(ctx.dp_size)
     total = torch.zeros((), device=batches[0]["input_ids"].device, dtype=torch.float32)
@@ -101,20 +89,40 @@ class StepResult:
 
 
 class TrainStep:
-    """`train_step(batches) -> StepResult`: gradients, unscale (fp16), clip, then step the optimizer,
-    or skip the update when the loss or norm is not finite. Pipeline parallel plugs in another
-    object with this call signature; `loss` is the per-micro-batch seam (see loss_fn)."""
+    """`step(batches) -> StepResult`: gradients, unscale (fp16), clip, then step the optimizer,
+    or skip the update when the loss or norm is not finite. This is the plain path; a pipeline
+    replaces `gradients` and `clip` (PipelineTrainStep). `loss` is the micro-batch loss object."""
 
     def __init__(self, model, optimizer, scheduler, scaler, ctx, amp, grad_clip: float, loss=loss_fn):
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.ctx, self.amp, self.grad_clip, self.loss = ctx, amp, grad_clip, loss
 
-    def __call__(self, batches: list[dict]) -> StepResult:
+    def gradients(self, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this rank's share of the step loss, global target tokens); gradients accumulated."""
+        return accumulate_gradients(self.model, batches, self.ctx, self.amp, self.scaler, self.loss)
+
+    def clip(self) -> torch.Tensor:
+        return clip_grad_norm(self.model, self.grad_clip)
+
+    @torch.no_grad()
+    def eval_sums(self, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward only: (summed token CE, target tokens) of `batches` on this rank, fp64."""
+        device = self.ctx.device
+        ce_sum = torch.zeros((), device=device, dtype=torch.float64)
+        targets = torch.zeros((), device=device, dtype=torch.float64)
+        for batch in batches:
+            with amp_and_loss(self.amp, self.model):
+                ce, _ = self.loss(self.model, batch)
+            ce_sum += plain(ce).double()
+            targets += (batch["labels"] != IGNORE_INDEX).sum().double()
+        return ce_sum, targets
+
+    def step(self, batches: list[dict]) -> StepResult:
         scaler, optimizer = self.scaler, self.optimizer
-        loss, targets = accumulate_gradients(self.model, batches, self.ctx, self.amp, scaler, self.loss)
+        loss, targets = self.gradients(batches)
         if scaler is not None:
             scaler.unscale_(optimizer)
-        norm = clip_grad_norm(self.model, self.grad_clip)
+        norm = self.clip()
         loss = self.ctx.reduce_mean(loss)
         # Under fp16 the scaler already skips steps with inf/nan gradients (and lowers its scale).
         finite = torch.isfinite(loss) if scaler is not None else torch.isfinite(loss) & torch.isfinite(norm)
@@ -129,6 +137,72 @@ class TrainStep:
         optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return StepResult(loss, norm, lr, finite, targets)
+
+    def __call__(self, batches: list[dict]) -> StepResult:
+        return self.step(batches)
+
+
+@contextlib.contextmanager
+def amp_and_loss(amp, model):
+    """The forward's autocast plus, for vocab-sharded logits, torch's loss_parallel context."""
+    with amp, loss_parallel_context(model):
+        yield
+
+
+class PipelineTrainStep(TrainStep):
+    """The step under `parallel.pp > 1`: the same step, with the micro batches run as the
+    schedule's microbatches (lmforge.parallel.pipeline_step.PipelineSchedule) and the gradient
+    norm taken over every stage."""
+
+    def __init__(self, schedule, model, optimizer, scheduler, scaler, ctx, amp, grad_clip: float, loss):
+        super().__init__(model, optimizer, scheduler, scaler, ctx, amp, grad_clip, loss)
+        self.schedule = schedule
+
+    def gradients(self, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        n_targets = count_targets(batches, self.ctx)
+        return self.schedule.gradients(batches, n_targets, self.amp, self.scaler), n_targets
+
+    def clip(self) -> torch.Tensor:
+        return self.schedule.clip_grad_norm(self.grad_clip)
+
+    def eval_sums(self, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.schedule.eval_sums(batches, self.amp)
+
+
+def build_train_step(cfg, ctx, model, optimizer, scheduler, *, amp, scaler=None, loss=None) -> TrainStep:
+    """The step of this run, chosen once: `PipelineTrainStep` under `parallel.pp > 1` (its
+    schedule built here, for micro batches of `cfg.micro_batch_size(dp)` x `data.seq_len`),
+    else `TrainStep`. `loss` defaults to the loss object `train.fused_loss` selects."""
+    if loss is None:
+        loss = fused_loss_fn if cfg.train.fused_loss else loss_fn
+    args = (model, optimizer, scheduler, scaler, ctx, amp, cfg.optim.grad_clip, loss)
+    if ctx.pp_size == 1:
+        return TrainStep(*args)
+    from lmforge.parallel.pipeline_step import PipelineSchedule, microbatches
+
+    accum = cfg.train.grad_accum_steps
+    schedule = PipelineSchedule(
+        model,
+        ctx,
+        cfg.parallel,
+        rows=cfg.micro_batch_size(ctx.dp_size) * accum,
+        seq_len=cfg.data.seq_len,
+        n_micro=microbatches(cfg.parallel, accum),
+        loss=loss,
+        logits_dtype=logits_dtype(amp, cfg.parallel, ctx),
+    )
+    return PipelineTrainStep(schedule, *args)
+
+
+def logits_dtype(amp, pcfg, ctx) -> torch.dtype:
+    """The dtype of the last stage's logits: autocast's, else the (FSDP) parameters'."""
+    if isinstance(amp, torch.autocast):
+        return amp.fast_dtype
+    if ctx.shape.fsdp_wrapped:
+        from lmforge.parallel.sharding import fsdp_param_dtype
+
+        return fsdp_param_dtype(pcfg, ctx.device)
+    return torch.float32
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,14 +36,7 @@ from lmforge.train.report import draw_plots
 from lmforge.train.schedule import build_schedule, total_steps
 from lmforge.train.signals import StopFlag
 from lmforge.train.state import TrainState
-from lmforge.train.step import (
-    TrainStep,
-    autocast_context,
-    fused_loss_fn,
-    loss_fn,
-    make_scaler,
-    seed_everything,
-)
+from lmforge.train.step import autocast_context, build_train_step, make_scaler, seed_everything
 from lmforge.weights.dtypes import compute_dtype
 from lmforge.weights.shapes import check_shapes, config_shapes, model_state_shapes, state_shapes
 
@@ -124,22 +117,11 @@ class _Trainer:
                 raise
             self.no_val_reason = str(exc)
         self.model = build_parallel_model(cfg, ctx)
-        if ctx.pp_size > 1 and self.val_loader is not None:  # stages cannot run a plain forward
-            self.val_loader.close()
-            self.val_loader = None
-            self.no_val_reason = "not run during pipeline-parallel training; use lmforge eval on a checkpoint"
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.total = total_steps(cfg, self.train_loader.samples_per_epoch)
         self.scheduler = build_schedule(self.optimizer, cfg.optim, self.total)
-        self.train_step = TrainStep(
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            self.scaler,
-            ctx,
-            self.amp,
-            cfg.optim.grad_clip,
-            loss=fused_loss_fn if cfg.train.fused_loss else loss_fn,
+        self.train_step = build_train_step(
+            cfg, ctx, self.model, self.optimizer, self.scheduler, amp=self.amp, scaler=self.scaler
         )
         self.state = TrainState()
         ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
@@ -170,7 +152,7 @@ class _Trainer:
             )
         state, _, _ = load_weights(src)
         # A pipeline rank holds only its stages; the whole model's shapes come from the config.
-        pipelined = getattr(self.model, "is_pipeline", False)
+        pipelined = self.ctx.pp_size > 1
         have = config_shapes(self.cfg.model) if pipelined else model_state_shapes(self.model)
         check_shapes(state_shapes(state), have, src, "this run's model")
         load_full_state_dict(self.model, state)
@@ -222,7 +204,7 @@ class _Trainer:
         while state.step < self.total:
             batches = [next(self.train_loader) for _ in range(cfg.train.grad_accum_steps)]
             positions += sum(b["input_ids"].numel() for b in batches)
-            result = self.train_step(batches)
+            result = self.train_step.step(batches)
             real += result.targets  # counted by the step for its loss normalisation: no second pass
             state.record_step(result.finite, self.tokens_per_step)
             if compile_pending:  # the first step compiled the graphs: one line with the cost
@@ -324,7 +306,7 @@ class _Trainer:
         cfg, ctx = self.cfg, self.ctx
         if self.val_loader is None:
             return None
-        result = validate(self.model, self.val_loader, ctx, self.amp, cfg.train.eval_batches)
+        result = validate(self.train_step, self.val_loader, ctx, cfg.train.eval_batches)
         self.logger.log({"step": self.state.step, **result})
         self.logger.print(
             f"eval step {self.state.step} | val loss {result['val_loss']:.4f} | ppl {fmt_ppl(result['val_ppl'])}"

@@ -329,7 +329,7 @@ def model_config_diff(saved: dict, current: dict, prefix: str = "model") -> list
 
 
 def check_compatible(
-    path: Path, model: torch.nn.Module, model_cfg: dict | None, saved_cfg: dict | None
+    path: Path, model: torch.nn.Module, model_cfg: dict | None, saved_cfg: dict | None, partial: bool = False
 ) -> None:
     """Refuse a checkpoint whose model differs in shape, naming the keys."""
     hint = "fix the model config to match it, or start a fresh run with train.resume=never"
@@ -340,7 +340,7 @@ def check_compatible(
                 f"{path}: checkpoint model differs from this run's: {', '.join(diffs)}; {hint}"
             )
     want, have = model_state_shapes(model), tensor_shapes(path)
-    if getattr(model, "is_pipeline", False):
+    if partial:
         # A pipeline rank holds only its stages' tensors; every other tensor is checked on the rank
         # that holds it (and another layer count is caught by the config comparison above).
         have = {k: v for k, v in have.items() if k in want}
@@ -352,15 +352,17 @@ def load_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     model_cfg: dict | None = None,
+    partial: bool = False,
 ) -> tuple[dict, dict | None]:
-    """Load model (and optimizer) in place; returns (state.json, this rank's rank_state or None)."""
+    """Load model (and optimizer) in place; returns (state.json, this rank's rank_state or None).
+    partial: `model` holds only some of the model's tensors (a pipeline rank's stages)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(
             f"{path}: checkpoint folder not found; check train.resume / train.load_checkpoint"
         )
     state = read_state(path)
-    check_compatible(path, model, model_cfg, (state.get("config") or {}).get("model"))
+    check_compatible(path, model, model_cfg, (state.get("config") or {}).get("model"), partial)
     try:
         if optimizer is None:
             model_sd = get_model_state_dict(model)

@@ -24,7 +24,7 @@ import torch.distributed.checkpoint as dcp
 
 from lmforge.config import Config, config_from_dict
 from lmforge.errors import CheckpointError
-from lmforge.model import Transformer
+from lmforge.model import build
 from lmforge.weights.checkpoint import quiet_single_process, read_state, resolve_checkpoint_dir
 from lmforge.weights.outdir import check_output_file, output_dir
 from lmforge.weights.safe_meta import tensor_shapes
@@ -76,9 +76,7 @@ def load_model_state(ckpt_dir: str | Path) -> tuple[dict[str, torch.Tensor], Con
         raise CheckpointError(f"{ckpt_dir}/state.json: no run config recorded; the model shape is unknown")
     cfg = config_from_dict(state["config"], f"{ckpt_dir}/state.json")
     saved = tensor_shapes(ckpt_dir)  # also vets the DCP index before dcp.load unpickles it
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
-    model.to_empty(device="cpu")
+    model = build(cfg.model, "cpu")
     sd = model.state_dict()
     check_shapes(saved, state_shapes(sd), ckpt_dir, "its own recorded model config", "pick another step")
     try:

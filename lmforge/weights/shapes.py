@@ -6,7 +6,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from lmforge.errors import CheckpointError
-from lmforge.model import Transformer
+from lmforge.model import build
 from lmforge.model.config import ModelConfig
 
 Shapes = dict[str, tuple[int, ...]]
@@ -20,8 +20,7 @@ def model_state_shapes(model: torch.nn.Module) -> Shapes:
 def config_shapes(model_cfg: ModelConfig) -> Shapes:
     """Name -> shape of every state-dict entry `model_cfg` implies, from a model built on the meta
     device (no memory, instant even for 70B)."""
-    with torch.device("meta"):
-        model = Transformer(model_cfg)
+    model = build(model_cfg)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
