@@ -7,7 +7,6 @@ and the dotted key (`configs/demo.yaml: model.num_heads: ...`), raised as `Confi
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -252,11 +251,10 @@ class Config(Section):
         return self
 
     def static_dp_size(self, world_size: int | None = None) -> int | None:
-        """Data-parallel size when it is known without a process group (explicit sizes or WORLD_SIZE)."""
+        """Data-parallel size when it is known without a process group: explicit sizes, or the
+        `world_size` a caller knows. The config never reads the environment; the world size is read
+        once, at launch (parallel.distributed.init_distributed)."""
         p = self.parallel
-        if world_size is None:
-            env = os.environ.get("WORLD_SIZE")
-            world_size = int(env) if env and env.isdigit() else None
         if p.strategy == "single":
             return 1
         if p.dp_replicate > 0 and p.dp_shard > 0:

@@ -62,7 +62,7 @@ def test_mesh_shapes(parallel, world, expected):
         (
             {"strategy": "hsdp", "dp_replicate": 3, "dp_shard": 2},
             4,
-            ["parallel.dp_replicate=3", "WORLD_SIZE 4"],
+            ["parallel.dp_replicate=3", "needs 6 GPUs", "WORLD_SIZE is 4"],
         ),
         ({"strategy": "fsdp", "tp": 2}, 4, ["parallel.tp", "fsdp+tp"]),
         ({"strategy": "fsdp+tp", "tp": 4}, 6, ["parallel.tp=4", "WORLD_SIZE 6"]),
@@ -71,7 +71,7 @@ def test_mesh_shapes(parallel, world, expected):
             4,
             ["parallel.dp_replicate and parallel.dp_shard"],
         ),
-        ({"strategy": "fsdp", "dp_shard": 2}, 4, ["parallel.dp_shard=2", "WORLD_SIZE 4"]),
+        ({"strategy": "fsdp", "dp_shard": 2}, 4, ["parallel.dp_shard=2", "needs 2 GPUs", "WORLD_SIZE is 4"]),
         ({"strategy": "fsdp", "dp_replicate": 2}, 4, ["parallel.dp_replicate", "hsdp"]),
     ],
 )

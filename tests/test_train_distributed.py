@@ -87,7 +87,8 @@ def test_pipeline_trainer_logs_like_one_process_and_its_checkpoint_loads_anywher
     # varying length and unequal target counts) trains; its DCP checkpoint resumes in one process
     # on the same loss curve, and the weights reader (export/eval/generate) sees the plain model.
     # Finetuned from that checkpoint (equal start: the stages' own init is not value-equal to the
-    # unsplit model's), PP 2 logs the one-process loss AND gradient norm (clip over all stages).
+    # unsplit model's), PP 2 logs the one-process loss AND gradient norm (clip over all stages), and
+    # validates at train.eval_interval with the one-process validation loss.
     from lmforge.infer.loading import load_weights
     from lmforge.model import Transformer
 
@@ -111,7 +112,7 @@ def test_pipeline_trainer_logs_like_one_process_and_its_checkpoint_loads_anywher
     one = _losses(tmp_path, "one_from_pp")
     assert max(abs(pp[s] - one[s]) / pp[s] for s in one) < 1e-5
     assert set(state) == set(Transformer(cfg.model).state_dict())
-    for key in ("loss", "grad_norm"):
+    for key, steps in (("loss", [1, 2, 3, 4]), ("grad_norm", [1, 2, 3, 4]), ("val_loss", [3, 4])):
         ref, got = _losses(tmp_path, "ft_one", key), _losses(tmp_path, "ft_pp2", key)
-        assert list(got) == [1, 2, 3, 4]
+        assert list(got) == steps, (key, got)
         assert max(abs(ref[s] - got[s]) / ref[s] for s in ref) < 1e-5, (key, ref, got)

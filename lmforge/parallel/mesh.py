@@ -17,6 +17,7 @@ Strategies (per pipeline stage):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from lmforge.errors import ConfigError
@@ -52,6 +53,26 @@ class MeshShape:
         return self.uses_fsdp or (self.pp > 1 and self.strategy == "ddp" and self.dp_size > 1)
 
 
+def needed_processes(pcfg) -> int | None:
+    """Processes (GPUs) the layout asks for when every axis its strategy uses is explicit (no -1),
+    else None: the one home of "this layout needs N GPUs"."""
+    axes = {
+        "single": {},
+        "ddp": {"dp_replicate": -1 if pcfg.dp_replicate in (-1, 1) else pcfg.dp_replicate},
+        "fsdp": {"dp_shard": pcfg.dp_shard},
+        "hsdp": {"dp_replicate": pcfg.dp_replicate, "dp_shard": pcfg.dp_shard},
+        "fsdp+tp": {"dp_replicate": pcfg.dp_replicate, "dp_shard": pcfg.dp_shard, "tp": pcfg.tp},
+    }[pcfg.strategy]
+    if -1 in axes.values():
+        return None
+    return pcfg.pp * math.prod(axes.values())
+
+
+def _layout_desc(pcfg) -> str:
+    keys = ("pp", "dp_replicate", "dp_shard", "tp")
+    return " x ".join(f"parallel.{k}={getattr(pcfg, k)}" for k in keys if getattr(pcfg, k) != 1)
+
+
 def _fill(sizes: dict[str, int], world_size: int) -> dict[str, int]:
     unknown = [k for k, v in sizes.items() if v == -1]
     if len(unknown) > 1:
@@ -81,9 +102,17 @@ def _fill(sizes: dict[str, int], world_size: int) -> dict[str, int]:
     return sizes
 
 
-def resolve_mesh_shape(pcfg, world_size: int) -> MeshShape:
-    """Mesh sizes for `pcfg` (ParallelConfig) at `world_size` processes; ConfigError when they disagree."""
-    pp = getattr(pcfg, "pp", 1)
+def resolve_mesh_shape(pcfg, world_size: int, source: str = "WORLD_SIZE") -> MeshShape:
+    """Mesh sizes for `pcfg` (ParallelConfig) at `world_size` processes; ConfigError when they
+    disagree. `source` names where the world size came from (torchrun's WORLD_SIZE, plan's --gpus)."""
+    pp = pcfg.pp
+    need = needed_processes(pcfg)
+    # (single on more processes than it uses: its own message below says which strategies to use)
+    if need is not None and need != world_size and not (pcfg.strategy == "single" and world_size > need):
+        raise ConfigError(
+            f"parallel: this layout ({pcfg.strategy}: {_layout_desc(pcfg) or 'one process'}) needs {need} GPUs (one process each) "
+            f"but {source} is {world_size}; launch {need} processes or set parallel.dp_shard (or dp_replicate) to -1"
+        )
     if world_size % pp:
         raise ConfigError(
             f"parallel.pp: {pp} pipeline stages do not divide WORLD_SIZE {world_size}; "

@@ -214,10 +214,8 @@ def configured_layout(cfg, gpus: int) -> tuple[Layout | None, str]:
     from lmforge.parallel.mesh import resolve_mesh_shape
 
     p = cfg.parallel
-    if gpus % p.pp:
-        return None, f"parallel.pp {p.pp} does not divide {gpus} GPUs"
     try:
-        shape = resolve_mesh_shape(p.model_copy(update={"pp": 1}), gpus // p.pp)
+        shape = resolve_mesh_shape(p, gpus, source="--gpus")
     except ConfigError as exc:
         return None, str(exc)
     dp = shape.dp_replicate * shape.dp_shard
