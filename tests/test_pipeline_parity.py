@@ -89,6 +89,13 @@ def run_layout(sc: dict, init: dict) -> list[float]:
     constant = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     step_fn = build_train_step(cfg, ctx, model, opt, constant, amp=contextlib.nullcontext())
     load_full_state_dict(model, init)
+    fused_seen = torch.zeros(())  # whether the last stage handed the loss hidden states (fused loss)
+    if ctx.pp_size > 1 and model.has_last:
+
+        def seen(module, args, out):  # returns None: the output stays what the stage returned
+            fused_seen.fill_(float(len(out) == 3))
+
+        model.stages[-1].register_forward_hook(seen)
     data = _batches(cfg.model.vocab_size, sc.get("padded", False), sc.get("docs", False))
     start = 0
     if sc.get("resume_from"):
@@ -115,6 +122,8 @@ def run_layout(sc: dict, init: dict) -> list[float]:
         model.eval()
         ce, n = step_fn.eval_sums(batches_of(0))
         losses.append((ctx.reduce_sum(ce) / ctx.reduce_sum(n)).item())
+    if ctx.pp_size > 1:
+        sc["fused_seen"] = ctx.reduce_max(fused_seen).item()
     if sc.get("check_full_state"):  # what an export of the live model would write (rank 0)
         sc["full_state"] = {k: list(v.shape) for k, v in full_state_dict(model).items()}
     ctx.barrier()  # the process group is kept for the next layout (re-creating it on one store hangs)
@@ -146,8 +155,9 @@ def _worker(spec_path: str) -> None:
     results = {}
     for name, sc in spec["scenarios"].items():
         results[name] = run_layout(sc, load_file(spec["inits"][sc.get("init", "tied")]))
-        if "full_state" in sc:
-            results[f"{name}:full_state"] = sc["full_state"]
+        for key in ("full_state", "fused_seen"):
+            if key in sc:
+                results[f"{name}:{key}"] = sc[key]
     torch.distributed.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         tmp = Path(spec["out"] + ".tmp")
@@ -311,6 +321,14 @@ def test_pp2_schedule_matches_single_process(runs, sched):
 def test_pp_layouts_match_single_process(runs, name):
     four, two = scenarios("")
     _check(runs, name, {**four, **two}[name])
+
+
+def test_the_last_stage_feeds_the_fused_loss_unless_tensor_parallel_or_turned_off(runs):
+    four, two = scenarios("")
+    for name, sc in {**four, **two}.items():
+        if sc["parallel"].get("pp", 1) > 1 and "resume" not in name:
+            want = sc.get("fused", True) and sc["parallel"].get("tp", 1) == 1
+            assert runs[f"{name}:fused_seen"] == float(want), name
 
 
 def test_losses_move_and_padding_and_documents_matter(runs):

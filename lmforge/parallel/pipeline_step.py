@@ -144,6 +144,9 @@ class PipelineSchedule:
         self.logits_dtype = logits_dtype
         last = model.stages[-1] if model.has_last else None
         self.hidden_out = last is not None and loss.uses_hidden(last)
+        # What the loss object asks of the last stage's forward (return_hidden for the fused loss);
+        # the schedule hands keyword arguments to every stage, and the others ignore this one.
+        self.forward_kwargs = loss.forward_kwargs(last) if last is not None else {}
         if last is not None:
             last.register_forward_hook(_schedule_output)
         # Per step: the normalisers of the schedule's loss function (set by `gradients`).
@@ -232,7 +235,7 @@ class PipelineSchedule:
         target = labels if model.has_last else None
         losses: list[torch.Tensor] = []
         with amp, loss_context(self.vocab_parallel):
-            self.schedule.step(*args, target=target, losses=losses, **masks, **self.step_kwargs)
+            self.schedule.step(*args, target=target, losses=losses, **masks, **self.forward_kwargs, **self.step_kwargs)
         model.sync_tied_grads()
         total = torch.zeros((), device=inputs.device, dtype=torch.float32)
         if model.has_last:
@@ -298,7 +301,7 @@ class PipelineSchedule:
             else:
                 args = self._receive(stage, inputs.shape[0], ranks[owner[sid - 1]])
             if sid == self.model.num_stages - 1:
-                out = stage(*args, **masks, **self.loss.forward_kwargs(stage))
+                out = stage(*args, **masks, **self.forward_kwargs)
                 result = self._last_stage_loss(out, labels)[0]
                 continue
             out = stage(*args, **masks)
