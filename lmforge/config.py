@@ -127,6 +127,24 @@ class CheckpointConfig(Section):
     export_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
 
 
+# The one list of pipeline schedules (parallel.pp_schedule), in the planner's order of preference;
+# the last three run several stages per rank.
+PP_SCHEDULES = ("1f1b", "interleaved_1f1b", "zero_bubble", "zbv", "gpipe")
+PP_MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "zero_bubble", "zbv")
+
+
+def batch_split_error(global_batch: int, grad_accum_steps: int, dp_size: int, microbatches: int = 1) -> str | None:
+    """The one divisibility rule of a step's batch: global_batch_size = micro batch x grad_accum_steps
+    x data-parallel size (x pipeline microbatches per micro step when the planner cuts them); the
+    reason it fails, or None."""
+    per_step = grad_accum_steps * dp_size * microbatches
+    if global_batch % per_step == 0:
+        return None
+    parts = f"grad_accum_steps x data-parallel size{' x pp_microbatches' if microbatches > 1 else ''}"
+    values = " x ".join(str(v) for v in (grad_accum_steps, dp_size, microbatches)[: 3 if microbatches > 1 else 2])
+    return f"train.global_batch_size {global_batch} is not divisible by {parts} = {values}"
+
+
 class ParallelConfig(Section):
     strategy: Literal["single", "ddp", "fsdp", "hsdp", "fsdp+tp"] = "single"
     # -1 means "whatever is left of the world size".
@@ -147,7 +165,7 @@ class ParallelConfig(Section):
     pp: int = Field(1, ge=1)
     # gpipe and 1f1b run one stage per rank; interleaved_1f1b and zero_bubble (interleaved zero
     # bubble) run pp_virtual_stages >= 2 per rank; zbv (zero bubble, V-shaped) runs exactly 2.
-    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "zbv"] = "1f1b"
+    pp_schedule: Literal[PP_SCHEDULES] = "1f1b"
     pp_microbatches: int | None = Field(None, ge=1)  # None: chosen by the pipeline builder
     pp_virtual_stages: int = Field(1, ge=1)
     # Explicit layers per stage (pp * pp_virtual_stages entries summing to model.num_layers);
@@ -190,7 +208,6 @@ class ParallelConfig(Section):
         return self
 
 
-PP_MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "zero_bubble", "zbv")
 
 
 class LogConfig(Section):
@@ -241,13 +258,9 @@ class Config(Section):
                 f"has {self.model.num_layers} layers; every stage needs at least one layer"
             )
         dp = self.static_dp_size()
-        if dp is not None:
-            per_step = self.train.grad_accum_steps * dp
-            if self.train.global_batch_size % per_step:
-                raise ValueError(
-                    f"@train.global_batch_size {self.train.global_batch_size} is not divisible by "
-                    f"grad_accum_steps x data-parallel size = {self.train.grad_accum_steps} x {dp}"
-                )
+        problem = None if dp is None else batch_split_error(self.train.global_batch_size, self.train.grad_accum_steps, dp)
+        if problem:
+            raise ValueError("@" + problem)
         return self
 
     def static_dp_size(self, world_size: int | None = None) -> int | None:
@@ -266,13 +279,10 @@ class Config(Section):
         return world_size // (p.tp * p.pp)
 
     def micro_batch_size(self, dp_size: int) -> int:
-        per_step = self.train.grad_accum_steps * dp_size
-        if self.train.global_batch_size % per_step:
-            raise ConfigError(
-                f"train.global_batch_size {self.train.global_batch_size} is not divisible by "
-                f"grad_accum_steps x data-parallel size = {self.train.grad_accum_steps} x {dp_size}"
-            )
-        return self.train.global_batch_size // per_step
+        problem = batch_split_error(self.train.global_batch_size, self.train.grad_accum_steps, dp_size)
+        if problem:
+            raise ConfigError(problem)
+        return self.train.global_batch_size // (self.train.grad_accum_steps * dp_size)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -361,6 +371,14 @@ def config_from_dict(tree: dict, source: str = "<config>") -> Config:
         return Config.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_error(source, err)) from None
+
+
+def parallel_section(values: dict) -> ParallelConfig:
+    """A validated parallel section alone (the planner's candidate layouts); ConfigError naming the key."""
+    try:
+        return ParallelConfig.model_validate(values)
+    except ValidationError as err:
+        raise ConfigError(_format_error("parallel", err).replace("parallel: ", "parallel.", 1)) from None
 
 
 def config_for_model(model: ModelConfig | dict, source: str = "<model>") -> Config:

@@ -72,15 +72,16 @@ def test_bad_config_is_one_line_naming_the_key(tree, expected):
     assert expected in error_of(tree)
 
 
-def test_data_parallel_size_comes_from_world_size(monkeypatch):
+def test_data_parallel_size_comes_from_the_launch_not_the_environment(monkeypatch):
+    # The config never reads WORLD_SIZE: the world size is read once, at launch, and the batch
+    # rule is checked there (micro_batch_size) with the data-parallel size the mesh resolved.
     tree = {"train": {"global_batch_size": 32, "grad_accum_steps": 2}, "parallel": {"strategy": "ddp"}}
     monkeypatch.setenv("WORLD_SIZE", "3")
-    assert "2 x 3" in error_of(tree)
-    monkeypatch.setenv("WORLD_SIZE", "4")
     cfg = config_from_dict(tree)
+    assert cfg.static_dp_size() is None and cfg.static_dp_size(world_size=4) == 4
     assert cfg.micro_batch_size(4) == 4
-    with pytest.raises(ConfigError, match="not divisible"):
-        cfg.micro_batch_size(5)
+    with pytest.raises(ConfigError, match="not divisible by grad_accum_steps x data-parallel size = 2 x 3"):
+        cfg.micro_batch_size(3)
 
 
 @pytest.mark.skipif(not HAS_PRESETS, reason="lmforge.model.presets has not landed")

@@ -87,8 +87,8 @@ def test_mesh_errors_name_keys_and_world_size(parallel, world, words):
 def test_tp_divisibility_errors():
     cfg = _cfg(strategy="fsdp+tp", tp=4)
     with pytest.raises(ConfigError, match=r"model.num_kv_heads: 2 is not divisible by parallel.tp 4"):
-        check_tp_divisibility(cfg, 4)
-    check_tp_divisibility(cfg, 2)  # 4 heads, 2 kv heads, vocab 256, seq 16 all divide by 2
+        check_tp_divisibility(cfg.model, cfg.data.seq_len, 4)
+    check_tp_divisibility(cfg.model, cfg.data.seq_len, 2)  # 4 heads, 2 kv heads, vocab 256, seq 16 all divide by 2
 
 
 def test_single_process_context(monkeypatch):

@@ -55,38 +55,29 @@ from lmforge.hardware import NETWORK_GBS, Accelerator, find_accelerator
 from lmforge.model.flops import count_params, flops_per_token
 from lmforge.model.layers import resolve_intermediate_size
 from lmforge.model.moe import expert_intermediate_size
+from lmforge.parallel.mesh import MeshShape
 
 GIB = 1024**3
 OVERHEAD = 2 * GIB
 AC_MODES = ("none", "selective", "full")
-PP_SCHEDULES = ("1f1b", "interleaved_1f1b", "zero_bubble", "zbv", "gpipe")
 DEFAULT_GPU = "H100"
 
 
 @dataclass(frozen=True)
-class Layout:
-    strategy: str = "single"  # single, ddp, fsdp, hsdp, fsdp+tp (per pipeline stage)
-    dp_replicate: int = 1
-    dp_shard: int = 1
-    tp: int = 1
+class Layout(MeshShape):
+    """A MeshShape (strategy and pp x dp_replicate x dp_shard x tp, `parallel/mesh.py`) plus what
+    the planner also varies: activation checkpointing, micro batch, compute dtype, schedule."""
+
     ac: str = "none"
     micro_batch: int = 1
     compute_bytes: int = 2  # 2 for bf16/fp16 compute, 4 for fp32
-    pp: int = 1
     schedule: str = "1f1b"
     virtual: int = 1  # pipeline stages per rank
     pp_layers: tuple[int, ...] | None = None  # explicit layers per stage (parallel.pp_layers)
 
     @property
-    def dp(self) -> int:
-        return self.dp_replicate * self.dp_shard
-
-    @property
-    def gpus(self) -> int:
-        return self.dp * self.tp * self.pp
-
-    @property
     def fsdp(self) -> bool:
+        """Whether parameters are sharded (FSDP2 over dp_shard > 1 ranks under fsdp+tp)."""
         return self.strategy in ("fsdp", "hsdp") or (self.strategy == "fsdp+tp" and self.dp_shard > 1)
 
 
@@ -272,7 +263,7 @@ def rank_memory(cfg, layout: Layout, rank: int, loss_parallel: bool = False) -> 
     n_local = sum(parts[k][0] for k in owned)
     tensors = sum(parts[k][1] for k in owned)
     out = {"parameters": 4 * n_local, "gradients": 4 * n_local, "optimizer": 8 * n_local + 4 * tensors}
-    micro = cfg.train.global_batch_size // (layout.micro_batch * layout.dp)
+    micro = cfg.train.global_batch_size // (layout.micro_batch * layout.dp_size)
     tokens = layout.micro_batch * seq
     act = activation_bytes(m, seq, layout.micro_batch, layout.ac, s, layout.tp)
     flight = in_flight(layout, rank, micro)
@@ -293,7 +284,7 @@ def rank_memory(cfg, layout: Layout, rank: int, loss_parallel: bool = False) -> 
     elif layout.fsdp:
         root = sum(full[k][0] for k in ("embedding", "head") if k in owned)
         temp += block * (3 * s + 4) + root * s
-    elif layout.strategy == "ddp" and layout.dp > 1:
+    elif layout.strategy == "ddp" and layout.dp_size > 1:
         temp += out["gradients"]
     if layout.pp > 1:
         temp += 2 * tokens * m.hidden_size * s / layout.tp * layout.virtual
@@ -329,7 +320,7 @@ def plan(cfg, layout: Layout, gpu: Accelerator | None = None, mfu: float = 0.4) 
     }
     out["stage_totals"] = [r["total"] for r in ranks]
     link, net = gpu.link_gbs * 1e9, NETWORK_GBS * 1e9
-    dp, gb = layout.dp, cfg.train.global_batch_size
+    dp, gb = layout.dp_size, cfg.train.global_batch_size
     micro_steps = gb // (layout.micro_batch * dp)
     tokens_per_dp = gb * seq / dp
     recompute = {"none": 1.0, "selective": 1.05, "full": 4 / 3}[layout.ac]

@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from lmforge.config import PP_SCHEDULES, batch_split_error, parallel_section
 from lmforge.errors import ConfigError
 from lmforge.hardware import Accelerator
 from lmforge.model.flops import count_params, flops_per_token
-from lmforge.parallel.plan import AC_MODES, GIB, PP_SCHEDULES, Layout, plan
+from lmforge.parallel.plan import AC_MODES, GIB, Layout, plan
 
 
 @dataclass
@@ -27,11 +28,11 @@ class Option:
 def axes(layout: Layout) -> str:
     """'FSDP 8 x TP 8', 'TP 8 x PP 8 (1f1b)', 'HSDP 2x4', 'DDP 8', 'single'."""
     parts = []
-    if layout.dp > 1:
+    if layout.dp_size > 1:
         if layout.fsdp and layout.dp_replicate > 1:
             parts.append(f"HSDP {layout.dp_replicate}x{layout.dp_shard}")
         else:
-            parts.append(f"{'FSDP' if layout.fsdp else 'DDP'} {layout.dp}")
+            parts.append(f"{'FSDP' if layout.fsdp else 'DDP'} {layout.dp_size}")
     if layout.tp > 1:
         parts.append(f"TP {layout.tp}")
     if layout.pp > 1:
@@ -86,9 +87,10 @@ def micro_batches_refused(layout: Layout, micro_steps: int) -> str | None:
 
 
 def check_layout(cfg, layout: Layout) -> str | None:
-    """None when `lmforge train` would accept the layout, else its one-line reason."""
-    from lmforge.config import config_from_dict
+    """None when `lmforge train` would accept the layout, else its one-line reason: the rules of
+    the parallel section, the mesh, tensor parallel and the stage split are called, on sections."""
     from lmforge.parallel.mesh import resolve_mesh_shape
+    from lmforge.parallel.pipeline import stage_layout
     from lmforge.parallel.tensor_parallel import check_tp_divisibility
 
     parallel = {
@@ -103,16 +105,15 @@ def check_layout(cfg, layout: Layout) -> str | None:
         "pp_layers": list(layout.pp_layers) if layout.pp_layers else None,
         "loss_parallel": cfg.parallel.loss_parallel and layout.tp > 1,
     }
-    tree = {**cfg.model_dump(mode="json"), "parallel": parallel}
-    tree["train"] = {**tree["train"], "grad_accum_steps": 1}  # the planner chooses the micro batch
     try:
-        checked = config_from_dict(tree, "plan")
-        per_stage = checked.parallel.model_copy(update={"pp": 1})
-        resolve_mesh_shape(per_stage, layout.gpus // layout.pp)
+        pcfg = parallel_section(parallel)
+        resolve_mesh_shape(pcfg, layout.world_size, source="the layout's GPUs")
         if layout.tp > 1:
-            check_tp_divisibility(checked, layout.tp)
+            check_tp_divisibility(cfg.model, cfg.data.seq_len, layout.tp)
+        if layout.pp > 1:
+            stage_layout(pcfg, cfg.model)
     except ConfigError as exc:
-        return str(exc).removeprefix("plan: ")
+        return str(exc)
     return None
 
 
@@ -165,7 +166,7 @@ def candidates(cfg, gpus: int, gpu: Accelerator) -> tuple[list[Layout], dict[str
                     if reason:
                         refused.setdefault(axes(base), reason)
                         continue
-                    if gb % dp:
+                    if batch_split_error(gb, 1, dp):
                         continue
                     per_rank = gb // dp
                     micro = [
@@ -218,15 +219,13 @@ def configured_layout(cfg, gpus: int) -> tuple[Layout | None, str]:
         shape = resolve_mesh_shape(p, gpus, source="--gpus")
     except ConfigError as exc:
         return None, str(exc)
-    dp = shape.dp_replicate * shape.dp_shard
+    dp = shape.dp_size
     # Under PP each micro step's batch is cut into pp_microbatches pipeline micro batches.
     split = (p.pp_microbatches or 1) if p.pp > 1 else 1
     per_step = cfg.train.grad_accum_steps * dp * split
-    if cfg.train.global_batch_size % per_step:
-        return None, (
-            f"train.global_batch_size {cfg.train.global_batch_size} is not divisible by grad_accum_steps x "
-            f"data-parallel size x pp_microbatches = {per_step}"
-        )
+    problem = batch_split_error(cfg.train.global_batch_size, cfg.train.grad_accum_steps, dp, split)
+    if problem:
+        return None, problem
     return Layout(
         shape.strategy,
         shape.dp_replicate,

@@ -36,8 +36,8 @@ from torch import nn
 from lmforge.errors import ConfigError
 
 
-def check_tp_divisibility(cfg, tp: int) -> None:
-    m = cfg.model
+def check_tp_divisibility(model_cfg, seq_len: int, tp: int) -> None:
+    m = model_cfg
     if m.moe is not None:
         raise ConfigError(
             f"parallel.tp: {tp} is not supported for MoE models (model.moe is set); "
@@ -50,7 +50,7 @@ def check_tp_divisibility(cfg, tp: int) -> None:
         ("model.num_kv_heads", m.num_kv_heads),
         ("model.vocab_size", m.vocab_size),
         ("model.intermediate_size", resolve_intermediate_size(m)),
-        ("data.seq_len", cfg.data.seq_len),
+        ("data.seq_len", seq_len),
     ]
     for key, value in checks:
         if value % tp:
@@ -120,7 +120,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, cfg, local_logits: bool = F
         parallelize_module,
     )
 
-    check_tp_divisibility(cfg, tp_mesh.size())
+    check_tp_divisibility(cfg.model, cfg.data.seq_len, tp_mesh.size())
     vocab_parallel = bool(getattr(cfg.parallel, "loss_parallel", False))
     model.vocab_parallel_logits = vocab_parallel and not local_logits
     model.seq_shards = tp_mesh.size()  # a pipeline stage receives [B, T/tp, hidden] (sequence parallel)
