@@ -459,3 +459,13 @@ def test_validation_under_document_mask_scores_each_document_alone(tmp_path):
     assert pieces > 2 * 3  # several documents per window, or the check proves nothing
     assert got["val_tokens"] == tokens
     assert got["val_loss"] == pytest.approx(loss_sum / tokens, rel=1e-5)
+
+
+def test_the_loop_logs_and_validates_on_its_intervals_and_at_the_ends():
+    from lmforge.train.trainer import should_log, should_validate
+
+    logged = [s for s in range(5, 13) if should_log(s, 4, first_step=5, final=s == 12)]
+    assert logged == [5, 8, 12]  # the segment's first step, the interval, the last step
+    assert should_log(7, 4, first_step=5, final=True)  # a step a signal stops at
+    assert [s for s in range(1, 8) if should_validate(s, 3, s == 7)] == [3, 6, 7]
+    assert [s for s in range(1, 8) if should_validate(s, 0, s == 7)] == [7]

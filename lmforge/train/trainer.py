@@ -213,9 +213,7 @@ class _Trainer:
             self.logger.advance()
             last_step = state.step == self.total
             stopping = self._should_stop()
-            # The first step of every segment and a step a signal stops at are always logged, so a
-            # short or interrupted run still has a curve and a report.
-            if state.step % cfg.log.interval == 0 or last_step or state.step == first_step or stopping:
+            if should_log(state.step, cfg.log.interval, first_step, last_step or stopping):
                 last_loss = self._log_step(result, window, real, positions)
                 real.zero_()
                 positions = 0
@@ -223,7 +221,7 @@ class _Trainer:
                 first_loss = last_loss if first_loss is None else first_loss
             if state.bad_streak >= cfg.train.max_bad_steps:
                 self._fail_non_finite()  # before any eval or checkpoint of this step
-            if (cfg.train.eval_interval and state.step % cfg.train.eval_interval == 0) or last_step:
+            if should_validate(state.step, cfg.train.eval_interval, last_step):
                 last_eval = self._evaluate()
             if stopping:
                 path = self.checkpointer.save()
@@ -329,6 +327,17 @@ class _Trainer:
                 cfg.run.seed,
             )
         return result
+
+
+def should_log(step: int, interval: int, first_step: int, final: bool) -> bool:
+    """Every log.interval steps; also the first step of every run segment and a final step (the
+    budget's last, or the one a signal stops at), so a short or interrupted run still has a curve."""
+    return step % interval == 0 or step == first_step or final
+
+
+def should_validate(step: int, interval: int, last_step: bool) -> bool:
+    """Every train.eval_interval steps (0: never) and at the end of training."""
+    return bool(interval and step % interval == 0) or last_step
 
 
 def _resolve_paths(cfg):
