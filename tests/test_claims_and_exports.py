@@ -95,7 +95,9 @@ def test_index_claiming_more_than_its_data_files_hold_is_refused(step, tmp_path)
     item.size = torch.Size([10**12])
     item.chunks[0].sizes = torch.Size([10**12])
     (bad / ".metadata").write_bytes(pickle.dumps(meta, protocol=4))
-    with pytest.raises(CheckpointError, match="'model.norm.weight' claims \\(1000000000000,\\) but its data files hold less"):
+    with pytest.raises(
+        CheckpointError, match="'model.norm.weight' claims \\(1000000000000,\\) but its data files hold less"
+    ):
         vetted_metadata(bad)
     (bad / "__0_0.distcp").write_bytes(b"")  # a truncated copy
     with pytest.raises(CheckpointError, match="shorter than its index says"):
@@ -161,7 +163,10 @@ def test_hf_export_of_a_trained_model_tokenizes_as_training_did(tmp_path):
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs * 20))
     tok_dir = train_tokenizer([str(corpus)], 300, tmp_path / "tok")
     cfg = config_from_dict(
-        {"model": {"preset": "tiny", "vocab_size": 300}, "data": {"train": [str(tmp_path / "d")], "seq_len": 32}}
+        {
+            "model": {"preset": "tiny", "vocab_size": 300},
+            "data": {"train": [str(tmp_path / "d")], "seq_len": 32},
+        }
     )
     files.save_weights(Transformer(cfg.model).state_dict(), cfg, tmp_path / "w", tokenizer_src=tok_dir)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -169,7 +174,9 @@ def test_hf_export_of_a_trained_model_tokenizes_as_training_did(tmp_path):
         ["export", "--checkpoint", str(tmp_path / "w"), "--out", str(tmp_path / "hf")],
         ["import", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")],
     ):
-        proc = subprocess.run([sys.executable, "-m", "lmforge", *args], env=env, capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "lmforge", *args], env=env, capture_output=True, text=True
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
     tok = load_tokenizer(tok_dir)
     flat, lengths = _encode(tok, docs, np.int64)

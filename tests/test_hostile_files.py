@@ -42,6 +42,7 @@ class _Touch:
 def _dotted_metadata(marker: Path) -> bytes:
     """Protocol 4 STACK_GLOBAL ("torch.distributed.checkpoint.filesystem", "os.system"): a plain
     find_class resolves the dotted name through the module's `os` import to os.system."""
+
     def text(s: str) -> bytes:
         raw = s.encode()
         return b"\x8c" + bytes([len(raw)]) + raw  # SHORT_BINUNICODE
@@ -86,7 +87,9 @@ def trained(tmp_path_factory):
     """A real run folder (2 steps, one checkpoint) and the config that made it."""
     tmp = tmp_path_factory.mktemp("hostile")
     data = make_dataset(tmp / "data")
-    cfg = tiny_config(tmp, data, run__name="src", train__max_steps=2, checkpoint__interval=2, model__dropout=0.0)
+    cfg = tiny_config(
+        tmp, data, run__name="src", train__max_steps=2, checkpoint__interval=2, model__dropout=0.0
+    )
     run_training(cfg)
     return tmp, data, cfg, tmp / "runs" / "src" / "checkpoints" / "step_2"
 
@@ -101,7 +104,12 @@ def _copy(trained, name: str) -> Path:
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "lmforge", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "lmforge", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -162,7 +170,9 @@ def test_dcp_bytes_entry_is_refused_before_any_data_is_read(trained, command):
 def test_dcp_bytes_entry_for_an_optimizer_key_is_refused_on_resume(trained):
     step = _copy(trained, "bytes-optim")
     marker = step.parent.parent / "marker"
-    key = next(k for k in read_metadata(step).state_dict_metadata if k.startswith("optim.") and k.endswith("exp_avg"))
+    key = next(
+        k for k in read_metadata(step).state_dict_metadata if k.startswith("optim.") and k.endswith("exp_avg")
+    )
     _with_bytes_entry(step, key, _torch_saved(_Touch(marker)))
     proc = _cli(*_commands(trained, step, "bytes-optim")["resume"], cwd=trained[0])
     _refused(proc, marker, f"entry '{key}' is not a tensor")
@@ -244,9 +254,16 @@ def test_tokenizer_folder_code_is_never_imported(trained, tmp_path):
     model_dir = tmp_path / "w"
     proc = _cli("checkpoint", "consolidate", str(trained[3]), "--out", str(model_dir), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenization_evil.py"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "tokenization_evil.py",
+    ):
         shutil.copy(tok / name, model_dir / name)
-    proc = _cli("generate", "--checkpoint", str(model_dir), "--prompt", "doc", "--max-new-tokens", "2", cwd=tmp_path)
+    proc = _cli(
+        "generate", "--checkpoint", str(model_dir), "--prompt", "doc", "--max-new-tokens", "2", cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not marker.exists()
 
@@ -262,6 +279,15 @@ def test_local_dataset_loading_script_is_never_run(tmp_path):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(30)))
     tok = train_tokenizer([str(corpus)], 300, tmp_path / "tok")
-    proc = _cli("prepare", "--input", f"hf:{folder}", "--tokenizer", str(tok), "--out", str(tmp_path / "p"), cwd=tmp_path)
+    proc = _cli(
+        "prepare",
+        "--input",
+        f"hf:{folder}",
+        "--tokenizer",
+        str(tok),
+        "--out",
+        str(tmp_path / "p"),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert not marker.exists()

@@ -37,8 +37,8 @@ from lmforge.tokenizer import load_tokenizer
 from lmforge.weights.dtypes import resolve_dtype
 from lmforge.weights.outdir import check_output_dir, output_dir
 from lmforge.weights.shapes import config_shapes
-from lmforge.weights.torch_pickle import load_weights_only
 from lmforge.weights.tokenizer_files import copy_tokenizer_files
+from lmforge.weights.torch_pickle import load_weights_only
 
 _LAYER = {
     "attention_norm.weight": "input_layernorm.weight",

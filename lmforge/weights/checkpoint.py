@@ -280,7 +280,7 @@ def _pack(value, tensors: dict[str, torch.Tensor]):
 
 
 def _unpack(node, tensors: dict[str, torch.Tensor]):
-    (kind, body), = node.items()
+    ((kind, body),) = node.items()
     if kind == "tensor":
         return tensors[body]
     if kind == "dict":

@@ -26,7 +26,12 @@ from lmforge.config import Config, config_from_dict
 from lmforge.errors import CheckpointError
 from lmforge.model import Transformer
 from lmforge.model.config import ModelConfig
-from lmforge.weights.checkpoint import check_model_fits, quiet_single_process, read_state, resolve_checkpoint_dir
+from lmforge.weights.checkpoint import (
+    check_model_fits,
+    quiet_single_process,
+    read_state,
+    resolve_checkpoint_dir,
+)
 from lmforge.weights.outdir import check_output_file, output_dir
 from lmforge.weights.safe_meta import SafeFileSystemReader
 from lmforge.weights.safetensors_io import (

@@ -95,12 +95,20 @@ def read_metadata(ckpt_dir: str | Path):
             f"{path}: unreadable or unsafe checkpoint index ({reason}); use another checkpoint"
         ) from None
     if not isinstance(meta, dcp_md.Metadata) or not isinstance(meta.state_dict_metadata, dict):
-        raise CheckpointError(f"{path}: not a checkpoint index ({type(meta).__name__}); use another checkpoint")
+        raise CheckpointError(
+            f"{path}: not a checkpoint index ({type(meta).__name__}); use another checkpoint"
+        )
     return meta
 
 
 def _plain_name(name) -> bool:
-    return isinstance(name, str) and bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
+    return (
+        isinstance(name, str)
+        and bool(name)
+        and name not in (".", "..")
+        and "/" not in name
+        and "\\" not in name
+    )
 
 
 def _itemsize(dtype) -> int:
@@ -139,12 +147,16 @@ def _vet(meta, ckpt_dir: Path) -> None:
             raise CheckpointError(f"{where}: malformed storage table; use another checkpoint")
         name = info.relative_path
         if not _plain_name(name):
-            raise CheckpointError(f"{where}: names data file {name!r} outside the folder; use another checkpoint")
+            raise CheckpointError(
+                f"{where}: names data file {name!r} outside the folder; use another checkpoint"
+            )
         if name not in sizes:
             try:
                 sizes[name] = os.stat(ckpt_dir / name).st_size
             except OSError:
-                raise CheckpointError(f"{ckpt_dir / name}: missing; copy the whole checkpoint folder") from None
+                raise CheckpointError(
+                    f"{ckpt_dir / name}: missing; copy the whole checkpoint folder"
+                ) from None
         if info.offset < 0 or info.length < 0 or info.offset + info.length > sizes[name]:
             raise CheckpointError(
                 f"{ckpt_dir / name}: shorter than its index says (truncated copy?); copy the whole checkpoint folder"

@@ -140,7 +140,8 @@ def safetensors_shapes(files: list[Path] | Path) -> dict[str, tuple[int, ...]]:
     for file in [files] if isinstance(files, (str, Path)) else files:
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
-                for key in f.keys():
+                names = f.keys()  # safe_open is not iterable
+                for key in names:
                     shapes[key] = tuple(f.get_slice(key).get_shape())
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own types for damaged files
             raise CheckpointError(f"{file}: unreadable safetensors file ({exc}); re-export it") from None

@@ -17,7 +17,9 @@ def load_weights_only(path: str | Path, what: str, error=CheckpointError):
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        reason = "it holds pickled objects other than tensors, which lmforge does not load (they can run code)"
+        reason = (
+            "it holds pickled objects other than tensors, which lmforge does not load (they can run code)"
+        )
     except Exception as exc:  # noqa: BLE001 - a damaged or foreign file, whatever torch raises
         reason = f"not a torch.save file ({type(exc).__name__})"
     raise error(f"{path}: refused as {what}: {reason}; save plain tensors (a state_dict) instead")
