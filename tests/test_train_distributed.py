@@ -72,7 +72,7 @@ def test_ddp_matches_one_process_and_fsdp_checkpoint_resumes_in_one_process(tmp_
         assert max(abs(single[s] - ddp[s]) for s in single) < 1e-5
         _torchrun(tmp_path, _cfg(tmp_path, data, "fsdp", parallel__strategy="fsdp"))
         fsdp_ckpt = tmp_path / "runs" / "fsdp" / "checkpoints" / "step_2"
-        assert (fsdp_ckpt / "rank_1.pt").is_file()
+        assert (fsdp_ckpt / "rank_1.safetensors").is_file()
         resumed = run_training(_cfg(tmp_path, data, "one", train__resume=str(fsdp_ckpt)))
     finally:
         torch.set_num_threads(before)

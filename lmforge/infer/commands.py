@@ -176,8 +176,16 @@ def export_checkpoint(checkpoint, out, fmt="hf", dtype=None, overwrite=False) ->
     if fmt == "safetensors":
         return save_weights(state, cfg, out, dtype=dtype, tokenizer=tokenizer, overwrite=overwrite)
 
+    # A model lmforge trained saw BOS before every document: the export tokenizes the same way
+    # (an imported model's tokenizer files go out as they came in).
     return export_hf(
-        state, cfg.model, out, dtype=dtype, tokenizer=tokenizer_source(tokenizer), overwrite=overwrite
+        state,
+        cfg.model,
+        out,
+        dtype=dtype,
+        tokenizer=tokenizer_source(tokenizer),
+        overwrite=overwrite,
+        add_bos=bool(cfg.data.train) and use_bos(tokenizer, cfg, None),
     )
 
 

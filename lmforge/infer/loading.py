@@ -24,10 +24,10 @@ from lmforge.interop import import_hf
 from lmforge.model import Transformer
 from lmforge.tokenizer import load_tokenizer
 from lmforge.weights import files
-from lmforge.weights.checkpoint import load_checkpoint, read_state, resolve_checkpoint_dir
+from lmforge.weights.checkpoint import check_model_fits, load_checkpoint, read_state, resolve_checkpoint_dir
 from lmforge.weights.files import CONFIG_NAME
-from lmforge.weights.safetensors_io import WEIGHTS_NAME, read_safetensors
-from lmforge.weights.shapes import check_shapes, state_shapes
+from lmforge.weights.safetensors_io import WEIGHTS_NAME
+from lmforge.weights.shapes import check_shapes, config_shapes, state_shapes
 from lmforge.weights.tokenizer_files import holds_tokenizer
 
 
@@ -68,7 +68,7 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, Pat
                 f"{path}: not a .safetensors weights file; pass a checkpoint folder or export"
             )
         cfg = _run_config_from_yaml(_need(path.parent / CONFIG_NAME, path))
-        return read_safetensors(path), cfg, path.parent
+        return files.read_weights_for(path, cfg.model, path), cfg, path.parent
     step = resolve_checkpoint_dir(path)
     if step is not None:
         model, cfg = _model_from_checkpoint(step, torch.device("cpu"))
@@ -78,7 +78,7 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, Pat
         return state, config_for_model(model_cfg), path
     if (path / WEIGHTS_NAME).is_file():
         cfg = _run_config_from_yaml(_need(path / CONFIG_NAME, path / WEIGHTS_NAME))
-        return read_safetensors(path / WEIGHTS_NAME), cfg, path
+        return files.read_weights_for(path / WEIGHTS_NAME, cfg.model, path / WEIGHTS_NAME), cfg, path
     raise CheckpointError(
         f"{path}: no checkpoint here (expected state.json, a `latest` file, {WEIGHTS_NAME} + {CONFIG_NAME}, "
         "or an HF config.json); pass the folder training or `lmforge export` wrote"
@@ -92,16 +92,17 @@ def _need(config: Path, weights: Path) -> Path:
 
 
 def build_model_from_state(model_cfg: ModelConfig, state: dict, device: torch.device, source: str | Path):
-    """Instantiate the model on `device` and load `state` strictly; shape mismatches are user errors."""
-    model = _empty_model(model_cfg, device)
-    expected = model.state_dict()
+    """Instantiate the model on `device` and load `state` strictly; shape mismatches are user errors,
+    found on the meta device before the model is allocated."""
     check_shapes(
         state_shapes(state),
-        state_shapes(expected),
+        config_shapes(model_cfg),
         source,
         "the model config",
         "the checkpoint is from a different model",
     )
+    model = _empty_model(model_cfg, device)
+    expected = model.state_dict()
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
     return model.eval()
 
@@ -137,6 +138,7 @@ def _model_from_checkpoint(step: Path, device: torch.device):
     if not isinstance(saved, dict):
         raise CheckpointError(f"{step}: state.json holds no run config; the model shape is unknown")
     cfg = config_from_dict(saved, str(step / "state.json"))
+    check_model_fits(step, cfg.model)  # state.json's claim against the data, before allocating it
     model = _empty_model(cfg.model, device)
     load_checkpoint(step, model, model_cfg=cfg.model.model_dump(mode="json"))
     return model.eval(), cfg

@@ -75,7 +75,53 @@ def _token_ids(tokenizer: str | Path | None) -> dict[str, int | None]:
     return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
 
 
-def _copy_tokenizer(src: Path, dst: Path, ids: dict[str, int | None]) -> None:
+def _bos_template(bos: str, bos_id: int) -> dict:
+    """The tokenizers post-processor that puts BOS first (Llama's `<s> $A`)."""
+    token = {"SpecialToken": {"id": bos, "type_id": 0}}
+    return {
+        "type": "TemplateProcessing",
+        "single": [token, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [token, {"Sequence": {"id": "A", "type_id": 0}}, token, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}},
+    }
+
+
+def _puts_bos_first(processor, bos: str) -> bool:
+    if not isinstance(processor, dict):
+        return False
+    if processor.get("type") == "Sequence":
+        return any(_puts_bos_first(p, bos) for p in processor.get("processors") or [])
+    first = (processor.get("single") or [{}])[0] if processor.get("type") == "TemplateProcessing" else {}
+    return isinstance(first, dict) and (first.get("SpecialToken") or {}).get("id") == bos
+
+
+def _add_bos_rule(dst: Path, bos_id: int) -> None:
+    """Make transformers' AutoTokenizer put BOS first, as lmforge's training did: a template
+    post-processor in tokenizer.json (what transformers 4 and 5 apply) and add_bos_token in
+    tokenizer_config.json (what a SentencePiece LlamaTokenizer and transformers 5 read)."""
+    spec_path, config_path = dst / "tokenizer.json", dst / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    if spec_path.is_file():
+        spec = json.loads(spec_path.read_text(encoding="utf-8"))
+        names = {t["id"]: t["content"] for t in spec.get("added_tokens", [])}
+        bos = names.get(bos_id) or next((k for k, v in (spec.get("model") or {}).get("vocab", {}).items()
+                                         if v == bos_id), None)  # fmt: skip
+        if bos is None:
+            return
+        processor = spec.get("post_processor")
+        if not _puts_bos_first(processor, bos):
+            template = _bos_template(bos, bos_id)
+            keep = processor if isinstance(processor, dict) and processor.get("type") != "TemplateProcessing" else None
+            spec["post_processor"] = {"type": "Sequence", "processors": [keep, template]} if keep else template
+            spec_path.write_text(json.dumps(spec, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        config.setdefault("bos_token", bos)
+    elif not (dst / "tokenizer.model").is_file():
+        return  # tiktoken files: transformers has no BOS rule to set
+    config.update(add_bos_token=True, add_eos_token=False)
+    config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def _copy_tokenizer(src: Path, dst: Path, ids: dict[str, int | None], add_bos: bool = False) -> None:
     copied = copy_tokenizer_files(src, dst)
     if "tokenizer.json" in copied and "tokenizer_config.json" not in copied and src.is_dir():
         # A bare tokenizers file: tell AutoTokenizer which class wraps it and which tokens are special.
@@ -87,6 +133,8 @@ def _copy_tokenizer(src: Path, dst: Path, ids: dict[str, int | None]) -> None:
             if token_id in names:
                 meta[f"{role}_token"] = names[token_id]
         (dst / "tokenizer_config.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    if add_bos and ids.get("bos_token_id") is not None:
+        _add_bos_rule(dst, ids["bos_token_id"])
 
 
 def export_hf(
@@ -100,11 +148,14 @@ def export_hf(
     eos_token_id: int | None = None,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    add_bos: bool = False,
 ) -> Path:
     """Write `out_dir` as a Hugging Face model folder and return its path.
 
     dtype: tensors are cast to it (None keeps the weights' dtype). tokenizer: a folder or file
-    to copy along; its BOS/EOS/PAD ids go into the configs unless given explicitly.
+    to copy along; its BOS/EOS/PAD ids go into the configs unless given explicitly. add_bos: the
+    model was trained with BOS before every document, so the exported tokenizer files make
+    transformers put it first too (otherwise they are copied as they are).
     Raises LmforgeError, before anything is written, when the model cannot be represented
     exactly by any of the supported HF classes.
     """
@@ -131,7 +182,7 @@ def export_hf(
     with output_dir(out_dir, overwrite, kind="hf", info={"dtype": written}) as tmp:
         write_safetensors(tensors, tmp / WEIGHTS_NAME, max_shard_bytes=max_shard_bytes)
         if tokenizer is not None:
-            _copy_tokenizer(Path(tokenizer), tmp, ids)
+            _copy_tokenizer(Path(tokenizer), tmp, ids, add_bos)
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
         # config.json last: a folder with it is a complete export.
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")

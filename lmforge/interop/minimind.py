@@ -38,6 +38,7 @@ from lmforge.weights.dtypes import resolve_dtype
 from lmforge.weights.outdir import check_output_dir, output_dir
 from lmforge.weights.shapes import config_shapes
 from lmforge.weights.tokenizer_files import copy_tokenizer_files
+from lmforge.weights.torch_pickle import load_weights_only
 
 _LAYER = {
     "attention_norm.weight": "input_layernorm.weight",
@@ -83,11 +84,7 @@ def minimind_name(ours: str) -> str:
 def _load_pth(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise LmforgeError(f"{path}: no such file; pass the .pth MiniMind's trainer saved")
-    try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle refusing a non-tensor object, or a damaged file
-        first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
-        raise LmforgeError(f"{path}: not a weights-only MiniMind state dict ({first})") from None
+    data = load_weights_only(path, "a MiniMind checkpoint", error=LmforgeError)
     if isinstance(data, dict) and isinstance(data.get("model"), dict):  # a *_resume.pth
         data = data["model"]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):

@@ -2,7 +2,8 @@
 
 checkpoint.py        DCP training-checkpoint folders: save, load, the complete/latest rule,
                      temporaries, resume resolution
-safe_meta.py         the allow-list unpickler for DCP's `.metadata` index
+safe_meta.py         the exact allow-list unpickler and vetting of DCP's `.metadata` index
+torch_pickle.py      the one torch.load (weights_only), refusals as one line
 files.py             lmforge's weights-only forms (folder / lone file), consolidation
 safetensors_io.py    the one safetensors writer and reader; HF folder weight files
 shapes.py            the one shape-compatibility check and its error wording

@@ -3,16 +3,18 @@
 Layout of `<checkpoint dir>/step_<N>/`:
   .metadata, __*.distcp   model and optimizer tensors (DCP: sharded by FSDP/TP, reshardable,
                           also written and read by a single process without a process group)
-  rank_<r>.pt             per-rank RNG states (tensors and plain values only, read back with
-                          weights_only=True)
+  rank_<r>.safetensors    per-rank RNG states: the tensors, and the plain values as JSON in its
+                          header (nothing pickled; older checkpoints' rank_<r>.pt are still read,
+                          with torch.load(weights_only=True))
   state.json              counters, scheduler position, scaler, loader state, the resolved config;
                           written last inside the folder
 A checkpoint is written into `step_<N>.tmp-<id>`, synced, renamed to `step_<N>`, and only then is
 `latest` (a one-line text file, replaced atomically) pointed at it. A crash at any moment leaves
 the earlier checkpoints and `latest` untouched; `*.tmp-*` leftovers are removed on the next save
 or resume. Only tensors go through DCP (optimizer hyper-parameters are not saved: on resume they
-are the run config's, built into the optimizer it passes in), so loading never reaches DCP's pickle path for non-tensor values, and its `.metadata` index is vetted by
-`safe_meta` before DCP reads it.
+are the run config's, built into the optimizer it passes in; `save_checkpoint` refuses anything
+else), so no checkpoint lmforge writes has a bytes entry, and one that declares any is refused:
+DCP reads the index `safe_meta` vetted (SafeFileSystemReader), never unpickling it itself.
 """
 
 from __future__ import annotations
@@ -40,11 +42,15 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lmforge.errors import CheckpointError
-from lmforge.weights.safe_meta import tensor_shapes
-from lmforge.weights.shapes import check_shapes, model_state_shapes
+from lmforge.model.config import ModelConfig
+from lmforge.weights.safe_meta import SafeFileSystemReader, tensor_shapes
+from lmforge.weights.safetensors_io import read_safetensors_with_metadata, write_safetensors
+from lmforge.weights.shapes import check_shapes, config_shapes, model_state_shapes
+from lmforge.weights.torch_pickle import load_weights_only
 
 STEP_RE = re.compile(r"^step_(\d+)$")
 STATE_FILE = "state.json"
+RANK_STATE_KEY = "lmforge_rank_state"
 # Model config keys that do not change any tensor's shape; every other key must match on resume.
 NON_SHAPE_KEYS = {
     "preset",
@@ -214,9 +220,11 @@ def save_checkpoint(
             tmp.mkdir()
         _barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
+        tensors = {"model": model_sd, "optim": {"state": optim_sd["state"]}}
+        _refuse_non_tensors(tensors, "")
         with quiet_single_process():
-            dcp.save({"model": model_sd, "optim": {"state": optim_sd["state"]}}, checkpoint_id=str(tmp))
-        torch.save(rank_state, tmp / f"rank_{_rank()}.pt")
+            dcp.save(tensors, checkpoint_id=str(tmp))
+        _save_rank_state(rank_state, tmp / f"rank_{_rank()}.safetensors")
         _barrier()
         if _rank() == 0:
             full = dict(state, step=step)
@@ -244,6 +252,64 @@ def save_checkpoint(
         )
     _barrier()
     return final
+
+
+def _refuse_non_tensors(tree: dict, prefix: str) -> None:
+    """DCP pickles any non-tensor value (BytesStorageMetadata) and unpickles it on load, so a
+    checkpoint lmforge writes holds tensors only; this is a programming error, not a user's."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            _refuse_non_tensors(value, f"{prefix}{key}.")
+        elif not isinstance(value, torch.Tensor):
+            raise TypeError(f"checkpoint entry {prefix}{key} is a {type(value).__name__}, not a tensor")
+
+
+def _pack(value, tensors: dict[str, torch.Tensor]):
+    """A JSON tree of `value` with each tensor replaced by {"tensor": name} (stored in `tensors`)."""
+    if isinstance(value, torch.Tensor):
+        name = str(len(tensors))
+        tensors[name] = value.detach().cpu().contiguous()
+        return {"tensor": name}
+    if isinstance(value, dict):
+        return {"dict": {str(k): _pack(v, tensors) for k, v in value.items()}}
+    if isinstance(value, (list, tuple)):
+        return {"list": [_pack(v, tensors) for v in value]}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return {"value": value}
+    raise TypeError(f"rank state holds a {type(value).__name__}; only tensors and plain values are saved")
+
+
+def _unpack(node, tensors: dict[str, torch.Tensor]):
+    ((kind, body),) = node.items()
+    if kind == "tensor":
+        return tensors[body]
+    if kind == "dict":
+        return {k: _unpack(v, tensors) for k, v in body.items()}
+    if kind == "list":
+        return [_unpack(v, tensors) for v in body]
+    if kind == "value":
+        return body
+    raise ValueError(f"unknown node {kind!r}")
+
+
+def _save_rank_state(rank_state: dict, path: Path) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    tree = json.dumps(_pack(rank_state, tensors))
+    write_safetensors(tensors, path, {RANK_STATE_KEY: tree})
+
+
+def _load_rank_state(path: Path):
+    """This rank's state from rank_<r>.safetensors (or an older checkpoint's rank_<r>.pt)."""
+    new, old = path / f"rank_{_rank()}.safetensors", path / f"rank_{_rank()}.pt"
+    if new.is_file():
+        tensors, meta = read_safetensors_with_metadata(new)
+        try:
+            return _unpack(json.loads(meta[RANK_STATE_KEY]), tensors)
+        except (KeyError, ValueError, TypeError, AttributeError):
+            raise CheckpointError(f"{new}: not an lmforge rank state; pick another step folder") from None
+    if old.is_file():  # torch's weights-only unpickler: an exact allow-list of tensor rebuilders
+        return load_weights_only(old, "a checkpoint's RNG state")
+    return None
 
 
 def _publish(root: Path, tmp: Path, final: Path) -> None:
@@ -328,10 +394,21 @@ def model_config_diff(saved: dict, current: dict, prefix: str = "model") -> list
     return diffs
 
 
+def _flat_shapes(tree: dict, prefix: str) -> dict[str, tuple[int, ...]]:
+    """Global shapes of a nested state dict under the dotted names DCP saves them with."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat_shapes(value, f"{prefix}{key}."))
+        elif isinstance(value, torch.Tensor):
+            out[f"{prefix}{key}"] = tuple(value.shape)
+    return out
+
+
 def check_compatible(
-    path: Path, model: torch.nn.Module, model_cfg: dict | None, saved_cfg: dict | None, partial: bool = False
+    path: Path, model: torch.nn.Module, model_cfg: dict | None, saved_cfg: dict | None, optim_state=None, partial: bool = False
 ) -> None:
-    """Refuse a checkpoint whose model differs in shape, naming the keys."""
+    """Refuse a checkpoint whose model (or optimizer state) differs in shape, naming the keys."""
     hint = "fix the model config to match it, or start a fresh run with train.resume=never"
     if model_cfg is not None and saved_cfg is not None:
         diffs = model_config_diff(saved_cfg, model_cfg)
@@ -339,12 +416,25 @@ def check_compatible(
             raise CheckpointError(
                 f"{path}: checkpoint model differs from this run's: {', '.join(diffs)}; {hint}"
             )
-    want, have = model_state_shapes(model), tensor_shapes(path)
+    saved = tensor_shapes(path, prefix="")  # vets the index: tensors only, backed by data files
+    want = model_state_shapes(model)
+    have = {k[len("model.") :]: v for k, v in saved.items() if k.startswith("model.")}
     if partial:
         # A pipeline rank holds only its stages' tensors; every other tensor is checked on the rank
         # that holds it (and another layer count is caught by the config comparison above).
         have = {k: v for k, v in have.items() if k in want}
     check_shapes(have, want, path, "this run's model", hint)
+    if optim_state is not None:
+        # Every moment this optimizer reads must be saved with its parameter's shape.
+        want = _flat_shapes(optim_state, "optim.state.")
+        have = {k: v for k, v in saved.items() if k in want}
+        check_shapes(have, want, path, "this run's optimizer state", hint)
+
+
+def check_model_fits(path: str | Path, model_cfg: ModelConfig, what: str = "its recorded model config") -> None:
+    """Before a model is allocated for a checkpoint: the shapes `model_cfg` implies (built on the
+    meta device) must be the saved ones, which `tensor_shapes` has checked are backed by data."""
+    check_shapes(tensor_shapes(path), config_shapes(model_cfg), path, what, "pick another step folder")
 
 
 def load_checkpoint(
@@ -362,29 +452,28 @@ def load_checkpoint(
             f"{path}: checkpoint folder not found; check train.resume / train.load_checkpoint"
         )
     state = read_state(path)
-    check_compatible(path, model, model_cfg, (state.get("config") or {}).get("model"), partial)
+    saved_cfg = (state.get("config") or {}).get("model")
+    if optimizer is None:
+        model_sd, optim_sd = get_model_state_dict(model), None
+        target = {"model": model_sd}
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        target = {"model": model_sd, "optim": {"state": optim_sd["state"]}}
+    check_compatible(path, model, model_cfg, saved_cfg, optim_sd["state"] if optim_sd else None, partial)
     try:
+        with quiet_single_process():
+            dcp.load(target, checkpoint_id=str(path), storage_reader=SafeFileSystemReader(str(path)))
         if optimizer is None:
-            model_sd = get_model_state_dict(model)
-            with quiet_single_process():
-                dcp.load({"model": model_sd}, checkpoint_id=str(path))
             set_model_state_dict(model, model_sd)
         else:
-            model_sd, optim_sd = get_state_dict(model, optimizer)
-            with quiet_single_process():
-                dcp.load({"model": model_sd, "optim": {"state": optim_sd["state"]}}, checkpoint_id=str(path))
             set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-    except (OSError, RuntimeError, ValueError, KeyError, dcp.api.CheckpointException) as exc:
+    except CheckpointError:
+        raise
+    except (Exception, dcp.api.CheckpointException) as exc:  # noqa: BLE001 - damaged data files
         raise CheckpointError(
             f"{path}: cannot load the checkpoint ({_describe(exc)}); pick another step folder"
         ) from None
-    rank_file = path / f"rank_{_rank()}.pt"
     rank_state = None
-    if rank_file.is_file() and state.get("world_size") == (dist.get_world_size() if _dist() else 1):
-        try:
-            rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file becomes one line
-            raise CheckpointError(
-                f"{rank_file}: unreadable ({type(exc).__name__}); pick another step folder"
-            ) from None
+    if state.get("world_size") == (dist.get_world_size() if _dist() else 1):
+        rank_state = _load_rank_state(path)
     return state, rank_state

@@ -25,11 +25,23 @@ import torch.distributed.checkpoint as dcp
 from lmforge.config import Config, config_from_dict
 from lmforge.errors import CheckpointError
 from lmforge.model import build
-from lmforge.weights.checkpoint import quiet_single_process, read_state, resolve_checkpoint_dir
+from lmforge.model.config import ModelConfig
+from lmforge.weights.checkpoint import (
+    check_model_fits,
+    quiet_single_process,
+    read_state,
+    resolve_checkpoint_dir,
+)
 from lmforge.weights.outdir import check_output_file, output_dir
-from lmforge.weights.safe_meta import tensor_shapes
-from lmforge.weights.safetensors_io import WEIGHTS_NAME, plain_tensors, write_safetensors
-from lmforge.weights.shapes import check_shapes, state_shapes
+from lmforge.weights.safe_meta import SafeFileSystemReader
+from lmforge.weights.safetensors_io import (
+    WEIGHTS_NAME,
+    plain_tensors,
+    read_safetensors,
+    safetensors_shapes,
+    write_safetensors,
+)
+from lmforge.weights.shapes import check_shapes, config_shapes
 from lmforge.weights.tokenizer_files import copy_tokenizer_files
 
 CONFIG_NAME = "config.yaml"
@@ -68,6 +80,20 @@ def write_weights_file(state: dict, cfg: Config, out_file: str | Path, dtype=Non
     return out_file
 
 
+def read_weights_for(files: list[Path] | Path, model_cfg: ModelConfig, source) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file (or shards) whose config claims `model_cfg`: the header's
+    shapes are checked against the claim (a model built on the meta device) before any tensor is
+    read, so a wrong or hostile config.yaml is one line, not an allocation of the model it claims."""
+    check_shapes(
+        safetensors_shapes(files),
+        config_shapes(model_cfg),
+        source,
+        "the model config",
+        "the config.yaml beside the weights is not theirs; restore the one exported with them",
+    )
+    return read_safetensors(files)
+
+
 def load_model_state(ckpt_dir: str | Path) -> tuple[dict[str, torch.Tensor], Config]:
     """(plain model state_dict on CPU, run Config) of a training checkpoint, in one process."""
     ckpt_dir = Path(ckpt_dir)
@@ -75,16 +101,20 @@ def load_model_state(ckpt_dir: str | Path) -> tuple[dict[str, torch.Tensor], Con
     if not isinstance(state.get("config"), dict):
         raise CheckpointError(f"{ckpt_dir}/state.json: no run config recorded; the model shape is unknown")
     cfg = config_from_dict(state["config"], f"{ckpt_dir}/state.json")
-    saved = tensor_shapes(ckpt_dir)  # also vets the DCP index before dcp.load unpickles it
+    # Shapes first, on the meta device: state.json's claim must be what the data files hold
+    # before a byte is allocated for it (the index is vetted there too).
+    check_model_fits(ckpt_dir, cfg.model)
     model = build(cfg.model, "cpu")
     sd = model.state_dict()
-    check_shapes(saved, state_shapes(sd), ckpt_dir, "its own recorded model config", "pick another step")
     try:
         # Inside a live process group, read this checkpoint alone rather than collectively.
         extra = {"no_dist": True} if dist.is_available() and dist.is_initialized() else {}
         with quiet_single_process():
-            dcp.load({"model": sd}, checkpoint_id=str(ckpt_dir), **extra)
+            reader = SafeFileSystemReader(str(ckpt_dir))
+            dcp.load({"model": sd}, checkpoint_id=str(ckpt_dir), storage_reader=reader, **extra)
     # DCP's CheckpointException derives from BaseException, so `Exception` alone misses it.
+    except CheckpointError:
+        raise
     except (Exception, dcp.api.CheckpointException) as exc:  # noqa: BLE001 - I/O and shape errors
         raise CheckpointError(
             f"{ckpt_dir}: cannot read the checkpoint ({type(exc).__name__}); pick another step"

@@ -38,10 +38,23 @@ def plain_tensors(state: dict, dtype: str | torch.dtype | None = None) -> dict[s
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: Path) -> None:
+    """Give a written file the mode `open()` would (0666 minus the umask): safetensors (0.6+)
+    creates its files 0600 through a temporary file, unlike every other file we write."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata=metadata)
+        honour_umask(tmp)
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -108,6 +121,31 @@ def read_safetensors(files: list[Path] | Path) -> dict[str, torch.Tensor]:
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own types for damaged files
             raise CheckpointError(f"{file}: unreadable safetensors file ({exc}); re-export it") from None
     return tensors
+
+
+def read_safetensors_with_metadata(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, the header's string metadata) of one file; a damaged file is one CheckpointError."""
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own types for damaged files
+        raise CheckpointError(f"{file}: unreadable safetensors file ({exc}); re-export it") from None
+    return read_safetensors(file), meta
+
+
+def safetensors_shapes(files: list[Path] | Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape from the headers only (no tensor data is read). safetensors checks when
+    opening that the header's offsets fit the file, so these shapes are backed by real bytes."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in [files] if isinstance(files, (str, Path)) else files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                names = f.keys()  # safe_open is not iterable
+                for key in names:
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own types for damaged files
+            raise CheckpointError(f"{file}: unreadable safetensors file ({exc}); re-export it") from None
+    return shapes
 
 
 def read_json_object(path: Path) -> dict:
