@@ -109,6 +109,8 @@ def cmd_tokenizer(args) -> None:
 def cmd_prepare(args) -> None:
     from lmforge.data.prepare import prepare_dataset
 
+    if not 0 < args.chunk_mb < float("inf"):  # also NaN: a unit must hold some input
+        raise LmforgeError(f"--chunk-mb {args.chunk_mb:g}: must be a positive number of MB (default 64)")
     prepare_dataset(
         args.input,
         args.tokenizer,

@@ -36,8 +36,9 @@ class DatasetSpec(Section):
 class DataConfig(Section):
     # Prepared dataset folders (output of `lmforge prepare`); several are mixed by weight.
     train: list[DatasetSpec] = Field(default_factory=list)
-    # Validation data; None means the `val` split of the first training dataset.
-    valid: str | None = None
+    # Validation data: prepared folders whose `val` splits are evaluated together (a path or a
+    # list, like train); None means the `val` split of the first training dataset.
+    valid: list[str] | None = None
     mode: Literal["packed", "padded"] = "packed"
     seq_len: int = Field(512, ge=1)
     shuffle: bool = True
@@ -58,6 +59,8 @@ class DataConfig(Section):
                 train = [train]
             if isinstance(train, list):
                 value = {**value, "train": [{"path": t} if isinstance(t, str) else t for t in train]}
+        if isinstance(value, dict) and isinstance(value.get("valid"), str):  # `data.valid: path`
+            value = {**value, "valid": [value["valid"]]}
         return value
 
 

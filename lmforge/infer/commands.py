@@ -259,8 +259,13 @@ def predict_from_config(cfg: Config, out=None) -> list[str]:
 def evaluate_from_config(cfg: Config, out=None) -> dict:
     """run_mode eval: loss and perplexity on the run's validation data."""
     out = out or sys.stdout
+    if cfg.data.valid and len(cfg.data.valid) > 1:
+        raise LmforgeError(
+            f"data.valid: run_mode eval reports one folder, got {len(cfg.data.valid)}; "
+            "evaluate each with lmforge eval --checkpoint CKPT --data FOLDER"
+        )
     if cfg.data.valid:
-        data = cfg.data.valid
+        data = cfg.data.valid[0]
     elif cfg.data.train:
         data = cfg.data.train[0].path
     else:

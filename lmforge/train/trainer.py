@@ -64,10 +64,9 @@ def _check_inputs(cfg) -> None:
             raise ConfigError(
                 f"data.train: {spec.path} is not a folder; run `lmforge prepare` or fix the path"
             )
-    if cfg.data.valid is not None and not Path(cfg.data.valid).is_dir():
-        raise ConfigError(
-            f"data.valid: {cfg.data.valid} is not a folder; run `lmforge prepare` or fix the path"
-        )
+    for valid in cfg.data.valid or []:
+        if not Path(valid).is_dir():
+            raise ConfigError(f"data.valid: {valid} is not a folder; run `lmforge prepare` or fix the path")
 
 
 def run_training(cfg) -> dict:
