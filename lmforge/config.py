@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -292,6 +292,28 @@ class Config(Section):
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_yaml(), encoding="utf-8")
+
+    def help_yaml(self) -> str:
+        """to_yaml() with the keys of each unset optional section (model.moe, model.rope_scaling)
+        shown as a comment under its `null`, so --help-config lists every key there is."""
+        hints = {}
+        for name in type(self).model_fields:
+            section = getattr(self, name)
+            for key, field in type(section).model_fields.items() if isinstance(section, Section) else ():
+                sub = next((t for t in get_args(field.annotation) if isinstance(t, type) and issubclass(t, Section)), None)
+                if sub is not None and getattr(section, key) is None:
+                    flow = yaml.safe_dump(sub().model_dump(mode="json"), default_flow_style=True, sort_keys=False, width=1 << 20)
+                    hints[(name, key)] = f"  # {key}: {flow.strip()}  (null = off; these are the defaults when set)"
+        lines, top = [], None
+        for line in self.to_yaml().splitlines():
+            lines.append(line)
+            if line and not line[0].isspace():
+                top = line.split(":", 1)[0]
+            elif line.startswith("  ") and not line.startswith("   ") and line.endswith(": null"):
+                hint = hints.get((top, line.strip().split(":", 1)[0]))
+                if hint:
+                    lines.append(hint)
+        return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
