@@ -51,7 +51,7 @@ def cmd_train(args) -> None:
     cfg = _train_config(args)
     if args.help_config:
         print("# lmforge run config (every key, with its value or default)")
-        print(cfg.to_yaml(), end="")
+        print(cfg.help_yaml(), end="")
         return
     if cfg.run_mode == "predict":
         from lmforge.infer import predict_from_config
@@ -77,6 +77,7 @@ def cmd_demo(args) -> None:
         max_steps=args.max_steps,
         workers=args.workers,
         quick=args.quick,
+        fmt=args.format,
     )
 
 
@@ -109,6 +110,8 @@ def cmd_tokenizer(args) -> None:
 def cmd_prepare(args) -> None:
     from lmforge.data.prepare import prepare_dataset
 
+    if not 0 < args.chunk_mb < float("inf"):  # also NaN: a unit must hold some input
+        raise LmforgeError(f"--chunk-mb {args.chunk_mb:g}: must be a positive number of MB (default 64)")
     prepare_dataset(
         args.input,
         args.tokenizer,
@@ -161,6 +164,7 @@ def cmd_generate(args) -> None:
         interactive=args.interactive,
         device=args.device,
         bos=args.bos,
+        tokenizer=args.tokenizer,
     )
 
 
@@ -168,7 +172,9 @@ def cmd_export(args) -> None:
     from lmforge.infer import export_checkpoint
 
     fmt, dtype = args.format, args.dtype
-    print(export_checkpoint(args.checkpoint, args.out, fmt=fmt, dtype=dtype, overwrite=args.overwrite))
+    out = export_checkpoint(args.checkpoint, args.out, fmt=fmt, dtype=dtype, overwrite=args.overwrite,
+                            tokenizer=args.tokenizer)  # fmt: skip
+    print(out)
 
 
 def cmd_import(args) -> None:

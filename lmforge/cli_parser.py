@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="folder for everything the demo writes")
     p.add_argument("--corpus", default="demo", help="corpus name for `data fetch`")
     p.add_argument("--input", nargs="+", default=None, help="use these local text files instead of fetching")
+    p.add_argument("--format", default="auto", help="--input's format: auto, txt, jsonl, paragraphs, wikitext, parquet")
     p.add_argument("--max-steps", type=int, default=None, help="override the demo config's train.max_steps")
     p.add_argument("--workers", type=int, default=2, help="processes for data preparation")
     p.add_argument("--quick", action="store_true", help="a tiny model and a few steps (for tests)")
@@ -162,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="", help="prompt text")
     _add_sampling(p)
     p.add_argument("--interactive", action="store_true", help="read prompts from stdin in a loop")
+    p.add_argument(
+        "--tokenizer", default=None, help="tokenizer folder or file (default: the one saved with the weights or the run's)"
+    )
     _add_device_and_bos(p)
 
     p = _sub(sub, "export", "write a checkpoint as a Hugging Face folder, safetensors weights, GGUF or MiniMind .pth")
@@ -170,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", default="hf", choices=["hf", "safetensors", "gguf", "minimind"], help="output format"
     )
     p.add_argument("--out", required=True, help="output folder (a .gguf file for --format gguf)")
+    p.add_argument(
+        "--tokenizer", default=None, help="tokenizer folder or file (default: the one saved with the weights or the run's)"
+    )
     p.add_argument(
         "--dtype",
         default=None,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -35,8 +35,9 @@ class DatasetSpec(Section):
 class DataConfig(Section):
     # Prepared dataset folders (output of `lmforge prepare`); several are mixed by weight.
     train: list[DatasetSpec] = Field(default_factory=list)
-    # Validation data; None means the `val` split of the first training dataset.
-    valid: str | None = None
+    # Validation data: prepared folders whose `val` splits are evaluated together (a path or a
+    # list, like train); None means the `val` split of the first training dataset.
+    valid: list[str] | None = None
     mode: Literal["packed", "padded"] = "packed"
     seq_len: int = Field(512, ge=1)
     shuffle: bool = True
@@ -57,6 +58,8 @@ class DataConfig(Section):
                 train = [train]
             if isinstance(train, list):
                 value = {**value, "train": [{"path": t} if isinstance(t, str) else t for t in train]}
+        if isinstance(value, dict) and isinstance(value.get("valid"), str):  # `data.valid: path`
+            value = {**value, "valid": [value["valid"]]}
         return value
 
 
@@ -289,6 +292,28 @@ class Config(Section):
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_yaml(), encoding="utf-8")
+
+    def help_yaml(self) -> str:
+        """to_yaml() with the keys of each unset optional section (model.moe, model.rope_scaling)
+        shown as a comment under its `null`, so --help-config lists every key there is."""
+        hints = {}
+        for name in type(self).model_fields:
+            section = getattr(self, name)
+            for key, field in type(section).model_fields.items() if isinstance(section, Section) else ():
+                sub = next((t for t in get_args(field.annotation) if isinstance(t, type) and issubclass(t, Section)), None)
+                if sub is not None and getattr(section, key) is None:
+                    flow = yaml.safe_dump(sub().model_dump(mode="json"), default_flow_style=True, sort_keys=False, width=1 << 20)
+                    hints[(name, key)] = f"  # {key}: {flow.strip()}  (null = off; these are the defaults when set)"
+        lines, top = [], None
+        for line in self.to_yaml().splitlines():
+            lines.append(line)
+            if line and not line[0].isspace():
+                top = line.split(":", 1)[0]
+            elif line.startswith("  ") and not line.startswith("   ") and line.endswith(": null"):
+                hint = hints.get((top, line.strip().split(":", 1)[0]))
+                if hint:
+                    lines.append(hint)
+        return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------

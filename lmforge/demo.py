@@ -70,8 +70,10 @@ def run_demo(
     max_steps: int | None = None,
     workers: int = 2,
     quick: bool = False,
+    fmt: str = "auto",
 ) -> dict:
-    """Run the pipeline into `out_dir`; returns the figures of the final table."""
+    """Run the pipeline into `out_dir`; returns the figures of the final table. `fmt` is the
+    format of `inputs` (as `prepare --format`: auto by extension, txt, jsonl, paragraphs, ...)."""
     from lmforge.config import config_from_dict
     from lmforge.data.prepare import prepare_dataset
     from lmforge.data.token_dataset import TokenDataset
@@ -101,7 +103,8 @@ def run_demo(
         sources = [str(fetch_corpus(corpus, out / "raw"))]
 
     _say(f"training a {VOCAB_SIZE}-token byte-level BPE tokenizer")
-    tok_dir = train_tokenizer(sources, VOCAB_SIZE, out / "tokenizer")
+    fmt = fmt if inputs else "auto"  # a fetched corpus names its own format
+    tok_dir = train_tokenizer(sources, VOCAB_SIZE, out / "tokenizer", fmt=fmt)
     tokenizer = load_tokenizer(tok_dir)
     _say(f"preparing token shards with {workers} workers")
     data_dir = out / "data"
@@ -111,6 +114,7 @@ def run_demo(
         data_dir,
         workers=workers,
         val_fraction=VAL_FRACTION,
+        fmt=fmt,
         progress=False,
         overwrite=True,
     )

@@ -32,11 +32,12 @@
 #                                which resumes from its latest checkpoint (train.resume=auto)
 #   LAUNCH_DRY_RUN=1 (env)    -> print msrun's reading and the torchrun command, start nothing
 #
-# Interpreter: $PYTHON if set, else the active virtual environment's, else this checkout's .venv,
-# else the interpreter of the `lmforge` command on PATH, else python3/python on PATH; whichever is
-# chosen must import lmforge (a `python` without it is never used silently).
+# Interpreter: $PYTHON if set, else the interpreter of an `lmforge` COMMAND gives by path
+# (/opt/env/bin/lmforge train ...: its shebang), else the active virtual environment's, else this
+# checkout's .venv, else the interpreter of the `lmforge` command on PATH, else python3/python on
+# PATH; whichever is chosen must import lmforge (a `python` without it is never used silently).
 #
-# COMMAND: `lmforge ...` runs `python -m lmforge ...` (same interpreter, no PATH lookup); `python [-u] x.py args`
+# COMMAND: `lmforge ...` (or `/path/to/lmforge ...`) runs `python -m lmforge ...` (same interpreter, no PATH lookup); `python [-u] x.py args`
 # and `python -m mod args` drop the interpreter (torchrun starts Python itself); `x.py args` runs
 # the script. MindFormers' `run_mindformer.py` / `run_llama3.py ...` (when no such file exists)
 # become `lmforge train ...`, whose CLI accepts --config, --run_mode, --train_dataset_dir,
@@ -80,17 +81,31 @@ MSRUN+=" --join=$( ((JOIN)) && echo True || echo False) --cluster_time_out=$CLUS
 NNODES=$(( WORKER_NUM / LOCAL_WORKER ))
 (( NODE_RANK < NNODES )) || die "node_rank $NODE_RANK must be below the number of nodes $NNODES (worker_num/local_worker)"
 
+# Split COMMAND as the shell would (quotes respected); its first word may name the interpreter.
+eval "set -- $COMMAND"
+[[ $# -ge 1 ]] || die "COMMAND is empty"
+
 # The interpreter that has lmforge installed (see the header).
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+interpreter_of() {  # the interpreter in an entry point's #!/... line (without its arguments)
+  local shebang
+  shebang=$(head -n1 "$1" 2>/dev/null || true)
+  [[ $shebang == '#!'/* ]] && { shebang=${shebang#\#!}; echo "${shebang%% *}"; }
+  return 0
+}
 candidates=()
 if [[ -n ${PYTHON:-} ]]; then
   candidates=("$PYTHON")
 else
+  if [[ $1 == */lmforge && -f $1 ]]; then
+    interp=$(interpreter_of "$1")
+    [[ -n $interp ]] && candidates+=("$interp")
+  fi
   [[ -n ${VIRTUAL_ENV:-} ]] && candidates+=("$VIRTUAL_ENV/bin/python")
   candidates+=("$ROOT/.venv/bin/python")
   if entry=$(command -v lmforge 2>/dev/null); then
-    shebang=$(head -n1 "$entry" 2>/dev/null || true)
-    [[ $shebang == '#!'/* ]] && candidates+=("${shebang#\#!}")
+    interp=$(interpreter_of "$entry")
+    [[ -n $interp ]] && candidates+=("$interp")
   fi
   candidates+=(python3 python)
 fi
@@ -100,9 +115,7 @@ for candidate in "${candidates[@]}"; do
 done
 [[ -n $PY ]] || die "no Python with lmforge and torch found (tried: ${candidates[*]}); set PYTHON=/path/to/python"
 
-# Split COMMAND as the shell would (quotes respected), then map it onto torchrun's program form.
-eval "set -- $COMMAND"
-[[ $# -ge 1 ]] || die "COMMAND is empty"
+# Map COMMAND (split above) onto torchrun's program form.
 PROGRAM=()
 case $1 in
   python|python3|python3.*|*/python|*/python3|*/python3.*)
@@ -112,7 +125,7 @@ case $1 in
 esac
 case $1 in
   -m) PROGRAM=("$@") ;;
-  lmforge) PROGRAM=(-m lmforge "${@:2}") ;;  # same interpreter as torchrun, no PATH lookup
+  lmforge|*/lmforge) PROGRAM=(-m lmforge "${@:2}") ;;  # same interpreter as torchrun, no PATH lookup
   run_mindformer.py|run_llama3.py|*/run_mindformer.py|*/run_llama3.py)
     if [[ -f $1 ]]; then PROGRAM=("$@"); else PROGRAM=(-m lmforge train "${@:2}"); fi ;;
   *.py) PROGRAM=("$@") ;;

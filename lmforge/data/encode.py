@@ -43,6 +43,16 @@ def unit_phase(unit_id: int, q: int) -> int:
     return 0 if unit_id == 0 else (unit_id * 2654435761) % q
 
 
+def doc_is_val(k: int, p: int, q: int) -> bool:
+    """The split rule for one document (k = j + phase): ceil((k+1)*p/q) > ceil(k*p/q)."""
+    return p > 0 and -(-(k + 1) * p // q) > -(-k * p // q)
+
+
+def is_streamed_txt(unit: dict[str, Any]) -> bool:
+    """A whole .txt file is one document of any size: encoded piece by piece, never held whole."""
+    return unit["kind"] == "file" and unit["fmt"] == "txt"
+
+
 def record_path(out: Path, unit_id: int) -> Path:
     return out / STATE_DIR / f"u{unit_id:05d}.json"
 
@@ -81,6 +91,30 @@ def _encode(tok, texts: list[str], dtype) -> tuple[np.ndarray, np.ndarray]:
     return flat, lengths
 
 
+def _encode_txt_unit(unit, job, tok, dtype, stats, writers, report) -> tuple[int, int, int, int]:
+    """(documents, tokens, text bytes, bytes reported) of a .txt unit: its one document's split is
+    decided before anything is encoded, then each piece's ids go straight into that split's shard."""
+    from lmforge.data.units import txt_unit_pieces
+
+    val = doc_is_val(unit_phase(unit["id"], job["q"]), job["p"], job["q"])
+    writer = writers["val" if val else "train"]
+    head = [] if tok.bos_id is None else [tok.bos_id]
+    tokens = text_bytes = seen = 0
+    for piece in txt_unit_pieces(unit, stats, job["strict"]):
+        ids = np.asarray(head + tok.encode(piece), dtype=dtype)
+        head = []
+        writer.add_document_part(ids, end=False)
+        tokens += ids.size
+        text_bytes += len(piece.encode("utf-8"))
+        if report is not None:
+            report(stats.bytes - seen, ids.size)
+            seen = stats.bytes
+    if tokens == 0:
+        return 0, 0, 0, seen
+    writer.add_document_part(np.asarray([tok.eos_id], dtype=dtype), end=True)
+    return 1, tokens + 1, text_bytes, seen
+
+
 def encode_unit(unit: dict[str, Any], job: dict[str, Any], tok, report=None) -> dict[str, Any]:
     """Read, tokenize and write one unit; returns (and stores) its record. `report(bytes, tokens)`
     is called as input is consumed (progress)."""
@@ -93,11 +127,14 @@ def encode_unit(unit: dict[str, Any], job: dict[str, Any], tok, report=None) -> 
     remove_unit_files(out, uid)
     stats, counters = SourceStats(), {"empty_documents": 0}
     phase, j, tokens, text_bytes, seen = unit_phase(uid, q), 0, 0, 0, 0
-    docs = iter_unit(unit, job["text_field"], stats, job["strict"])
+    docs = () if is_streamed_txt(unit) else iter_unit(unit, job["text_field"], stats, job["strict"])
     with (
         ShardWriter(out, "train", job["dtype"], job["shard_tokens"], prefix=f"train-u{uid:05d}") as train_w,
         ShardWriter(out, "val", job["dtype"], job["shard_tokens"], prefix=f"val-u{uid:05d}") as val_w,
     ):
+        if is_streamed_txt(unit):
+            writers = {"train": train_w, "val": val_w}
+            j, tokens, text_bytes, seen = _encode_txt_unit(unit, job, tok, dtype, stats, writers, report)
         for texts, nbytes in _batches(docs, counters):
             flat, lengths = _encode(tok, texts, dtype)
             if p:

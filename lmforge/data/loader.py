@@ -382,7 +382,8 @@ def build_loader(
     vocab_size: int | None = None,
 ) -> DataLoader:
     """Loader for `split` ("train": data_cfg.train mixed by weight, shuffled, endless; "val": the
-    val split of data_cfg.valid or of the first train dataset, in order, one pass per reset())."""
+    val splits of data_cfg.valid (one or more folders) or of the first train dataset, in order, one
+    pass per reset())."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     if split == "train":
         if not data_cfg.train:
@@ -393,7 +394,8 @@ def build_loader(
     elif split == "val":
         if data_cfg.valid is None and not data_cfg.train:
             raise DataError("data.valid: no prepared dataset given; set data.valid or data.train")
-        specs = [(data_cfg.valid if data_cfg.valid is not None else data_cfg.train[0].path, 1.0)]
+        paths = data_cfg.valid if data_cfg.valid is not None else [data_cfg.train[0].path]
+        specs = [(path, 1.0) for path in paths]
     else:
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
     sources = []
@@ -403,6 +405,9 @@ def build_loader(
         )
         sources.append(_Source(ds, data_cfg.mode, data_cfg.seq_len, weight))
     train = split == "train"
+    if not train:  # several val folders: weights = sample counts, so one pass is each sample once
+        for src in sources:
+            src.weight = float(src.samples)
     loader = DataLoader(
         sources,
         micro_batch_size,

@@ -28,7 +28,16 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.data.encode import SPLIT_RULE, STATE_DIR, record_path, remove_unit_files, run_local
+from lmforge.data.encode import (
+    SPLIT_RULE,
+    STATE_DIR,
+    doc_is_val,
+    is_streamed_txt,
+    record_path,
+    remove_unit_files,
+    run_local,
+    unit_phase,
+)
 from lmforge.data.shards import (
     DEFAULT_SHARD_TOKENS,
     DTYPES,
@@ -255,6 +264,8 @@ def prepare_dataset(
     except LmforgeError as exc:
         raise DataError(str(exc)) from None
     sources, units = plan_units(inputs, fmt, chunk_bytes)
+    frac = Fraction(val_fraction).limit_denominator(1_000_000)
+    _refuse_all_val(units, frac, val_fraction)
     settings = {
         "fmt": fmt,
         "text_field": text_field,
@@ -275,7 +286,6 @@ def prepare_dataset(
             print(f"{out}: already prepared with the same inputs and tokenizer; nothing to do")
         return dict(found.get("summary", {}), out_dir=str(out), reused=True)
 
-    frac = Fraction(val_fraction).limit_denominator(1_000_000)
     job = {
         "out": str(out),
         "tok_path": str(Path(tok.path).resolve()),
@@ -313,6 +323,21 @@ def prepare_dataset(
     return _finish(out, tok, inputs, ordered, plan, workers, engine, time.perf_counter() - start, progress)
 
 
+def _refuse_all_val(units: list[dict], frac: Fraction, val_fraction: float) -> None:
+    """A corpus of .txt files only (one document each) whose split rule sends every document to
+    val is refused here, before anything is tokenized (other formats are only counted later)."""
+    if not 0 < val_fraction < 1 or not units or not all(is_streamed_txt(u) for u in units):
+        return
+    p, q = frac.numerator, frac.denominator
+    if all(doc_is_val(unit_phase(u["id"], q), p, q) for u in units):
+        name = units[0]["path"] if len(units) == 1 else f"{len(units)} .txt files"
+        raise DataError(
+            f"{name}: a .txt file is one document, and with --val-fraction {val_fraction:g} every one would be "
+            "validation, leaving nothing to train on; pass --val-fraction 0 (train without validation), "
+            "--format paragraphs (a document per paragraph), or prepare a validation file apart with --split val"
+        )
+
+
 def _finish(out, tok, inputs, records, plan, workers, engine, seconds, progress) -> dict[str, Any]:
     settings = plan["settings"]
     splits = _merge(records)
@@ -336,15 +361,17 @@ def _finish(out, tok, inputs, records, plan, workers, engine, seconds, progress)
         )
     if val_only:
         del splits["train"]
+    if settings["val_fraction"] == 0:  # no validation asked for: no empty val split for train to refuse
+        del splits["val"]
     text_bytes = sum(r["text_bytes"] for r in records)
     specials = n_docs * ((tok.bos_id is not None) + 1)
     summary = {
         "documents": n_docs,
         "tokens": n_tokens,
         "train_tokens": splits.get("train", {}).get("tokens", 0),
-        "val_tokens": splits["val"]["tokens"],
+        "val_tokens": splits.get("val", {}).get("tokens", 0),
         "train_docs": splits.get("train", {}).get("docs", 0),
-        "val_docs": splits["val"]["docs"],
+        "val_docs": splits.get("val", {}).get("docs", 0),
         "text_bytes": text_bytes,
         "bytes_per_token": round(text_bytes / max(n_tokens - specials, 1), 4),
         "skipped": dict(sorted(skipped.items())),

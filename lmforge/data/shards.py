@@ -116,6 +116,7 @@ class ShardWriter:
         self.shards: list[dict[str, Any]] = []
         self._file = None
         self._closed = False
+        self._part_tokens = 0  # tokens of the document add_document_part is writing (0: none open)
 
     # -- one shard in progress ----------------------------------------------------------------
     def _start_shard(self) -> None:
@@ -188,6 +189,36 @@ class ShardWriter:
         if self._tokens >= self.shard_tokens:
             self._finish_shard()
 
+    def add_document_part(self, ids: np.ndarray, end: bool) -> None:
+        """Append the next part of one long document (bos/eos included by the caller); `end=True`
+        closes it. The parts go to disk as they come (a document of GBs never sits in memory);
+        the shard is only cut after the document ends, so a document still never straddles two."""
+        if self._closed:
+            raise RuntimeError("ShardWriter is closed")
+        arr = np.asarray(ids)
+        if arr.size:
+            lo, hi = int(arr.min()), int(arr.max())
+            if lo < 0 or hi > self.max_value:
+                raise DataError(
+                    f"{self.out_dir}: token id {hi if hi > self.max_value else lo} does not fit shard dtype "
+                    f"{self.dtype.name}; prepare with dtype uint32 (vocab larger than 65,536?)"
+                )
+            if self._file is None:
+                self._start_shard()
+            self._pending.append(arr.astype(self.dtype, copy=True))
+            self._pending_tokens += arr.size
+            self._tokens += arr.size
+            self._part_tokens = self._part_tokens + arr.size
+            self._max_id = max(self._max_id, hi)
+            if self._pending_tokens >= _FLUSH_TOKENS:
+                self._flush()
+        if end and self._part_tokens:
+            self._offsets.append(self._tokens)
+            self._max_doc = max(self._max_doc, self._part_tokens)
+            self._part_tokens = 0
+            if self._tokens >= self.shard_tokens:
+                self._finish_shard()
+
     def add_documents(self, flat: np.ndarray, lengths: np.ndarray) -> None:
         """Append many documents at once: `flat` holds them back to back, `lengths` their sizes
         (> 0). Same files as one add_document per document, without a Python step per document."""
@@ -226,6 +257,8 @@ class ShardWriter:
 
     def close(self) -> dict[str, Any]:
         """Finish the open shard and return the split summary for meta.json (see class doc)."""
+        if self._part_tokens:
+            raise RuntimeError("ShardWriter.close: a document added in parts was never ended")
         if not self._closed:
             if self._file is not None:
                 self._finish_shard()

@@ -250,8 +250,45 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
+TXT_PIECE_CHARS = 1 << 20  # a .txt document is read and tokenized in pieces of about this size
+
+
+def txt_pieces(path: Path, stats: SourceStats, strict: bool, piece_chars: int | None = None) -> Iterator[str]:
+    """The one document of a .txt file, in pieces whose concatenation is exactly the text
+    `_read_txt` yields (lines joined with \\n, stripped), so memory stays bounded by the piece
+    size and the longest line, not by the file. A piece ends after a newline that sits between
+    two non-blank characters: byte-level BPE pre-tokenizers (GPT-2, Llama 3, Qwen, lmforge's
+    own) split there anyway, so encoding piece by piece gives the tokens of the whole text.
+    Only when no such line break turns up within 4 pieces is a piece cut at any line end."""
+    piece_chars = piece_chars or TXT_PIECE_CHARS
+    parts: list[str] = []
+    size, prev_blank_end = 0, True
+    for _, line in _lines(path, stats, strict):
+        if not parts:
+            line = line.lstrip()  # leading whitespace of the document is stripped
+            if not line:
+                continue
+        elif size >= piece_chars and not prev_blank_end and line[:1] and not line[0].isspace():
+            yield "".join(parts) + "\n"
+            parts, size = [], 0
+        elif size >= 4 * piece_chars:
+            text = "".join(parts)
+            body = text.rstrip()  # trailing whitespace waits: it may turn out to end the document
+            if body:
+                yield body
+                parts, size = [text[len(body) :]], len(text) - len(body)
+        if parts or size:
+            parts.append("\n")
+        parts.append(line)
+        size += len(line) + 1
+        prev_blank_end = not line[-1:] or line[-1].isspace()
+    text = "".join(parts).rstrip()
+    if text:
+        yield text
+
+
 def _read_txt(path: Path, stats: SourceStats, strict: bool) -> Iterator[Document]:
-    text = "\n".join(line for _, line in _lines(path, stats, strict)).strip()
+    text = "".join(txt_pieces(path, stats, strict))
     if text:
         yield Document(text, str(path), None)
 

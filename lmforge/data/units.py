@@ -112,15 +112,30 @@ def plan_units(inputs, fmt: str, unit_bytes: int = UNIT_BYTES) -> tuple[list[dic
         if file_fmt == "parquet":
             for a, b, first_row, nbytes in _parquet_units(path, unit_bytes):
                 add(path=str(path), fmt=file_fmt, kind="rows", start=a, stop=b, line=first_row, bytes=nbytes)
-        elif len(cuts) > 2 or (file_fmt == "jsonl" and not compressed):
+        elif size and (len(cuts) > 2 or (file_fmt == "jsonl" and not compressed)):
             for a, b, line in zip(cuts[:-1], cuts[1:], lines):
                 add(path=str(path), fmt=file_fmt, kind="range", start=a, stop=b, line=line, bytes=b - a)
-            if size == 0:
-                add(path=str(path), fmt=file_fmt, kind="file", start=0, stop=0, line=1, bytes=0)
         else:
             add(path=str(path), fmt=file_fmt, kind="file", start=0, stop=size, line=1, bytes=size)
         sources.append({"path": str(path), "sha256": sha, "bytes": size})
     return sources, units
+
+
+def txt_unit_pieces(unit: dict[str, Any], stats: S.SourceStats, strict: bool) -> Iterator[str]:
+    """The text of a whole-file .txt unit (one document) in bounded pieces (`sources.txt_pieces`);
+    a missing, empty or blank file is handled as `iter_unit` handles it."""
+    path = Path(unit["path"])
+    if not path.is_file():
+        raise DataError(f"{path}: no such file (it was there when the prepare started); restore it")
+    if path.stat().st_size == 0:
+        S._empty_file(path, stats, strict)
+        return
+    found = False
+    for piece in S.txt_pieces(path, stats, strict):
+        found = True
+        yield piece
+    if not found and S._is_blank(path):
+        S._empty_file(path, stats, strict)
 
 
 def _parquet_rows(path: Path, unit: dict, text_field: str, stats, strict: bool) -> Iterator[S.Document]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -29,12 +30,26 @@ from lmforge.weights.outdir import check_output_dir
 from lmforge.weights.shapes import check_shapes, config_shapes
 
 
-def _need_tokenizer(tokenizer, checkpoint) -> None:
+def _need_tokenizer(tokenizer, checkpoint, also: str = "") -> None:
     if tokenizer is None:
         raise LmforgeError(
             f"{checkpoint}: no tokenizer found next to the checkpoint or at the run config's tokenizer.path; "
-            "copy tokenizer.json into the checkpoint folder"
+            f"copy tokenizer.json into the checkpoint folder{also}"
         )
+
+
+def given_tokenizer(path, model_vocab: int, found):
+    """`--tokenizer PATH` (generate, export) in place of the one found with the weights; None
+    keeps `found`. Refused when it has ids the model has no row for."""
+    if path is None:
+        return found
+    tok = load_tokenizer(path)
+    if tok.vocab_size > model_vocab:
+        raise LmforgeError(
+            f"{path}: tokenizer has {tok.vocab_size} ids but the model's vocabulary is {model_vocab}; "
+            "pass the --tokenizer the model was trained with"
+        )
+    return tok
 
 
 def open_eval_data(data: list[str] | str, split: str, tokenizer, vocab_size: int, bos: bool = True, counts=None):
@@ -129,6 +144,16 @@ def _read_prompt() -> str | None:
     return line.rstrip("\r\n") if line else None
 
 
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """`lmforge generate`'s sampling flags, refused in one line when out of range (or NaN)."""
+    if not temperature >= 0 or math.isinf(temperature):
+        raise LmforgeError(f"--temperature {temperature}: must be a finite number >= 0 (0 = greedy)")
+    if top_k is not None and top_k < 1:
+        raise LmforgeError(f"--top-k {top_k}: must be >= 1; leave it out to keep every token")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise LmforgeError(f"--top-p {top_p}: must be in (0, 1]; leave it out to keep every token")
+
+
 def generate_from_checkpoint(
     checkpoint,
     prompt="",
@@ -141,10 +166,13 @@ def generate_from_checkpoint(
     device="auto",
     out=None,
     bos: bool | None = None,
+    tokenizer=None,
 ) -> None:
     out = out or sys.stdout
-    model, cfg, tokenizer = load_model_for_inference(checkpoint, resolve_device(device), run_config=True)
-    _need_tokenizer(tokenizer, checkpoint)
+    check_sampling(temperature, top_k, top_p)  # before the (slow) load
+    model, cfg, found = load_model_for_inference(checkpoint, resolve_device(device), run_config=True)
+    tokenizer = given_tokenizer(tokenizer, cfg.model.vocab_size, found)
+    _need_tokenizer(tokenizer, checkpoint, "; or pass --tokenizer FOLDER")
     sampling = dict(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -164,14 +192,15 @@ def generate_from_checkpoint(
         _print_generation(model, tokenizer, line, out, **sampling)
 
 
-def export_checkpoint(checkpoint, out, fmt="hf", dtype=None, overwrite=False) -> Path:
+def export_checkpoint(checkpoint, out, fmt="hf", dtype=None, overwrite=False, tokenizer=None) -> Path:
+    """`tokenizer`: a folder or file to ship with the export instead of the one found with the weights."""
     if fmt in ("gguf", "minimind"):
-        return _export_gguf_or_minimind(checkpoint, out, fmt, dtype, overwrite)
+        return _export_gguf_or_minimind(checkpoint, out, fmt, dtype, overwrite, tokenizer)
     if fmt not in ("hf", "safetensors"):
         raise LmforgeError(f"export: unknown format '{fmt}'; use hf or safetensors")
     check_output_dir(out, overwrite)  # refuse before the (slow) load
     state, cfg, folder = load_weights(checkpoint)
-    tokenizer = find_tokenizer(folder, cfg)
+    tokenizer = given_tokenizer(tokenizer, cfg.model.vocab_size, None) or find_tokenizer(folder, cfg)
     dtype = dtype or cfg.checkpoint.export_dtype
     if fmt == "safetensors":
         return save_weights(state, cfg, out, dtype=dtype, tokenizer=tokenizer, overwrite=overwrite)
@@ -189,18 +218,22 @@ def export_checkpoint(checkpoint, out, fmt="hf", dtype=None, overwrite=False) ->
     )
 
 
-def _export_gguf_or_minimind(checkpoint, out, fmt, dtype, overwrite) -> Path:
+def _export_gguf_or_minimind(checkpoint, out, fmt, dtype, overwrite, tokenizer=None) -> Path:
     """GGUF (one file for llama.cpp, f16 unless asked) or MiniMind (.pth + config.json, fp16 like
-    MiniMind's trainer); the tokenizer found with the weights goes along."""
+    MiniMind's trainer); the tokenizer given, or found with the weights, goes along."""
     state, cfg, folder = load_weights(checkpoint)
-    tokenizer = find_tokenizer(folder, cfg)
+    tokenizer = given_tokenizer(tokenizer, cfg.model.vocab_size, None) or find_tokenizer(folder, cfg)
     if fmt == "gguf":
         return export_gguf(state, cfg.model, tokenizer, out, dtype=dtype or "f16", overwrite=overwrite)
     path = export_minimind(
         state, cfg.model, out, dtype=dtype or "float16", tokenizer=tokenizer, overwrite=overwrite
     )
     for line in minimind_script_differences(cfg.model):
-        print(f"note: MiniMind's trainer scripts build {line}; set it in MiniMindConfig there", file=sys.stderr)
+        print(  # `line` is "key=this model's value (MiniMind default value)"
+            f"note: MiniMind's trainer scripts build MiniMindConfig from its defaults, and this model has "
+            f"{line}; pass that value to MiniMindConfig there",
+            file=sys.stderr,
+        )
     return path
 
 
@@ -267,8 +300,13 @@ def predict_from_config(cfg: Config, out=None) -> list[str]:
 def evaluate_from_config(cfg: Config, out=None) -> dict:
     """run_mode eval: loss and perplexity on the run's validation data."""
     out = out or sys.stdout
+    if cfg.data.valid and len(cfg.data.valid) > 1:
+        raise LmforgeError(
+            f"data.valid: run_mode eval reports one folder, got {len(cfg.data.valid)}; "
+            "evaluate each with lmforge eval --checkpoint CKPT --data FOLDER"
+        )
     if cfg.data.valid:
-        data = cfg.data.valid
+        data = cfg.data.valid[0]
     elif cfg.data.train:
         data = cfg.data.train[0].path
     else:

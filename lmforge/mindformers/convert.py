@@ -191,11 +191,17 @@ def _optimizer(tree: dict, mp: _Mapper) -> None:
             f"{kind} has no lmforge equivalent; lmforge trains with AdamW ({', '.join(OPTIMIZERS)} map to it)",
         )
     mp.note(f"optimizer.type ({kind})", "optimizer", "AdamW with float32 states")
-    mp.set(
-        "optimizer.beta1, beta2",
-        "optim.betas",
-        [float(opt.get("beta1", 0.9)), float(opt.get("beta2", 0.999))],
-    )
+    if "betas" in opt:  # MindFormers 1.6+ (AdamW): betas: [b1, b2]
+        betas = opt["betas"]
+        if not (isinstance(betas, (list, tuple)) and len(betas) == 2):
+            mp.fail("optimizer.betas", f"{betas!r} is not a list of two numbers [beta1, beta2]")
+        mp.set("optimizer.betas", "optim.betas", [float(b) for b in betas])
+    else:
+        mp.set(
+            "optimizer.beta1, beta2",
+            "optim.betas",
+            [float(opt.get("beta1", 0.9)), float(opt.get("beta2", 0.999))],
+        )
     mp.set("optimizer.eps", "optim.eps", float(opt.get("eps", 1e-8)))
     mp.set("optimizer.weight_decay", "optim.weight_decay", float(opt.get("weight_decay", 0.0)))
     rate = lr.get("learning_rate", opt.get("learning_rate"))
@@ -219,7 +225,7 @@ def _optimizer(tree: dict, mp: _Mapper) -> None:
     use_clip = (tree.get("runner_wrapper") or {}).get("use_clip_grad", True)
     mp.set("runner_wrapper.use_clip_grad", "optim.grad_clip", 1.0 if use_clip else 0.0)
     for key in opt:
-        if key not in ("type", "beta1", "beta2", "eps", "weight_decay", "learning_rate"):
+        if key not in ("type", "beta1", "beta2", "betas", "eps", "weight_decay", "learning_rate"):
             mp.ignore(f"optimizer.{key}", "no lmforge equivalent")
     for key in lr:
         if key not in ("type", "learning_rate", "lr_end", "warmup_ratio", "warmup_steps", "total_steps"):
@@ -283,6 +289,8 @@ def convert(tree: dict, source: str = "<mindformers>") -> tuple[dict, list, list
     _callbacks(tree, mp)
     done = {"model", "parallel_config", "recompute_config", "runner_config", "optimizer", "lr_schedule", "seed",
             "trainer", "output_dir", "run_mode", "load_checkpoint", "resume_training"}  # fmt: skip
+    if _tokenizer(tree, mp):
+        done.add("processor")
     for key in tree:
         if key in done:
             continue
@@ -293,6 +301,22 @@ def convert(tree: dict, source: str = "<mindformers>") -> tuple[dict, list, list
     if "arch" in model:
         mp.ignore("model.arch", IGNORED["model.arch"])
     return mp.tree, mp.mapped, mp.ignored
+
+
+def _tokenizer(tree: dict, mp: _Mapper) -> bool:
+    """processor.tokenizer.vocab_file (tokenizer.model) or tokenizer_file (tokenizer.json) ->
+    tokenizer.path; whether it was mapped. Its type and special tokens come from the file itself."""
+    tok = _section(tree, "processor", mp).get("tokenizer")
+    if not isinstance(tok, dict):
+        return False
+    key = next((k for k in ("tokenizer_file", "vocab_file") if tok.get(k)), None)
+    if key is None:
+        return False
+    mp.set(f"processor.tokenizer.{key}", "tokenizer.path", str(tok[key]))
+    rest = sorted(k for k in tok if k != key)
+    if rest:
+        mp.ignore(f"processor.tokenizer.{', '.join(rest)}", "the tokenizer's own files define its type and special tokens")
+    return True
 
 
 def _callbacks(tree: dict, mp: _Mapper) -> None:

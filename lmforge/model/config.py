@@ -42,6 +42,19 @@ class RopeScaling(Section):
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
 
+    @model_validator(mode="before")
+    @classmethod
+    def _hf_spelling(cls, value: Any) -> Any:
+        # HF configs name the kind: `rope_type: llama3` (older: `type: llama3`). That is the one
+        # kind this section describes; any other (yarn, linear, dynamic) is refused, not ignored.
+        if isinstance(value, dict) and ({"rope_type", "type"} & value.keys()):
+            value = dict(value)
+            for key in ("rope_type", "type"):
+                kind = value.pop(key, "llama3")
+                if kind != "llama3":
+                    raise ValueError(f"{key} {kind!r} is not supported; lmforge has Llama-3.1 scaling only (llama3)")
+        return value
+
 
 class MoEConfig(Section):
     num_experts: int = Field(4, ge=1)

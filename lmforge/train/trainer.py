@@ -33,6 +33,7 @@ from lmforge.train.mfu import mfu, model_flops_per_token, peak_flops
 from lmforge.train.optim import build_optimizer
 from lmforge.train.preflight import check_memory
 from lmforge.train.report import draw_plots
+from lmforge.train.runlock import RunLock
 from lmforge.train.schedule import build_schedule, total_steps
 from lmforge.train.signals import StopFlag
 from lmforge.train.state import TrainState
@@ -57,10 +58,9 @@ def _check_inputs(cfg) -> None:
             raise ConfigError(
                 f"data.train: {spec.path} is not a folder; run `lmforge prepare` or fix the path"
             )
-    if cfg.data.valid is not None and not Path(cfg.data.valid).is_dir():
-        raise ConfigError(
-            f"data.valid: {cfg.data.valid} is not a folder; run `lmforge prepare` or fix the path"
-        )
+    for valid in cfg.data.valid or []:
+        if not Path(valid).is_dir():
+            raise ConfigError(f"data.valid: {valid} is not a folder; run `lmforge prepare` or fix the path")
 
 
 def run_training(cfg) -> dict:
@@ -74,11 +74,14 @@ def run_training(cfg) -> dict:
     ctx = init_distributed(cfg)
     stop = StopFlag()
     stop.install()
+    lock = RunLock(run_dir_of(cfg), ctx)  # one training per run folder at a time (rank 0 holds it)
     try:
+        lock.take()
         check_memory(cfg, ctx.world_size, ctx.device)  # before any tensor of the model exists
         seed_everything(cfg.run.seed + ctx.rank)
         return _Trainer(cfg, ctx, stop).fit()
     finally:
+        lock.release()
         stop.restore()
         ctx.shutdown()
         torch.use_deterministic_algorithms(was_deterministic)
