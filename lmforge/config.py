@@ -108,6 +108,9 @@ class TrainConfig(Section):
     # finetune: weights to start from (our checkpoint folder or a Hugging Face folder).
     load_checkpoint: str | None = None
     max_bad_steps: int = Field(5, ge=1)
+    # Wall-clock budget in seconds over the whole run (resumed segments included): at the first step
+    # past it the run checkpoints and stops; resuming continues it (raise max_time to go on).
+    max_time: float | None = Field(None, gt=0)
     sample_prompts: list[str] = Field(default_factory=lambda: ["The", "Once upon a time"])
     sample_max_new_tokens: int = Field(48, ge=0)
     # Sampling for run_mode predict (validation samples during training stay greedy so they
