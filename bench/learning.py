@@ -89,7 +89,7 @@ def heldout_loss(model, dataset, seq_len: int, batch_size: int = 32) -> dict:
         windows += [doc[s : s + seq_len + 1] for s in range(0, len(doc) - 1, seq_len)]
     windows.sort(key=len)
     model.eval()
-    total, count, per_doc = 0.0, 0, []
+    total, count = 0.0, 0
     for b in range(0, len(windows), batch_size):
         group = windows[b : b + batch_size]
         width = max(len(w) for w in group)
