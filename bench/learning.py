@@ -46,7 +46,10 @@ RECIPES: dict[str, dict] = {
     "adamw_lr3e3": {"optim": {"lr": 0.003}},
     "adamw_lr1e2": {"optim": {"lr": 0.01}},
     "muon_docmask": {"optim": {"name": "muon", "muon_lr": 0.02}, "data": {"document_mask": True}},
-    "muon_b32": {"optim": {"name": "muon", "muon_lr": 0.02}, "train": {"global_batch_size": 32, "max_steps": 250}},
+    "muon_b32": {
+        "optim": {"name": "muon", "muon_lr": 0.02},
+        "train": {"global_batch_size": 32, "max_steps": 250},
+    },
     "muon_warm10": {"optim": {"name": "muon", "muon_lr": 0.02, "warmup_steps": 10}},
 }
 
@@ -65,14 +68,17 @@ def recipe_config(name: str, seed: int, demo: Path, out: Path, max_steps: int | 
     from lmforge.demo import demo_config_tree
 
     tree = merge(demo_config_tree(), json.loads(json.dumps(RECIPES[name])))
-    merge(tree, {
-        "run": {"name": f"{name}_s{seed}", "seed": seed, "out_dir": str(out)},
-        "tokenizer": {"path": str(demo / "tokenizer")},
-        "data": {"train": [str(demo / "data")]},
-        "train": {"sample_max_new_tokens": 0, "eval_interval": 0, "resume": "never"},
-        "checkpoint": {"interval": 0, "keep": 1},
-        "log": {"plots": False, "interval": 50},
-    })
+    merge(
+        tree,
+        {
+            "run": {"name": f"{name}_s{seed}", "seed": seed, "out_dir": str(out)},
+            "tokenizer": {"path": str(demo / "tokenizer")},
+            "data": {"train": [str(demo / "data")]},
+            "train": {"sample_max_new_tokens": 0, "eval_interval": 0, "resume": "never"},
+            "checkpoint": {"interval": 0, "keep": 1},
+            "log": {"plots": False, "interval": 50},
+        },
+    )
     if max_steps is not None:
         tree["train"]["max_steps"] = max_steps
     return config_from_dict(tree, f"<learning {name}>")
@@ -118,7 +124,9 @@ def cpu_seconds_per_step(name: str, seed: int, demo: Path, out: Path) -> float:
     trainer._Trainer._should_stop = mark  # called once per step, right after it
     try:
         cfg = recipe_config(name, seed, demo, out / "probe", max_steps=15)
-        trainer.run_training(cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"interval": 10**9})}))
+        trainer.run_training(
+            cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"interval": 10**9})})
+        )
     finally:
         trainer._Trainer._should_stop = real
         shutil.rmtree(out / "probe", ignore_errors=True)
@@ -139,14 +147,24 @@ def run_one(name: str, seed: int, demo: Path, out: Path, val, cpu_budget: float 
     model, _, _ = load_model_for_inference(summary["checkpoint"], device="cpu")
     score = heldout_loss(model, val, cfg.data.seq_len)
     shutil.rmtree(out / cfg.run.name, ignore_errors=True)
-    return {"recipe": name, "seed": seed, "steps": summary["steps"], "tokens": summary["tokens"],
-            "train_wall_s": round(wall, 1), "train_cpu_s": round(cpu, 1), "val_loss": round(score["loss"], 4),
-            "val_ppl": round(score["ppl"], 1), "train_loss": round(summary["loss"], 4)}
+    return {
+        "recipe": name,
+        "seed": seed,
+        "steps": summary["steps"],
+        "tokens": summary["tokens"],
+        "train_wall_s": round(wall, 1),
+        "train_cpu_s": round(cpu, 1),
+        "val_loss": round(score["loss"], 4),
+        "val_ppl": round(score["ppl"], 1),
+        "train_loss": round(summary["loss"], 4),
+    }
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| recipe | seeds | steps | tokens | val loss median (range) | val ppl median | train wall s median | train CPU s median |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| recipe | seeds | steps | tokens | val loss median (range) | val ppl median | train wall s median | train CPU s median |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for key in dict.fromkeys((r["recipe"], r["steps"]) for r in rows):
         name = key[0]
         rs = [r for r in rows if (r["recipe"], r["steps"]) == key]
@@ -165,7 +183,9 @@ def main(argv=None) -> None:
     ap.add_argument("--demo", default="runs/demo", help="folder with data/ and tokenizer/ from lmforge demo")
     ap.add_argument("--recipes", default="adamw,muon")
     ap.add_argument("--seeds", default="1,2,3")
-    ap.add_argument("--cpu-seconds", type=float, default=None, help="CPU-time budget per run (else token budget)")
+    ap.add_argument(
+        "--cpu-seconds", type=float, default=None, help="CPU-time budget per run (else token budget)"
+    )
     ap.add_argument("--out", default="runs/learning")
     ap.add_argument("--max-steps", type=int, default=None, help="override every recipe's steps (smoke runs)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")

@@ -38,7 +38,10 @@ def ref_muon_step(w, g, buf, lr, mu, wd, nesterov, steps, rule):
     u = (1 - mu) * g.double() + mu * buf if nesterov else buf
     o = ref_orthogonalise(u, steps)
     rows, cols = w.shape
-    scale = {"original": math.sqrt(max(1.0, rows / cols)), "match_rms_adamw": 0.2 * math.sqrt(max(rows, cols))}
+    scale = {
+        "original": math.sqrt(max(1.0, rows / cols)),
+        "match_rms_adamw": 0.2 * math.sqrt(max(rows, cols)),
+    }
     w = w.double() * (1 - lr * wd) - lr * scale.get(rule, 1.0) * o
     return w, buf
 
@@ -91,13 +94,21 @@ def test_same_equations_as_torch_optim_muon_in_its_bfloat16():
 
 
 def _model(**kw):
-    base = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=48)
+    base = dict(
+        vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=48
+    )
     base.update(kw)
     return Transformer(ModelConfig(**base))
 
 
-@pytest.mark.parametrize("kw", [{"tie_embeddings": True}, {"tie_embeddings": False},
-                                {"moe": {"num_experts": 4, "top_k": 2, "num_shared_experts": 1}}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"tie_embeddings": True},
+        {"tie_embeddings": False},
+        {"moe": {"num_experts": 4, "top_k": 2, "num_shared_experts": 1}},
+    ],
+)
 def test_param_groups_no_vector_embedding_output_or_router_in_muon(kw):
     model = _model(**kw)
     cfg = OptimConfig(name="muon", lr=1e-3, muon_lr=0.02, weight_decay=0.05, muon_weight_decay=0.2)

@@ -23,8 +23,15 @@ pytestmark = pytest.mark.slow
 RTOL = 1e-5
 STEPS = 5
 TREE = {
-    "model": {"vocab_size": 256, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
-              "max_position_embeddings": 64, "tie_embeddings": False},
+    "model": {
+        "vocab_size": 256,
+        "hidden_size": 64,
+        "num_layers": 2,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "max_position_embeddings": 64,
+        "tie_embeddings": False,
+    },
     "data": {"seq_len": 16},
     "train": {"device": "cpu", "global_batch_size": 8, "grad_accum_steps": 2},
     "optim": {"name": "muon", "lr": 3e-3, "muon_lr": 0.03, "fused": "foreach"},
@@ -65,8 +72,13 @@ def run_layout(parallel: dict, init: dict, save: tuple | None = None, resume: tu
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=save[0])
         mine = ids[step, ctx.dp_rank * rows : (ctx.dp_rank + 1) * rows]
         micro = rows // accum
-        batches = [{"input_ids": mine[i * micro : (i + 1) * micro, :-1].contiguous(),
-                    "labels": mine[i * micro : (i + 1) * micro, 1:].contiguous()} for i in range(accum)]
+        batches = [
+            {
+                "input_ids": mine[i * micro : (i + 1) * micro, :-1].contiguous(),
+                "labels": mine[i * micro : (i + 1) * micro, 1:].contiguous(),
+            }
+            for i in range(accum)
+        ]
         loss, _ = accumulate_gradients(model, batches, ctx, contextlib.nullcontext())
         clip_grad_norm(model, 1.0)
         opt.step()
@@ -108,11 +120,22 @@ def runs(tmp_path_factory):
     torch.manual_seed(0)
     sd = Transformer(config_from_dict(TREE).model).state_dict()
     save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / "init.safetensors"))
-    spec = {"init": str(tmp / "init.safetensors"), "ckpt": str(tmp / "ckpt_fsdp2_step3"), "out": str(tmp / "out.json")}
+    spec = {
+        "init": str(tmp / "init.safetensors"),
+        "ckpt": str(tmp / "ckpt_fsdp2_step3"),
+        "out": str(tmp / "out.json"),
+    }
     (tmp / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_free_port()}",
-           __file__, str(tmp / "spec.json")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        f"--master-port={_free_port()}",
+        __file__,
+        str(tmp / "spec.json"),
+    ]
     proc = run_reaped(cmd, env=env, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(Path(spec["out"]).read_text())

@@ -34,7 +34,9 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 ADJUST_LR_RULES = ("original", "match_rms_adamw", "none")
 
 
-def newton_schulz(update: torch.Tensor, steps: int, eps: float = 1e-7, dtype: str = "float32") -> torch.Tensor:
+def newton_schulz(
+    update: torch.Tensor, steps: int, eps: float = 1e-7, dtype: str = "float32"
+) -> torch.Tensor:
     """Approximate orthogonalisation of each matrix in the last two dims (a stack is batched)."""
     a, b, c = NS_COEFFICIENTS
     x = update.to(getattr(torch, dtype))
@@ -67,12 +69,30 @@ class Muon(Optimizer):
     """Muon over 2-D (and stacked N-D) parameters, plain or DTensor. Group keys: lr, momentum,
     nesterov, ns_steps, adjust_lr, weight_decay, eps, ns_dtype."""
 
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, adjust_lr="match_rms_adamw",
-                 weight_decay=0.1, eps=1e-7, ns_dtype="float32"):
+    def __init__(
+        self,
+        params,
+        lr=0.02,
+        momentum=0.95,
+        nesterov=True,
+        ns_steps=5,
+        adjust_lr="match_rms_adamw",
+        weight_decay=0.1,
+        eps=1e-7,
+        ns_dtype="float32",
+    ):
         if adjust_lr not in ADJUST_LR_RULES:
             raise ValueError(f"adjust_lr must be one of {ADJUST_LR_RULES}")
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, adjust_lr=adjust_lr,
-                        weight_decay=weight_decay, eps=eps, ns_dtype=ns_dtype)
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_steps=ns_steps,
+            adjust_lr=adjust_lr,
+            weight_decay=weight_decay,
+            eps=eps,
+            ns_dtype=ns_dtype,
+        )
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -125,7 +145,9 @@ class MuonAdamW(Optimizer):
     state_dict()/load_state_dict(), DCP's get_state_dict, LambdaLR and GradScaler all work on
     this object as on any torch optimizer."""
 
-    def __init__(self, muon_groups: list[dict], adamw_groups: list[dict], muon_defaults: dict, adamw_kwargs: dict):
+    def __init__(
+        self, muon_groups: list[dict], adamw_groups: list[dict], muon_defaults: dict, adamw_kwargs: dict
+    ):
         for g in muon_groups:
             g["muon"] = True
         for g in adamw_groups:
@@ -133,7 +155,9 @@ class MuonAdamW(Optimizer):
         self._adamw = torch.optim.AdamW(adamw_groups, **adamw_kwargs) if adamw_groups else None
         self._muon = Muon(muon_groups, **muon_defaults) if muon_groups else None
         # Optimizer.__init__ keeps the group dicts it is given (the inner ones, already filled in).
-        inner = (self._adamw.param_groups if self._adamw else []) + (self._muon.param_groups if self._muon else [])
+        inner = (self._adamw.param_groups if self._adamw else []) + (
+            self._muon.param_groups if self._muon else []
+        )
         super().__init__(inner, {})
         self._relink()
 

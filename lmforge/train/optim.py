@@ -87,8 +87,14 @@ def muon_param_groups(model: nn.Module, cfg: OptimConfig) -> tuple[list[dict], l
             no_decay.append(param)
     wd = cfg.weight_decay if cfg.muon_weight_decay is None else cfg.muon_weight_decay
     muon_groups = [{"params": muon, "lr": cfg.muon_lr or cfg.lr, "weight_decay": wd}] if muon else []
-    adamw_groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
-                                {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    adamw_groups = [
+        g
+        for g in (
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        )
+        if g["params"]
+    ]
     return muon_groups, adamw_groups
 
 
@@ -105,7 +111,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
             adjust_lr=cfg.muon_adjust_lr,
             ns_dtype=cfg.muon_ns_dtype,
         )
-        adamw_kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **_implementation(adamw_params, cfg.fused))
+        adamw_kwargs = dict(
+            lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **_implementation(adamw_params, cfg.fused)
+        )
         return MuonAdamW(muon_groups, adamw_groups, muon_defaults, adamw_kwargs)
     return torch.optim.AdamW(
         param_groups(model, cfg),
