@@ -245,7 +245,8 @@ class _Trainer:
                 last_eval = self._evaluate()
             if stopping:
                 path = self.checkpointer.save()
-                why = "signal" if self.stop.signal is not None else f"train.max_time {cfg.train.max_time:g} s"
+                out_of_time = self.stop.signal is None and cfg.train.max_time is not None
+                why = f"train.max_time {cfg.train.max_time:g} s" if out_of_time else "signal"
                 self.logger.print(f"stopped by {why} at step {state.step}; checkpoint {path}")
                 return True, first_loss, last_loss, last_eval
             self.checkpointer.maybe_save(last_step)
