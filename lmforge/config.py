@@ -80,6 +80,17 @@ class OptimConfig(Section):
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0.0)  # 0 disables clipping
     fused: Literal["auto", "fused", "foreach", "off"] = "auto"
+    # adamw: AdamW for every parameter. muon: Muon for the hidden matrices (attention, MLP, each
+    # expert), AdamW (lr, weight_decay above) for embeddings, output, norms, biases, routers
+    # (lmforge/train/muon.py). muon_lr null: optim.lr (with match_rms_adamw AdamW's rate transfers).
+    name: Literal["adamw", "muon"] = "adamw"
+    muon_lr: float | None = Field(None, gt=0)
+    muon_momentum: float = Field(0.95, ge=0.0, lt=1.0)
+    muon_nesterov: bool = True
+    muon_ns_steps: int = Field(5, ge=1, le=50)
+    muon_adjust_lr: Literal["match_rms_adamw", "original", "none"] = "match_rms_adamw"
+    muon_weight_decay: float | None = Field(None, ge=0.0)  # null: optim.weight_decay
+    muon_ns_dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 class TrainConfig(Section):
@@ -99,6 +110,9 @@ class TrainConfig(Section):
     # finetune: weights to start from (our checkpoint folder or a Hugging Face folder).
     load_checkpoint: str | None = None
     max_bad_steps: int = Field(5, ge=1)
+    # Wall-clock budget in seconds over the whole run (resumed segments included): at the first step
+    # past it the run checkpoints and stops; resuming continues it (raise max_time to go on).
+    max_time: float | None = Field(None, gt=0)
     sample_prompts: list[str] = Field(default_factory=lambda: ["The", "Once upon a time"])
     sample_max_new_tokens: int = Field(48, ge=0)
     # Sampling for run_mode predict (validation samples during training stay greedy so they

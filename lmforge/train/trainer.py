@@ -228,7 +228,9 @@ class _Trainer:
                 last_eval = self._evaluate()
             if stopping:
                 path = self.checkpointer.save()
-                self.logger.print(f"stopped by signal at step {state.step}; checkpoint {path}")
+                out_of_time = self.stop.signal is None and cfg.train.max_time is not None
+                why = f"train.max_time {cfg.train.max_time:g} s" if out_of_time else "signal"
+                self.logger.print(f"stopped by {why} at step {state.step}; checkpoint {path}")
                 return True, first_loss, last_loss, last_eval
             self.checkpointer.maybe_save(last_step)
         return False, first_loss, last_loss, last_eval
@@ -292,8 +294,11 @@ class _Trainer:
         return rec["loss"]
 
     def _should_stop(self) -> bool:
-        flag = torch.tensor(1.0 if self.stop.signal is not None else 0.0, device=self.ctx.device)
-        return bool(self.ctx.reduce_max(flag) > 0) if self.ctx.distributed else self.stop.signal is not None
+        budget = self.cfg.train.max_time
+        out_of_time = budget is not None and self.state.elapsed() >= budget  # train.max_time
+        stop = self.stop.signal is not None or out_of_time
+        flag = torch.tensor(1.0 if stop else 0.0, device=self.ctx.device)
+        return bool(self.ctx.reduce_max(flag) > 0) if self.ctx.distributed else stop
 
     def _fail_non_finite(self) -> None:
         last = self.checkpointer.last_saved or "none (no checkpoint was written yet)"
