@@ -147,7 +147,7 @@ def task_metrics(results: dict) -> dict[str, float]:
         for task, metrics in (results.get(section) or {}).items():
             for key, value in metrics.items():
                 name, _, filt = key.partition(",")
-                if "stderr" in name or not isinstance(value, (int, float)) or isinstance(value, bool):
+                if "stderr" in name or name == "sample_len" or not isinstance(value, (int, float)) or isinstance(value, bool):
                     continue
                 suffix = name if filt in ("", "none") else f"{name}_{filt}"
                 flat[f"val_{task}_{suffix}"] = float(value)

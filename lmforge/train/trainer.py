@@ -36,6 +36,7 @@ from lmforge.train.report import draw_plots
 from lmforge.train.schedule import build_schedule, total_steps
 from lmforge.train.signals import StopFlag
 from lmforge.train.state import TrainState
+from lmforge.train.task_eval import TaskEvaluation
 from lmforge.train.step import (
     TrainStep,
     autocast_context,
@@ -123,6 +124,7 @@ class _Trainer:
             if cfg.data.valid is not None or _lists_val_split(cfg.data.train):
                 raise
             self.no_val_reason = str(exc)
+        self.task_eval = TaskEvaluation(cfg, ctx, self.tokenizer)  # before the model: fails fast
         self.model = build_parallel_model(cfg, ctx)
         if ctx.pp_size > 1 and self.val_loader is not None:  # stages cannot run a plain forward
             self.val_loader.close()
@@ -243,6 +245,8 @@ class _Trainer:
                 self._fail_non_finite()  # before any eval or checkpoint of this step
             if (cfg.train.eval_interval and state.step % cfg.train.eval_interval == 0) or last_step:
                 last_eval = self._evaluate()
+            if self.task_eval.due(state.step, last_step):  # lm-eval tasks (train/task_eval.py)
+                self.task_eval.run(self.model, state.step, state.tokens, self.amp, self.logger)
             if stopping:
                 path = self.checkpointer.save()
                 self.logger.print(f"stopped by signal at step {state.step}; checkpoint {path}")
