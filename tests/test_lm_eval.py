@@ -125,15 +125,34 @@ def test_imported_hf_folder_matches_lm_eval_hf_backend(tiny_hf, tmp_path):
 def test_batch_size_does_not_change_scores(tiny_hf, tmp_path):
     """Batched by length with right padding: batch 1 and batch 8 give the same per-item scores."""
     _, _, imported, _ = tiny_hf
-    one = lmforge_eval(imported, tmp_path / "b1.json", tasks="lmforge_mc,lmforge_text", batch_size=1, limit=12)
-    eight = lmforge_eval(imported, tmp_path / "b8.json", tasks="lmforge_mc,lmforge_text", batch_size=8, limit=12)
+    one = lmforge_eval(
+        imported, tmp_path / "b1.json", tasks="lmforge_mc,lmforge_text", batch_size=1, limit=12
+    )
+    eight = lmforge_eval(
+        imported, tmp_path / "b8.json", tasks="lmforge_mc,lmforge_text", batch_size=8, limit=12
+    )
     assert max(compare(eight, one).values()) < 1e-4
 
 
 def test_gguf_import_matches_lm_eval_hf_backend(tiny_hf, tmp_path):
     _, hf, imported, reference = tiny_hf
     gguf = tmp_path / "tiny.gguf"
-    assert cli.main(["export", "--checkpoint", str(imported), "--format", "gguf", "--dtype", "f32", "--out", str(gguf)]) == 0
+    assert (
+        cli.main(
+            [
+                "export",
+                "--checkpoint",
+                str(imported),
+                "--format",
+                "gguf",
+                "--dtype",
+                "f32",
+                "--out",
+                str(gguf),
+            ]
+        )
+        == 0
+    )
     folder = tmp_path / "from_gguf"
     assert cli.main(["import", "--gguf", str(gguf), "--out", str(folder)]) == 0
     compare(lmforge_eval(folder, tmp_path / "results.json"), reference)
@@ -148,7 +167,9 @@ def test_missing_extra_unknown_task_and_missing_dataset_are_one_line(tiny_hf, tm
     base = ["eval", "--checkpoint", str(imported), "--include-path", str(tasks), "--tasks"]
     assert cli.main([*base, "needs_data"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: task needs_data: its dataset could not be loaded") and "--include-path" in err
+    assert (
+        err.startswith("error: task needs_data: its dataset could not be loaded") and "--include-path" in err
+    )
     assert len(err.splitlines()) == 1
     assert cli.main([*base, "no_such_task"]) == 2
     assert "unknown task no_such_task" in capsys.readouterr().err
@@ -218,12 +239,18 @@ def test_fsdp_checkpoint_matches_lm_eval_hf_backend_on_its_export(tiny_hf, tmp_p
     logs); the sharded DCP checkpoint then scores like lm-eval's hf backend on its HF export."""
     root, hf, _, _ = tiny_hf
     data = _training_inputs(tmp_path, hf)
-    cfg = _run_cfg(tmp_path, data, hf, "fsdp", train__max_steps=2, parallel__strategy="fsdp", checkpoint__interval=2)
+    cfg = _run_cfg(
+        tmp_path, data, hf, "fsdp", train__max_steps=2, parallel__strategy="fsdp", checkpoint__interval=2
+    )
     cfg_path = tmp_path / "fsdp.yaml"
     cfg.save(cfg_path)
     (tmp_path / "main.py").write_text(TORCHRUN_SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    proc = run_reaped([*cmd, str(tmp_path / "main.py"), str(cfg_path), str(FIX)], env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    proc = run_reaped(
+        [*cmd, str(tmp_path / "main.py"), str(cfg_path), str(FIX)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = tmp_path / "runs" / "fsdp"
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

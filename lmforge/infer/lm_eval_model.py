@@ -35,7 +35,9 @@ class LmforgeLM(TemplateLM):
 
     backend = "causal"
 
-    def __init__(self, model, tokenizer, bos: bool, batch_size: int = 1, max_length: int | None = None, seed=1234):
+    def __init__(
+        self, model, tokenizer, bos: bool, batch_size: int = 1, max_length: int | None = None, seed=1234
+    ):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -103,10 +105,13 @@ class LmforgeLM(TemplateLM):
         for chunk in order.get_batched(n=override_bs or self.batch_size):
             rows = [(ctx + cont)[-(self.max_length + 1) :][:-1] for _, ctx, cont in chunk]
             logprobs = self._logprobs(rows)
-            for (key, ctx, cont), row, lp in zip(chunk, rows, logprobs):
-                lp = lp[len(row) - len(cont) : len(row)].unsqueeze(0)  # [1, cont, V]
-                greedy = lp.argmax(dim=-1)
-                for key, cont_toks, lp in order.get_cache(req_str=key, cxt_toks=ctx, cont_toks=cont, logits=lp):
+            for (request, ctx, cont), row, row_lp in zip(chunk, rows, logprobs):
+                cont_lp = row_lp[len(row) - len(cont) : len(row)].unsqueeze(0)  # [1, cont, V]
+                greedy = cont_lp.argmax(dim=-1)
+                # Requests that share this context and differ only in a one-token continuation
+                # reuse these log-probabilities (lm-eval's Collator yields each of them here).
+                shared = order.get_cache(req_str=request, cxt_toks=ctx, cont_toks=cont, logits=cont_lp)
+                for key, cont_toks, lp in shared:
                     want = torch.tensor(cont_toks, dtype=torch.long, device=lp.device).unsqueeze(0)
                     is_greedy = bool((greedy[:, -want.shape[1] :] == want).all())
                     score = float(torch.gather(lp, 2, want.unsqueeze(-1)).sum())
@@ -150,10 +155,14 @@ class LmforgeLM(TemplateLM):
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
             max_new = int(kwargs.pop("max_gen_toks"))
             if max_new >= self.max_length:
-                raise ValueError(f"max_gen_toks {max_new} must be below the model's {self.max_length} positions")
+                raise ValueError(
+                    f"max_gen_toks {max_new} must be below the model's {self.max_length} positions"
+                )
             prompts = [self.tok_encode(c, left_truncate_len=self.max_length - max_new) for c in contexts]
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
-            texts = self._generate(prompts, max_new, until, temperature, kwargs.get("top_k"), kwargs.get("top_p"))
+            texts = self._generate(
+                prompts, max_new, until, temperature, kwargs.get("top_k"), kwargs.get("top_p")
+            )
             for context, gen_kwargs, text in zip(contexts, all_kwargs, texts):
                 text = postprocess_generated_text(text, until, None)
                 results.append(text)
@@ -168,7 +177,9 @@ class LmforgeLM(TemplateLM):
         for i, p in enumerate(prompts):
             runs.setdefault(len(p), []).append(i)
         for members in runs.values():
-            texts = self._generate_run([prompts[i] for i in members], max_new, until, temperature, top_k, top_p)
+            texts = self._generate_run(
+                [prompts[i] for i in members], max_new, until, temperature, top_k, top_p
+            )
             for i, text in zip(members, texts):
                 out[i] = text
         return out

@@ -22,7 +22,9 @@ from lmforge.infer.bos import use_bos
 from lmforge.infer.loading import load_model_for_inference, resolve_device
 from lmforge.weights.dtypes import resolve_dtype
 
-MISSING_EXTRA = "lm-eval is not installed; pip install 'lmforge[eval]' (lm-evaluation-harness 0.4.x) to run --tasks"
+MISSING_EXTRA = (
+    "lm-eval is not installed; pip install 'lmforge[eval]' (lm-evaluation-harness 0.4.x) to run --tasks"
+)
 OFFLINE_HINT = (
     "without network, write a task YAML over local JSONL/Parquet files and pass its folder with "
     "--include-path DIR (README: Offline evaluation)"
@@ -38,7 +40,9 @@ def require_lm_eval():
 
 
 def parse_tasks(tasks: str | list[str]) -> list[str]:
-    names = tasks.split(",") if isinstance(tasks, str) else [t for item in tasks for t in str(item).split(",")]
+    names = (
+        tasks.split(",") if isinstance(tasks, str) else [t for item in tasks for t in str(item).split(",")]
+    )
     names = [n.strip() for n in names if n.strip()]
     if not names:
         raise LmforgeError("--tasks: no task named; pass e.g. --tasks arc_easy,hellaswag")
@@ -51,7 +55,9 @@ def _paths(include_path) -> list[str]:
     paths = [include_path] if isinstance(include_path, (str, Path)) else list(include_path)
     for p in paths:
         if not Path(p).is_dir():
-            raise LmforgeError(f"--include-path: {p} is not a folder; pass the folder holding your task YAMLs")
+            raise LmforgeError(
+                f"--include-path: {p} is not a folder; pass the folder holding your task YAMLs"
+            )
     return [str(Path(p).resolve()) for p in paths]
 
 
@@ -85,7 +91,9 @@ def load_tasks(manager, names: list[str]) -> list:
             loaded = manager.load([name])
         except (OSError, ValueError) as exc:  # ConnectionError, DatasetNotFoundError, missing files
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise LmforgeError(f"task {name}: its dataset could not be loaded ({first}); {OFFLINE_HINT}") from exc
+            raise LmforgeError(
+                f"task {name}: its dataset could not be loaded ({first}); {OFFLINE_HINT}"
+            ) from exc
         if name in loaded["groups"]:
             built.append(loaded["groups"][name])
         elif name in loaded["tasks"]:
@@ -135,8 +143,12 @@ def make_lm(model, tokenizer, cfg, *, batch_size: int = 1, bos: bool | None = No
     from lmforge.infer.lm_eval_model import LmforgeLM
 
     if tokenizer is None:
-        raise LmforgeError("--tasks: no tokenizer found next to the weights; copy tokenizer.json into the folder")
-    return LmforgeLM(model, tokenizer, use_bos(tokenizer, cfg, bos), batch_size=batch_size, max_length=max_length)
+        raise LmforgeError(
+            "--tasks: no tokenizer found next to the weights; copy tokenizer.json into the folder"
+        )
+    return LmforgeLM(
+        model, tokenizer, use_bos(tokenizer, cfg, bos), batch_size=batch_size, max_length=max_length
+    )
 
 
 def task_metrics(results: dict) -> dict[str, float]:
@@ -147,7 +159,12 @@ def task_metrics(results: dict) -> dict[str, float]:
         for task, metrics in (results.get(section) or {}).items():
             for key, value in metrics.items():
                 name, _, filt = key.partition(",")
-                if "stderr" in name or name == "sample_len" or not isinstance(value, (int, float)) or isinstance(value, bool):
+                if (
+                    "stderr" in name
+                    or name == "sample_len"
+                    or not isinstance(value, (int, float))
+                    or isinstance(value, bool)
+                ):
                     continue
                 suffix = name if filt in ("", "none") else f"{name}_{filt}"
                 flat[f"val_{task}_{suffix}"] = float(value)
@@ -202,6 +219,8 @@ def write_results(results: dict, out) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False), "utf-8")
+    tmp.write_text(
+        json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False), "utf-8"
+    )
     os.replace(tmp, out)
     return out

@@ -48,7 +48,9 @@ class TaskEvaluation:
             raise ConfigError(f"train.eval_tasks: {exc}") from exc
         self.bos = use_bos(tokenizer, cfg, None)  # as the model is trained: BOS first when there is one
         if ctx.pp_size > 1 or cfg.parallel.loss_parallel:
-            self.skip_reason = "not run with pipeline parallel or loss_parallel; use lmforge eval --tasks on a checkpoint"
+            self.skip_reason = (
+                "not run with pipeline parallel or loss_parallel; use lmforge eval --tasks on a checkpoint"
+            )
 
     def due(self, step: int, last_step: bool) -> bool:
         interval = self.train_cfg.eval_tasks_interval
