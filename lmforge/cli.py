@@ -132,6 +132,26 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    if args.tasks is not None:
+        from lmforge.infer.lm_eval_tasks import evaluate_tasks_checkpoint
+
+        limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+        evaluate_tasks_checkpoint(
+            args.checkpoint,
+            args.tasks,
+            limit=limit,
+            num_fewshot=args.num_fewshot,
+            batch_size=args.batch_size,
+            include_path=args.include_path,
+            out=args.out,
+            device=args.device,
+            dtype=args.dtype,
+            bos=args.bos,
+            log_samples=args.log_samples,
+        )
+        return
+    if not args.data:
+        raise LmforgeError("eval: pass --data FILES for perplexity or --tasks NAMES for lm-eval benchmarks")
     from lmforge.infer import evaluate_checkpoint
 
     result = evaluate_checkpoint(

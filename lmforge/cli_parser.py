@@ -149,9 +149,25 @@ def build_parser() -> argparse.ArgumentParser:
         "parallel section and torchrun's environment (WORLD_SIZE, RANK)",
     )
 
-    p = _sub(sub, "eval", "validation loss and perplexity of a checkpoint")
+    p = _sub(sub, "eval", "validation perplexity of a checkpoint, or lm-eval benchmarks with --tasks")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, weights export or HF folder")
-    p.add_argument("--data", nargs="+", required=True, help="prepared dataset folder, or raw text files")
+    p.add_argument("--data", nargs="+", default=None, help="prepared dataset folder, or raw text files (perplexity)")
+    p.add_argument(
+        "--tasks",
+        default=None,
+        help="lm-eval tasks, groups or tags, comma-separated (e.g. arc_easy,hellaswag); needs lmforge[eval]",
+    )
+    p.add_argument("--limit", type=float, default=None, help="--tasks: at most this many items per task (<1: a fraction)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="--tasks: few-shot examples (default: the task's)")
+    p.add_argument(
+        "--include-path",
+        action="append",
+        default=None,
+        help="--tasks: a folder of your own task YAMLs (e.g. over local JSONL, for offline use); repeatable",
+    )
+    p.add_argument("--out", default=None, help="--tasks: write lm-eval's results JSON here")
+    p.add_argument("--log-samples", action="store_true", help="--tasks: put every item's scores in the --out JSON")
+    p.add_argument("--dtype", default=None, help="--tasks: float32, bfloat16 or float16 (default: the weights')")
     p.add_argument("--split", default="val", help="split of a prepared folder")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's seq_len)")

@@ -126,6 +126,15 @@ class TrainConfig(Section):
     # The trainer refuses a run whose estimated per-rank memory (parallel/plan.py) exceeds the
     # device's (RAM on CPU) before it allocates anything; true goes on anyway.
     skip_memory_check: bool = False
+    # lm-evaluation-harness tasks run every eval_tasks_interval steps (0: only at the end) and
+    # logged as val_<task>_<metric> (lmforge/train/task_eval.py; needs lmforge[eval] and
+    # tokenizer.path). include_path: folders of task YAMLs (offline); limit: items per task.
+    eval_tasks: list[str] = Field(default_factory=list)
+    eval_tasks_interval: int = Field(0, ge=0)
+    eval_tasks_limit: int | None = Field(None, ge=1)
+    eval_tasks_include_path: list[str] = Field(default_factory=list)
+    eval_tasks_num_fewshot: int | None = Field(None, ge=0)
+    eval_tasks_batch_size: int = Field(8, ge=1)
 
     @model_validator(mode="after")
     def _budget(self) -> TrainConfig:

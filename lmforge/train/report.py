@@ -70,7 +70,49 @@ def draw_plots(run_dir: str | Path) -> list[Path]:
         plt.close(fig)
         tmp.replace(path)
         written.append(path)
+    written += draw_task_plot(run_dir, out)
     return written
+
+
+# Keys of the validation record itself; every other val_* key is an lm-eval task metric.
+VAL_KEYS = ("val_loss", "val_ppl", "val_tokens")
+
+
+def task_records(run_dir) -> dict[str, list[tuple[int, float]]]:
+    """{"<task>_<metric>": [(tokens, value), ...]} from train.eval_tasks records."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    path = Path(run_dir) / "metrics.jsonl"
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        for key, value in rec.items():
+            if key.startswith("val_") and key not in VAL_KEYS and isinstance(value, (int, float)):
+                series.setdefault(key[4:], []).append((rec.get("tokens", rec["step"]), value))
+    return series
+
+
+def draw_task_plot(run_dir, out: Path) -> list[Path]:
+    """tasks.png: each lm-eval task metric against training tokens (none without eval_tasks)."""
+    import matplotlib.pyplot as plt
+
+    series = task_records(run_dir)
+    if not series:
+        return []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, points in sorted(series.items()):
+        ax.plot(*zip(*points), label=name, marker="o", markersize=3)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("task metric")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path, tmp = out / "tasks.png", out / ".tasks.png.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return [path]
 
 
 def summarize(train: list[dict], evals: list[dict]) -> dict:
@@ -120,4 +162,6 @@ def report(run_dir: str | Path) -> str:
         f"time           {fmt_duration(s['elapsed'] or 0)}",
         f"plots          {', '.join(str(p) for p in plots)}",
     ]
+    for name, points in sorted(task_records(run_dir).items()):
+        lines.append(f"task {name:<10} {points[-1][1]:.4f} at {fmt_count(points[-1][0])} tokens")
     return "\n".join(lines)

@@ -38,6 +38,7 @@ from lmforge.train.schedule import build_schedule, total_steps
 from lmforge.train.signals import StopFlag
 from lmforge.train.state import TrainState
 from lmforge.train.step import autocast_context, build_train_step, make_scaler, seed_everything
+from lmforge.train.task_eval import TaskEvaluation
 from lmforge.weights.dtypes import compute_dtype
 from lmforge.weights.shapes import check_shapes, config_shapes, model_state_shapes, state_shapes
 
@@ -119,6 +120,7 @@ class _Trainer:
             if cfg.data.valid is not None or _lists_val_split(cfg.data.train):
                 raise
             self.no_val_reason = str(exc)
+        self.task_eval = TaskEvaluation(cfg, ctx, self.tokenizer)  # before the model: fails fast
         self.model = build_parallel_model(cfg, ctx)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.total = total_steps(cfg, self.train_loader.samples_per_epoch)
@@ -226,6 +228,8 @@ class _Trainer:
                 self._fail_non_finite()  # before any eval or checkpoint of this step
             if should_validate(state.step, cfg.train.eval_interval, last_step):
                 last_eval = self._evaluate()
+            if self.task_eval.due(state.step, last_step):  # lm-eval tasks (train/task_eval.py)
+                self.task_eval.run(self.model, state.step, state.tokens, self.amp, self.logger)
             if stopping:
                 path = self.checkpointer.save()
                 out_of_time = self.stop.signal is None and cfg.train.max_time is not None
