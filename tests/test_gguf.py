@@ -12,7 +12,8 @@ from lmforge.config import ModelConfig, RopeScaling
 from lmforge.errors import LmforgeError
 from lmforge.interop.gguf_export import export_gguf
 from lmforge.interop.gguf_import import import_gguf, import_gguf_to_folder
-from lmforge.interop.gguf_vocab import LLAMA3_SPLIT, QWEN2_SPLIT
+from lmforge.interop.gguf_pretok import LLAMA3 as LLAMA3_SPLIT
+from lmforge.interop.gguf_pretok import QWEN2 as QWEN2_SPLIT
 from lmforge.model import Transformer
 
 gguf = pytest.importorskip("gguf")
