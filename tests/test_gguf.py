@@ -172,6 +172,12 @@ def test_quantised_exports_reimport_within_tolerance(tmp_path, tokenizer_dir, dt
     kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
     assert kinds["blk.0.attn_q.weight"] == dtype.upper() and kinds["blk.0.attn_norm.weight"] == "F32"
     assert kinds["blk.0.ffn_down.weight"] == "F16"  # 80 columns: not a multiple of the 32-wide block
+    # As llama-quantize: the logit-making tensor keeps 8 bits; an untied embedding takes the type.
+    assert kinds["output.weight"] == "Q8_0" and kinds["token_embd.weight"] == dtype.upper()
+    tied, tied_cfg = _model(False, 1, True, None)
+    tied_path = export_gguf(tied, tied_cfg, tokenizer_dir, tmp_path / "tied.gguf", dtype=dtype)
+    tied_kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tied_path)).tensors}
+    assert tied_kinds["token_embd.weight"] == "Q8_0" and "output.weight" not in tied_kinds
     state, cfg_back, _ = import_gguf(path)
     assert cfg_back == cfg
     weight_bound, logit_bound = QUANT_BOUNDS[dtype]

@@ -148,9 +148,12 @@ def _state(model_or_state: Any, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     return check_state(plain_state(model_or_state), cfg)
 
 
-def _encode(name: str, value: torch.Tensor, dtype: str):
+def _encode(name: str, value: torch.Tensor, dtype: str, head: bool = False):
     """(numpy data, raw gguf type or None) for one tensor; 1-D tensors and the router stay f32 as
-    llama.cpp's converter keeps them (routing is sensitive to rounding)."""
+    llama.cpp's converter keeps them (routing is sensitive to rounding). `head`: the tensor that
+    makes the logits (output, or the embedding when tied); at 4/5 bits llama-quantize gives it
+    Q6_K (Q8_0 when rows are not a multiple of 256), since its error lands on every logit. The gguf
+    package cannot write Q6_K, so it is Q8_0 here: at least as accurate, a little larger."""
     from gguf import GGMLQuantizationType, quants
 
     value = value.detach().cpu()
@@ -162,7 +165,7 @@ def _encode(name: str, value: torch.Tensor, dtype: str):
         return value.bfloat16().view(torch.int16).numpy().view(np.uint8), GGMLQuantizationType.BF16
     if value.shape[-1] % 32:  # the block types are 32 wide; llama.cpp falls back to f16 too
         return value.half().numpy(), None
-    kind = GGMLQuantizationType[dtype.upper()]
+    kind = GGMLQuantizationType["Q8_0" if head else dtype.upper()]
     return quants.quantize(value.float().numpy(), kind), kind
 
 
@@ -254,8 +257,10 @@ def export_gguf(
         write_vocab(writer, vocab)
         if model_cfg.rope_scaling is not None:
             writer.add_tensor("rope_freqs.weight", rope_factors(model_cfg).numpy())
-        for gguf_key, value in gguf_tensors(state, model_cfg, arch).items():
-            data, raw = _encode(gguf_key, value, dtype)
+        tensors = gguf_tensors(state, model_cfg, arch)
+        head = "output.weight" if "output.weight" in tensors else "token_embd.weight"
+        for gguf_key, value in tensors.items():
+            data, raw = _encode(gguf_key, value, dtype, head=gguf_key == head)
             writer.add_tensor(gguf_key, data, raw_dtype=raw)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
