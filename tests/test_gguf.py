@@ -352,3 +352,47 @@ def test_config_values_float32_cannot_hold_come_back_exactly(tmp_path, tokenizer
     cfg = cfg.model_copy(update={"rope_theta": 123456.7, "norm_eps": 1.234567e-6, "init_std": 0.0123})
     _, back, _ = import_gguf(export_gguf(model, cfg, tokenizer_dir, tmp_path / "m.gguf", dtype="f16"))
     assert back == cfg
+
+
+def _layout(folder, pre_tokenizer, normalizer=None, ignore_merges=False):
+    """A byte-level BPE tokenizer.json with the given pre-tokenizer layout and a byte vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[], ignore_merges=ignore_merges))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizer, decoders.ByteLevel()
+    if normalizer is not None:
+        tok.normalizer = normalizer
+    tok.add_special_tokens(["<|endoftext|>"])
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    return folder
+
+
+def test_export_names_a_tokenizer_by_what_it_does_not_its_json(tmp_path):
+    """Equivalent layouts get llama.cpp's name (SmolLM2's Digits + ByteLevel is 'smollm'); a
+    tokenizer llama.cpp would split differently is refused in one line."""
+    from tokenizers import Regex, normalizers
+    from tokenizers import pre_tokenizers as pt
+
+    from lmforge.interop.gguf_pretok import GPT2
+    from lmforge.interop.gguf_vocab import gguf_vocab
+
+    bytelevel = pt.ByteLevel(add_prefix_space=False, use_regex=False)
+    adapted = LLAMA3_SPLIT.replace("(?i:'s|'t|'re|'ve|'m|'ll|'d)", "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])")
+    cases = {
+        "smollm": _layout(tmp_path / "a", pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False, use_regex=True)])),
+        "gpt-2": _layout(tmp_path / "b", pt.Sequence([pt.Split(Regex(GPT2 + r"|\s+"), "isolated"), bytelevel])),
+        "llama-bpe": _layout(tmp_path / "c", pt.Sequence([pt.Split(Regex(adapted), "isolated"), bytelevel]), ignore_merges=True),
+        "smaug-bpe": _layout(tmp_path / "d", pt.Sequence([pt.Split(Regex(adapted), "isolated"), bytelevel])),
+        "qwen2": _layout(tmp_path / "e", pt.Sequence([pt.Split(Regex(QWEN2_SPLIT), "isolated"), bytelevel]), normalizers.NFC()),
+    }  # fmt: skip
+    for name, folder in cases.items():
+        assert gguf_vocab(folder, 512)["pre"] == name
+    lowercase = _layout(tmp_path / "f", pt.ByteLevel(add_prefix_space=False), normalizers.Lowercase())
+    prefixed = _layout(tmp_path / "g", pt.ByteLevel(add_prefix_space=True))
+    for folder in (lowercase, prefixed):
+        with pytest.raises(LmforgeError, match="splits text unlike every pre-tokenizer llama.cpp names") as err:
+            gguf_vocab(folder, 512)
+        assert "\n" not in str(err.value)

@@ -26,14 +26,15 @@ import torch
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.interop.export import check_state, plain_state
+from lmforge.interop.gguf_quantize import K_QUANTS, llama_quantize, require_llama_cpp
 from lmforge.interop.gguf_vocab import gguf_vocab, write_vocab
 from lmforge.model.layers import resolve_intermediate_size, rope_inv_freq
 from lmforge.model.moe import expert_intermediate_size
 from lmforge.weights.outdir import check_output_file
 
-# q8_0 is the one quantisation worth shipping from Python; the 4/5-bit block types are offered for
-# quick experiments (llama.cpp's llama-quantize makes better 4-bit files, e.g. Q4_K_M).
-DTYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+# f32 ... q4_0 are written here with the gguf package; the K-quants (better 4-6 bit files) by
+# llama.cpp's own quantiser (gguf_quantize.py, the `llamacpp` extra).
+DTYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", *K_QUANTS)
 ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 # lmforge name -> llama.cpp name (per layer: the part after `layers.{i}.`)
 TOP_NAMES = {
@@ -245,31 +246,37 @@ def export_gguf(
         raise LmforgeError(
             "GGUF export needs the model's tokenizer (llama.cpp reads the vocabulary from the file)"
         )
+    if dtype in K_QUANTS:
+        require_llama_cpp()  # before anything is written
     arch = gguf_arch(model_cfg)
     state = _state(model_or_state, model_cfg)
     vocab = gguf_vocab(tokenizer, model_cfg.vocab_size)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    f32 = out.with_name(f"{out.name}.f32-{os.getpid()}")
     try:
-        writer = GGUFWriter(str(tmp), arch)
-        _write_hparams(writer, model_cfg, arch, name, dtype)
+        writer = GGUFWriter(str(f32 if dtype in K_QUANTS else tmp), arch)
+        _write_hparams(writer, model_cfg, arch, name, "f32" if dtype in K_QUANTS else dtype)
         write_vocab(writer, vocab)
         if model_cfg.rope_scaling is not None:
             writer.add_tensor("rope_freqs.weight", rope_factors(model_cfg).numpy())
         tensors = gguf_tensors(state, model_cfg, arch)
         head = "output.weight" if "output.weight" in tensors else "token_embd.weight"
         for gguf_key, value in tensors.items():
-            data, raw = _encode(gguf_key, value, dtype, head=gguf_key == head)
+            data, raw = _encode(gguf_key, value, "f32" if dtype in K_QUANTS else dtype, head=gguf_key == head)
             writer.add_tensor(gguf_key, data, raw_dtype=raw)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        if dtype in K_QUANTS:
+            llama_quantize(f32, tmp, dtype)
         os.replace(tmp, out)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for left in (tmp, f32):
+            if left.exists():
+                left.unlink()
     return out
 
 
