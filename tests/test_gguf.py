@@ -396,3 +396,13 @@ def test_export_names_a_tokenizer_by_what_it_does_not_its_json(tmp_path):
         with pytest.raises(LmforgeError, match="splits text unlike every pre-tokenizer llama.cpp names") as err:
             gguf_vocab(folder, 512)
         assert "\n" not in str(err.value)
+
+
+def test_k_quant_without_llama_cpp_python_is_one_line_naming_the_extra(tmp_path, tokenizer_dir, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if the extra were not installed
+    model, cfg = _model(False, 1, True, None)
+    with pytest.raises(LmforgeError, match=r"pip install 'lmforge\[llamacpp\]'") as err:
+        export_gguf(model, cfg, tokenizer_dir, tmp_path / "m.gguf", dtype="q4_k_m")
+    assert "\n" not in str(err.value) and not list(tmp_path.iterdir())
