@@ -20,7 +20,6 @@ from lmforge.errors import LmforgeError  # noqa: E402
 from lmforge.interop.gguf_export import export_gguf  # noqa: E402
 from lmforge.interop.gguf_import import import_gguf  # noqa: E402
 from lmforge.interop.gguf_pretok import (  # noqa: E402
-    DIVERGENT,
     FINGERPRINT_TEXT,
     UNSUPPORTED,
     supported_names,
@@ -118,7 +117,7 @@ def test_every_supported_name_tokenizes_like_llama_cpp(tmp_path, vocab):
 
 
 def test_names_we_cannot_rebuild_are_one_line(tmp_path, vocab):
-    for name in [*UNSUPPORTED, *DIVERGENT, "no-such-name"]:
+    for name in [*UNSUPPORTED, "no-such-name"]:
         path = _write_vocab_gguf(tmp_path / f"{name}.gguf", _named(vocab, name))
         with pytest.raises(LmforgeError, match=f"'{name}' is not supported.*nearest supported") as err:
             _our_ids(path, "x")

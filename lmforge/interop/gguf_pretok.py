@@ -8,8 +8,9 @@ a whole-piece vocabulary lookup before merging (`ignore_merges`). The facts belo
 flags) are llama.cpp's (src/llama-vocab.cpp, src/unicode.cpp at commit 0c1e570); where llama.cpp
 runs a hand-written splitter for a regex (GPT-2, Llama-3, Qwen2, Qwen3.5, Kimi-K2, AFMoE digits)
 we write the regex that splitter implements, and where it runs std::regex on a rewritten regex we
-write the rewritten one, since that is what it executes. tests/test_gguf_llamacpp.py checks every
-supported name against llama.cpp itself.
+write the rewritten one, since that is what it executes (including its quirks: Kimi-K2's letters
+without marks, DeepSeek's ranges that skip the spaces llama.cpp rewrites to U+000B).
+tests/test_gguf_llamacpp.py checks every name against llama.cpp's own tokenizer.
 
 Export names a tokenizer as llama.cpp's converter does, by what it does to a fixed text: first
 the converter's own hash table (ids of CHK_TXT, so a real model's tokenizer gets the exact name
@@ -53,20 +54,15 @@ _AYA_WORDS = (
 )
 # Digits in groups of three counted from the right (1234567 -> 1 234 567): llama.cpp's AFMoE splitter.
 _DIGITS_FROM_RIGHT = r"\p{N}{1,3}(?=(?:\p{N}{3})*(?!\p{N}))"
-_K2_NOT_HAN = r"&&[^\p{Han}]]"
+# llama.cpp's Kimi-K2 splitter (what it runs, not tokenization_kimi.py's regex): letters are \p{L}
+# without Han and without marks (a mark falls to the punctuation rule), no upper/lower distinction.
 _KIMI_K2 = (
-    r"[\p{Han}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}"
-    + _K2_NOT_HAN
-    + r"*[\p{Ll}\p{Lm}\p{Lo}\p{M}"
-    + _K2_NOT_HAN
-    + r"+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}"
-    + _K2_NOT_HAN
-    + r"+[\p{Ll}\p{Lm}\p{Lo}\p{M}"
-    + _K2_NOT_HAN
-    + r"*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"\p{Han}+|[^\r\n\p{L}\p{N}]?[\p{L}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# DeepSeek's explicit ranges run in std::wregex on text whose non-ASCII whitespace llama.cpp has
+# replaced by U+000B, so a range that spans U+3000 or U+2000-U+200A never matches those spaces.
+_DS_CJK = "[[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]&&[^\\s]]+"
 
 
 class Pre(NamedTuple):
@@ -114,11 +110,11 @@ PRE_TYPES: list[tuple[tuple[str, ...], Pre]] = [
         "\uab70-\uabbf\ufb00-\ufb06\ufb13-\ufb17\uff21-\uff3a\uff41-\uff5a\U00010400-\U0001044f"
         "\U000104b0-\U000104d3\U000104d8-\U000104fb\U00010c80-\U00010cb2\U00010cc0-\U00010cf2"
         "\U000118a0-\U000118df\U0001e900-\U0001e943]+",
-        "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+",
+        "\\s?[[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]&&[^\\s]]+",
         r"\s+$",
-        "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+",
+        _DS_CJK,
         r"\p{N}+"))),
-    (("deepseek-coder",), Pre((r"[\r\n]", "\\s?\\p{L}+", "\\s?\\p{P}+", "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+", "\\p{N}"))),
+    (("deepseek-coder",), Pre((r"[\r\n]", "\\s?\\p{L}+", "\\s?\\p{P}+", _DS_CJK, "\\p{N}"))),
     (("deepseek-v3", "hunyuan-dense", "joyai-llm", "hy_v4"),
      Pre(("\\p{N}{1,3}", "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+", _DS3_MAIN))),
     (("spark2_5",), Pre((
@@ -170,24 +166,24 @@ PRE_TYPES: list[tuple[tuple[str, ...], Pre]] = [
 # fmt: on
 PRE_TOKENIZERS: dict[str, Pre] = {name: pre for names, pre in PRE_TYPES for name in names}
 # Names llama.cpp knows that a byte-level BPE tokenizer.json cannot stand for -> (why, nearest).
+_SPM_STYLE = "llama.cpp runs it on raw UTF-8 without GPT-2's byte mapping, unlike byte-level BPE"
 UNSUPPORTED: dict[str, tuple[str, str]] = {
-    name: ("its vocabulary is SentencePiece-style (spaces as U+2581, raw UTF-8, no byte mapping)", "llama")
-    for name in ("gemma4", "granite-embed-multi-311m", "sarvam-moe", "whitespace")
+    "gemma4": (_SPM_STYLE + " (spaces as U+2581)", "llama (SentencePiece)"),
+    "granite-embed-multi-311m": (_SPM_STYLE + " (spaces as U+2581)", "llama (SentencePiece)"),
+    "sarvam-moe": (_SPM_STYLE + " (spaces as U+2581)", "llama (SentencePiece)"),
+    "whitespace": (_SPM_STYLE + ", split at whitespace only", "gpt-2"),
 }
-# Whatever llama.cpp runs for one of these cannot be rebuilt exactly (see the test's table); filled
-# from tests/test_gguf_llamacpp.py's findings.
-DIVERGENT: dict[str, tuple[str, str]] = {}
 
 
 def supported_names() -> list[str]:
-    return [name for name in PRE_TOKENIZERS if name not in DIVERGENT]
+    return list(PRE_TOKENIZERS)
 
 
 def pre_tokenizer(name: str, source: str):
     """The `tokenizers` pre-tokenizer llama.cpp's `name` describes, or a one-line refusal."""
     from tokenizers import Regex, pre_tokenizers
 
-    why = UNSUPPORTED.get(name) or DIVERGENT.get(name)
+    why = UNSUPPORTED.get(name)
     if why is not None or name not in PRE_TOKENIZERS:
         reason, nearest = why or ("llama.cpp does not know it either", "gpt-2")
         raise LmforgeError(
@@ -236,7 +232,7 @@ def pre_name(tokenizer: Any, hint: str | None = None) -> str | None:
     probe = Tokenizer.from_str(tokenizer.to_str())  # a copy whose pre-tokenizer we swap
     probe.normalizer = None
     for name in candidates:
-        if name in DIVERGENT or PRE_TOKENIZERS[name].ignore_merges != ignore:
+        if PRE_TOKENIZERS[name].ignore_merges != ignore:
             continue
         probe.pre_tokenizer = pre_tokenizer(name, "")
         if _splits(probe) == ours:
