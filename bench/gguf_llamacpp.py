@@ -93,7 +93,8 @@ def main() -> None:
 
 def quant_table(root: Path, tok_dir: Path) -> None:
     """Max |logit - f32 logit| in llama.cpp for lmforge's quantised exports and for llama.cpp's own
-    quantiser (llama_model_quantize) on the same f32 file; hidden 256 so K-quant blocks fit."""
+    quantiser (llama_model_quantize) on the same f32 file; hidden 256 so K-quant blocks fit, vocab
+    8192 so the embedding/output weighs as in a real model."""
     import llama_cpp
     import numpy as np
     import torch
@@ -102,7 +103,7 @@ def quant_table(root: Path, tok_dir: Path) -> None:
     from lmforge.interop import export_gguf
     from lmforge.model import Transformer
 
-    cfg = ModelConfig(vocab_size=320, hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
+    cfg = ModelConfig(vocab_size=8192, hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
                       intermediate_size=512, max_position_embeddings=128, rope_theta=10000.0)  # fmt: skip
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
