@@ -359,7 +359,9 @@ def _layout(folder, pre_tokenizer, normalizer=None, ignore_merges=False):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[], ignore_merges=ignore_merges))
+    tok = Tokenizer(
+        models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[], ignore_merges=ignore_merges)
+    )
     tok.pre_tokenizer, tok.decoder = pre_tokenizer, decoders.ByteLevel()
     if normalizer is not None:
         tok.normalizer = normalizer
@@ -380,7 +382,9 @@ def test_export_names_a_tokenizer_by_what_it_does_not_its_json(tmp_path):
     from lmforge.interop.gguf_vocab import gguf_vocab
 
     bytelevel = pt.ByteLevel(add_prefix_space=False, use_regex=False)
-    adapted = LLAMA3_SPLIT.replace("(?i:'s|'t|'re|'ve|'m|'ll|'d)", "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])")
+    adapted = LLAMA3_SPLIT.replace(
+        "(?i:'s|'t|'re|'ve|'m|'ll|'d)", "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+    )
     cases = {
         "smollm": _layout(tmp_path / "a", pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False, use_regex=True)])),
         "gpt-2": _layout(tmp_path / "b", pt.Sequence([pt.Split(Regex(GPT2 + r"|\s+"), "isolated"), bytelevel])),
@@ -393,7 +397,9 @@ def test_export_names_a_tokenizer_by_what_it_does_not_its_json(tmp_path):
     lowercase = _layout(tmp_path / "f", pt.ByteLevel(add_prefix_space=False), normalizers.Lowercase())
     prefixed = _layout(tmp_path / "g", pt.ByteLevel(add_prefix_space=True))
     for folder in (lowercase, prefixed):
-        with pytest.raises(LmforgeError, match="splits text unlike every pre-tokenizer llama.cpp names") as err:
+        with pytest.raises(
+            LmforgeError, match="splits text unlike every pre-tokenizer llama.cpp names"
+        ) as err:
             gguf_vocab(folder, 512)
         assert "\n" not in str(err.value)
 

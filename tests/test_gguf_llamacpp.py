@@ -18,7 +18,7 @@ from test_gguf import train_test_tokenizer  # noqa: E402
 from lmforge.config import ModelConfig  # noqa: E402
 from lmforge.errors import LmforgeError  # noqa: E402
 from lmforge.interop.gguf_export import export_gguf  # noqa: E402
-from lmforge.interop.gguf_import import import_gguf  # noqa: E402
+from lmforge.interop.gguf_import import import_gguf, import_gguf_to_folder  # noqa: E402
 from lmforge.interop.gguf_pretok import (  # noqa: E402
     FINGERPRINT_TEXT,
     UNSUPPORTED,
@@ -278,3 +278,15 @@ def test_quantised_exports_are_as_close_to_f32_as_llama_cpp_makes_them(tmp_path)
     assert kinds["blk.0.attn_q.weight"] == "Q4_K" and kinds["token_embd.weight"] == "Q6_K"
     state, back_cfg, _ = import_gguf(tmp_path / "ours-q4_k_m.gguf")  # and lmforge reads it back
     assert back_cfg == cfg and set(state) == set(model.state_dict())
+    # The CLI route a user takes: a weights folder -> `lmforge export --dtype q6_k` -> llama.cpp.
+    from lmforge.cli import main
+
+    weights = import_gguf_to_folder(f32, tmp_path / "w")
+    out = tmp_path / "cli-q6_k.gguf"
+    assert (
+        main(
+            ["export", "--checkpoint", str(weights), "--format", "gguf", "--dtype", "q6_k", "--out", str(out)]
+        )
+        == 0
+    )
+    assert np.abs(_llama_logits(out, ids) - _llama_logits(tmp_path / "theirs-q6_k.gguf", ids)).max() == 0
