@@ -196,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype",
         default=None,
-        choices=["float32", "bfloat16", "float16", "f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"],
-        help="weight dtype (gguf: f32, f16 (default), bf16, q8_0, q5_1, q5_0, q4_1, q4_0; minimind: float16 default)",
+        choices=["float32", "bfloat16", "float16", "f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "q4_k_m", "q5_k_m", "q6_k"],
+        help="weight dtype (gguf: f32, f16 (default), bf16, q8_0, q5_1, q5_0, q4_1, q4_0; q4_k_m, q5_k_m, q6_k with the llamacpp extra; minimind: float16 default)",
     )
     p.add_argument("--overwrite", action="store_true", help=WEIGHTS_OVERWRITE_HELP)
 

@@ -12,7 +12,8 @@ from lmforge.config import ModelConfig, RopeScaling
 from lmforge.errors import LmforgeError
 from lmforge.interop.gguf_export import export_gguf
 from lmforge.interop.gguf_import import import_gguf, import_gguf_to_folder
-from lmforge.interop.gguf_vocab import LLAMA3_SPLIT, QWEN2_SPLIT
+from lmforge.interop.gguf_pretok import LLAMA3 as LLAMA3_SPLIT
+from lmforge.interop.gguf_pretok import QWEN2 as QWEN2_SPLIT
 from lmforge.model import Transformer
 
 gguf = pytest.importorskip("gguf")
@@ -171,6 +172,12 @@ def test_quantised_exports_reimport_within_tolerance(tmp_path, tokenizer_dir, dt
     kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
     assert kinds["blk.0.attn_q.weight"] == dtype.upper() and kinds["blk.0.attn_norm.weight"] == "F32"
     assert kinds["blk.0.ffn_down.weight"] == "F16"  # 80 columns: not a multiple of the 32-wide block
+    # As llama-quantize: the logit-making tensor keeps 8 bits; an untied embedding takes the type.
+    assert kinds["output.weight"] == "Q8_0" and kinds["token_embd.weight"] == dtype.upper()
+    tied, tied_cfg = _model(False, 1, True, None)
+    tied_path = export_gguf(tied, tied_cfg, tokenizer_dir, tmp_path / "tied.gguf", dtype=dtype)
+    tied_kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tied_path)).tensors}
+    assert tied_kinds["token_embd.weight"] == "Q8_0" and "output.weight" not in tied_kinds
     state, cfg_back, _ = import_gguf(path)
     assert cfg_back == cfg
     weight_bound, logit_bound = QUANT_BOUNDS[dtype]
@@ -267,7 +274,7 @@ def test_refusals_are_one_line(tmp_path, tokenizer_dir):
         export_gguf(model, cfg, tokenizer_dir, path)
     assert not list(tmp_path.glob("*.tmp-*"))
     data = path.read_bytes()
-    for cut, words in ((len(data) - 100, "past the end"), (200, "truncated GGUF header")):
+    for cut, words in ((len(data) - 100, "past the end"), (200, "incomplete")):
         (tmp_path / "cut.gguf").write_bytes(data[:cut])
         with pytest.raises(LmforgeError, match=words):
             import_gguf(tmp_path / "cut.gguf")
@@ -345,3 +352,63 @@ def test_config_values_float32_cannot_hold_come_back_exactly(tmp_path, tokenizer
     cfg = cfg.model_copy(update={"rope_theta": 123456.7, "norm_eps": 1.234567e-6, "init_std": 0.0123})
     _, back, _ = import_gguf(export_gguf(model, cfg, tokenizer_dir, tmp_path / "m.gguf", dtype="f16"))
     assert back == cfg
+
+
+def _layout(folder, pre_tokenizer, normalizer=None, ignore_merges=False):
+    """A byte-level BPE tokenizer.json with the given pre-tokenizer layout and a byte vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(
+        models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[], ignore_merges=ignore_merges)
+    )
+    tok.pre_tokenizer, tok.decoder = pre_tokenizer, decoders.ByteLevel()
+    if normalizer is not None:
+        tok.normalizer = normalizer
+    tok.add_special_tokens(["<|endoftext|>"])
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    return folder
+
+
+def test_export_names_a_tokenizer_by_what_it_does_not_its_json(tmp_path):
+    """Equivalent layouts get llama.cpp's name (SmolLM2's Digits + ByteLevel is 'smollm'); a
+    tokenizer llama.cpp would split differently is refused in one line."""
+    from tokenizers import Regex, normalizers
+    from tokenizers import pre_tokenizers as pt
+
+    from lmforge.interop.gguf_pretok import GPT2
+    from lmforge.interop.gguf_vocab import gguf_vocab
+
+    bytelevel = pt.ByteLevel(add_prefix_space=False, use_regex=False)
+    adapted = LLAMA3_SPLIT.replace(
+        "(?i:'s|'t|'re|'ve|'m|'ll|'d)", "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+    )
+    cases = {
+        "smollm": _layout(tmp_path / "a", pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False, use_regex=True)])),
+        "gpt-2": _layout(tmp_path / "b", pt.Sequence([pt.Split(Regex(GPT2 + r"|\s+"), "isolated"), bytelevel])),
+        "llama-bpe": _layout(tmp_path / "c", pt.Sequence([pt.Split(Regex(adapted), "isolated"), bytelevel]), ignore_merges=True),
+        "smaug-bpe": _layout(tmp_path / "d", pt.Sequence([pt.Split(Regex(adapted), "isolated"), bytelevel])),
+        "qwen2": _layout(tmp_path / "e", pt.Sequence([pt.Split(Regex(QWEN2_SPLIT), "isolated"), bytelevel]), normalizers.NFC()),
+    }  # fmt: skip
+    for name, folder in cases.items():
+        assert gguf_vocab(folder, 512)["pre"] == name
+    lowercase = _layout(tmp_path / "f", pt.ByteLevel(add_prefix_space=False), normalizers.Lowercase())
+    prefixed = _layout(tmp_path / "g", pt.ByteLevel(add_prefix_space=True))
+    for folder in (lowercase, prefixed):
+        with pytest.raises(
+            LmforgeError, match="splits text unlike every pre-tokenizer llama.cpp names"
+        ) as err:
+            gguf_vocab(folder, 512)
+        assert "\n" not in str(err.value)
+
+
+def test_k_quant_without_llama_cpp_python_is_one_line_naming_the_extra(tmp_path, tokenizer_dir, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if the extra were not installed
+    model, cfg = _model(False, 1, True, None)
+    with pytest.raises(LmforgeError, match=r"pip install 'lmforge\[llamacpp\]'") as err:
+        export_gguf(model, cfg, tokenizer_dir, tmp_path / "m.gguf", dtype="q4_k_m")
+    assert "\n" not in str(err.value) and not list(tmp_path.iterdir())

@@ -26,14 +26,15 @@ import torch
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.interop.export import check_state, plain_state
+from lmforge.interop.gguf_quantize import K_QUANTS, llama_quantize, require_llama_cpp
 from lmforge.interop.gguf_vocab import gguf_vocab, write_vocab
 from lmforge.model.layers import resolve_intermediate_size, rope_inv_freq
 from lmforge.model.moe import expert_intermediate_size
 from lmforge.weights.outdir import check_output_file
 
-# q8_0 is the one quantisation worth shipping from Python; the 4/5-bit block types are offered for
-# quick experiments (llama.cpp's llama-quantize makes better 4-bit files, e.g. Q4_K_M).
-DTYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+# f32 ... q4_0 are written here with the gguf package; the K-quants (better 4-6 bit files) by
+# llama.cpp's own quantiser (gguf_quantize.py, the `llamacpp` extra).
+DTYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", *K_QUANTS)
 ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 # lmforge name -> llama.cpp name (per layer: the part after `layers.{i}.`)
 TOP_NAMES = {
@@ -148,9 +149,12 @@ def _state(model_or_state: Any, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     return check_state(plain_state(model_or_state), cfg)
 
 
-def _encode(name: str, value: torch.Tensor, dtype: str):
+def _encode(name: str, value: torch.Tensor, dtype: str, head: bool = False):
     """(numpy data, raw gguf type or None) for one tensor; 1-D tensors and the router stay f32 as
-    llama.cpp's converter keeps them (routing is sensitive to rounding)."""
+    llama.cpp's converter keeps them (routing is sensitive to rounding). `head`: the tensor that
+    makes the logits (output, or the embedding when tied); at 4/5 bits llama-quantize gives it
+    Q6_K (Q8_0 when rows are not a multiple of 256), since its error lands on every logit. The gguf
+    package cannot write Q6_K, so it is Q8_0 here: at least as accurate, a little larger."""
     from gguf import GGMLQuantizationType, quants
 
     value = value.detach().cpu()
@@ -162,7 +166,7 @@ def _encode(name: str, value: torch.Tensor, dtype: str):
         return value.bfloat16().view(torch.int16).numpy().view(np.uint8), GGMLQuantizationType.BF16
     if value.shape[-1] % 32:  # the block types are 32 wide; llama.cpp falls back to f16 too
         return value.half().numpy(), None
-    kind = GGMLQuantizationType[dtype.upper()]
+    kind = GGMLQuantizationType["Q8_0" if head else dtype.upper()]
     return quants.quantize(value.float().numpy(), kind), kind
 
 
@@ -242,29 +246,37 @@ def export_gguf(
         raise LmforgeError(
             "GGUF export needs the model's tokenizer (llama.cpp reads the vocabulary from the file)"
         )
+    if dtype in K_QUANTS:
+        require_llama_cpp()  # before anything is written
     arch = gguf_arch(model_cfg)
     state = _state(model_or_state, model_cfg)
     vocab = gguf_vocab(tokenizer, model_cfg.vocab_size)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    f32 = out.with_name(f"{out.name}.f32-{os.getpid()}")
     try:
-        writer = GGUFWriter(str(tmp), arch)
-        _write_hparams(writer, model_cfg, arch, name, dtype)
+        writer = GGUFWriter(str(f32 if dtype in K_QUANTS else tmp), arch)
+        _write_hparams(writer, model_cfg, arch, name, "f32" if dtype in K_QUANTS else dtype)
         write_vocab(writer, vocab)
         if model_cfg.rope_scaling is not None:
             writer.add_tensor("rope_freqs.weight", rope_factors(model_cfg).numpy())
-        for gguf_key, value in gguf_tensors(state, model_cfg, arch).items():
-            data, raw = _encode(gguf_key, value, dtype)
+        tensors = gguf_tensors(state, model_cfg, arch)
+        head = "output.weight" if "output.weight" in tensors else "token_embd.weight"
+        for gguf_key, value in tensors.items():
+            data, raw = _encode(gguf_key, value, "f32" if dtype in K_QUANTS else dtype, head=gguf_key == head)
             writer.add_tensor(gguf_key, data, raw_dtype=raw)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        if dtype in K_QUANTS:
+            llama_quantize(f32, tmp, dtype)
         os.replace(tmp, out)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for left in (tmp, f32):
+            if left.exists():
+                left.unlink()
     return out
 
 

@@ -88,22 +88,33 @@ def _rope_scaling(meta: dict, freqs: torch.Tensor | None, head_dim: int, theta: 
     )
 
 
-def _config(meta: dict, tensors: dict[str, torch.Tensor], source: str) -> ModelConfig:
+# Hyperparameters no real model reaches; a larger claim is a damaged or hostile file (checked before
+# anything is sized by it).
+MAX_HPARAM = 1 << 24
+
+
+def _config(
+    meta: dict, shapes: dict[str, tuple[int, ...]], freqs: torch.Tensor | None, source: str
+) -> ModelConfig:
     arch = meta["general.architecture"]
 
-    def key(name: str, default: Any = None) -> Any:
+    def key(name: str, default: Any = None, count: bool = False) -> Any:
         value = meta.get(f"{arch}.{name}", default)
         if value is None:
             raise LmforgeError(f"{source}: metadata '{arch}.{name}' is missing; the file is incomplete")
+        if count and isinstance(value, list):
+            raise LmforgeError(f"{source}: per-layer {name} is not supported (all layers must match)")
+        if count and (isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_HPARAM):
+            raise LmforgeError(
+                f"{source}: metadata '{arch}.{name}' is {value!r}; it must be a whole number from 1 to "
+                f"{MAX_HPARAM}: the file is damaged"
+            )
         return value
 
-    embed = tensors["token_embd.weight"]
-    hidden = key("embedding_length")
-    heads = key("attention.head_count")
-    kv = key("attention.head_count_kv", heads)
-    if not isinstance(heads, int) or not isinstance(kv, int):
-        raise LmforgeError(f"{source}: per-layer head counts are not supported (all layers must match)")
-    head_dim = meta.get(f"{arch}.attention.key_length", hidden // heads)
+    hidden = key("embedding_length", count=True)
+    heads = key("attention.head_count", count=True)
+    kv = key("attention.head_count_kv", heads, count=True)
+    head_dim = key("attention.key_length", hidden // heads, count=True)
     if meta.get(f"{arch}.attention.value_length", head_dim) != head_dim:
         raise LmforgeError(
             f"{source}: key_length and value_length differ; lmforge attention needs them equal"
@@ -113,25 +124,27 @@ def _config(meta: dict, tensors: dict[str, torch.Tensor], source: str) -> ModelC
             f"{source}: partial rotary embeddings (rope.dimension_count < head_dim) are not supported"
         )
     theta = float(meta.get("lmforge.rope_theta") or key("rope.freq_base", 10000.0))
-    scaling = _rope_scaling(meta, tensors.get("rope_freqs.weight"), head_dim, theta, source)
+    scaling = _rope_scaling(meta, freqs, head_dim, theta, source)
     fields: dict[str, Any] = dict(
-        vocab_size=int(embed.shape[0]),
+        vocab_size=int(shapes["token_embd.weight"][0]),
         hidden_size=hidden,
-        num_layers=key("block_count"),
+        num_layers=key("block_count", count=True),
         num_heads=heads,
         num_kv_heads=kv,
         head_dim=None if hidden % heads == 0 and head_dim == hidden // heads else head_dim,
-        intermediate_size=meta.get("lmforge.intermediate_size") or key("feed_forward_length"),
-        max_position_embeddings=key("context_length"),
+        intermediate_size=meta.get("lmforge.intermediate_size") or key("feed_forward_length", count=True),
+        max_position_embeddings=key("context_length", count=True),
         rope_theta=theta,
         rope_scaling=scaling,
         norm_eps=meta.get("lmforge.norm_eps") or key("attention.layer_norm_rms_epsilon"),
         qk_norm=arch in ("qwen3", "qwen3moe"),
-        tie_embeddings="output.weight" not in tensors,
+        tie_embeddings="output.weight" not in shapes,
         init_std=meta.get("lmforge.init_std", 0.02),
     )
     experts = meta.get(f"{arch}.expert_count", 0)
     if experts:
+        key("expert_count", count=True)
+        key("expert_used_count", count=True)
         fields["moe"] = _moe_fields(meta, arch, experts, source)
     try:
         return ModelConfig.model_validate(fields)
@@ -164,18 +177,13 @@ def _moe_fields(meta: dict, arch: str, experts: int, source: str) -> dict[str, A
     )
 
 
-def _unstack_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """ffn_{gate,up,down}_exps [experts, out, in] -> one tensor per expert, under names
-    `_our_name` maps (`blk.{i}.ffn_gate.{e}` style keys that only this module uses)."""
-    out = {}
-    for name, value in tensors.items():
-        m = re.fullmatch(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight", name)
-        if not m:
-            out[name] = value
-            continue
-        for e in range(value.shape[0]):
-            out[f"blk.{m.group(1)}.expert.{e}.ffn_{m.group(2)}.weight"] = value[e].contiguous()
-    return out
+def _unstacked_names(name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    """ffn_{gate,up,down}_exps [experts, out, in] -> (one name per expert, [out, in]), under names
+    `_our_name` maps (`blk.{i}.expert.{e}.ffn_gate` style keys that only this module uses)."""
+    m = re.fullmatch(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight", name)
+    if not m:
+        return [(name, shape)]
+    return [(f"blk.{m.group(1)}.expert.{e}.ffn_{m.group(2)}.weight", shape[1:]) for e in range(shape[0])]
 
 
 def _our_name(gguf: str) -> str | None:
@@ -208,33 +216,43 @@ def import_gguf(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig,
         raise LmforgeError(
             f"{path}: architecture '{arch}' is not supported; lmforge imports {' and '.join(ARCHES)}"
         )
-    tensors = {t.name: _tensor(t, source) for t in raw_tensors}
-    if "token_embd.weight" not in tensors:
+    raw = {t.name: t for t in raw_tensors}
+    if "token_embd.weight" not in raw:
         raise LmforgeError(f"{path}: no token_embd.weight tensor; the file is incomplete")
-    cfg = _config(meta, tensors, source)
+    freqs = _tensor(raw["rope_freqs.weight"], source) if "rope_freqs.weight" in raw else None
+    cfg = _config(meta, {t.name: t.shape for t in raw_tensors}, freqs, source)
     expected = config_shapes(cfg)
-    state = {}
-    for name, value in _unstack_experts(tensors).items():
-        if name == "rope_freqs.weight":
+    # Every shape is checked against the metadata before any tensor is dequantised or copied.
+    placed = []
+    for t in raw_tensors:
+        if t.name == "rope_freqs.weight":
             continue
-        ours = _our_name(name)
-        if ours is None or ours not in expected:
-            raise LmforgeError(
-                f"{path}: tensor '{name}' has no place in an lmforge {arch} model (biases, shared experts ...)"
-            )
-        if arch == "llama" and ours.endswith("attention.wq.weight"):
-            value = llama_unpermute(value, cfg.num_heads)
-        elif arch == "llama" and ours.endswith("attention.wk.weight"):
-            value = llama_unpermute(value, cfg.num_kv_heads)
-        if tuple(value.shape) != tuple(expected[ours]):
-            raise LmforgeError(
-                f"{path}: tensor '{name}' has shape {tuple(value.shape)} but the metadata implies "
-                f"{tuple(expected[ours])}; the file is inconsistent"
-            )
-        state[ours] = value.contiguous()
-    missing = sorted(set(expected) - set(state))
+        names = _unstacked_names(t.name, t.shape)
+        for name, shape in names:
+            ours = _our_name(name)
+            if ours is None or ours not in expected:
+                raise LmforgeError(
+                    f"{path}: tensor '{t.name}' has no place in an lmforge {arch} model (biases, shared experts ...)"
+                )
+            if tuple(shape) != tuple(expected[ours]):
+                raise LmforgeError(
+                    f"{path}: tensor '{t.name}' has shape {tuple(shape)} but the metadata implies "
+                    f"{tuple(expected[ours])}; the file is inconsistent"
+                )
+        placed.append((t, [_our_name(name) for name, _ in names]))
+    missing = sorted(set(expected) - {ours for _, names in placed for ours in names})
     if missing:
         raise LmforgeError(f"{path}: tensor for '{missing[0]}' is missing ({len(missing)} in all)")
+    state = {}
+    for t, names in placed:
+        value = _tensor(t, source)
+        for e, ours in enumerate(names):
+            part = value[e] if len(names) > 1 or value.ndim == 3 else value
+            if arch == "llama" and ours.endswith("attention.wq.weight"):
+                part = llama_unpermute(part, cfg.num_heads)
+            elif arch == "llama" and ours.endswith("attention.wk.weight"):
+                part = llama_unpermute(part, cfg.num_kv_heads)
+            state[ours] = part.contiguous()
     return state, cfg, tokenizer_files_from_gguf(meta, source)
 
 

@@ -8,6 +8,7 @@ sizes come from the `gguf` package's block table, and dequantisation stays with 
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from pathlib import Path
@@ -41,42 +42,70 @@ class GGUFTensor(NamedTuple):
     data: np.ndarray  # uint8 bytes of the tensor, a view of the file
 
 
+# The fewest bytes one array item of each value type takes in the file (a string: its 8-byte length).
+_MIN_ITEM = {**{k: struct.calcsize("<" + f) for k, f in _SCALARS.items()}, 8: 8, 9: 12}
+MAX_DIMS = 4  # GGML_MAX_DIMS
+
+
 class _Cursor:
     def __init__(self, buf: memoryview, source: str):
         self.buf, self.pos, self.source = buf, 0, source
 
-    def take(self, fmt: str):
+    def truncated(self, what: str) -> LmforgeError:
+        return LmforgeError(
+            f"{self.source}: truncated GGUF header ({what} runs past the end of the file at byte "
+            f"{len(self.buf)}); the file is incomplete (an interrupted download?): fetch it again"
+        )
+
+    def take(self, fmt: str, what: str = "a value"):
         try:
             value = struct.unpack_from("<" + fmt, self.buf, self.pos)
         except struct.error:
-            raise LmforgeError(f"{self.source}: truncated GGUF header; the file is incomplete") from None
+            raise self.truncated(what) from None
         self.pos += struct.calcsize("<" + fmt)
         return value[0] if len(value) == 1 else value
 
-    def string(self) -> str:
-        size = self.take("Q")
+    def count(self, what: str, item_bytes: int) -> int:
+        """A count the file claims, refused before anything is sized by it when the rest of the
+        file cannot hold that many items."""
+        n = self.take("Q", what)
+        room = (len(self.buf) - self.pos) // max(item_bytes, 1)
+        if n > room:
+            raise LmforgeError(
+                f"{self.source}: {what} claims {n} entries but only {room} fit in the rest of the file; "
+                "the file is damaged or incomplete (an interrupted download?): fetch it again"
+            )
+        return n
+
+    def string(self, what: str = "a string") -> str:
+        size = self.take("Q", what)
+        if size > len(self.buf) - self.pos:
+            raise self.truncated(what)
         raw = bytes(self.buf[self.pos : self.pos + size])
-        if len(raw) != size:
-            raise LmforgeError(f"{self.source}: truncated GGUF header; the file is incomplete")
         self.pos += size
         return raw.decode("utf-8", errors="replace")
 
-    def value(self, kind: int) -> Any:
+    def value(self, kind: int, what: str) -> Any:
         if kind == 8:
-            return self.string()
+            return self.string(what)
         if kind == 9:
-            item, count = self.take("I"), self.take("Q")
+            item = self.take("I", what)
+            if item not in _MIN_ITEM:
+                raise LmforgeError(f"{self.source}: {what} has unknown item type {item}; the file is damaged")
+            count = self.count(f"array {what}", _MIN_ITEM[item])
             if item == 8:
-                return [self.string() for _ in range(count)]
+                return [self.string(what) for _ in range(count)]
             if item in _NUMPY:
                 dtype = np.dtype(_NUMPY[item]).newbyteorder("<")
                 values = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos)
                 self.pos += values.nbytes
                 return values.tolist()
-            return [self.value(item) for _ in range(count)]
+            return [self.value(item, what) for _ in range(count)]
         if kind not in _SCALARS:
-            raise LmforgeError(f"{self.source}: unknown GGUF value type {kind}; the file is damaged")
-        value = self.take(_SCALARS[kind])
+            raise LmforgeError(
+                f"{self.source}: {what} has unknown GGUF value type {kind}; the file is damaged"
+            )
+        value = self.take(_SCALARS[kind], what)
         if kind == 6:  # float32: the shortest decimal that rounds to it (1e-05, not 9.99999974e-06)
             value = float(str(np.float32(value)))
         return value
@@ -102,17 +131,34 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
         raise LmforgeError(
             f"{path}: GGUF version {version} is not supported (2 and 3 are; big-endian files are not)"
         )
-    n_tensors, n_kv = cur.take("Q"), cur.take("Q")
+    # a tensor info takes at least 8 (name) + 4 (dims) + 4 (type) + 8 (offset) bytes; a key/value 8 + 4 + 1
+    n_tensors, n_kv = cur.count("the tensor count", 24), cur.count("the key/value count", 13)
     meta: dict[str, Any] = {}
-    for _ in range(n_kv):
-        key = cur.string()
-        meta[key] = cur.value(cur.take("I"))
+    for i in range(n_kv):
+        key = cur.string(f"key {i}")
+        meta[key] = cur.value(cur.take("I", f"key '{key}'"), f"'{key}'")
     infos = []
-    for _ in range(n_tensors):
-        name = cur.string()
-        dims = [cur.take("Q") for _ in range(cur.take("I"))]
-        infos.append((name, cur.take("I"), tuple(reversed(dims)), cur.take("Q")))
-    align = int(meta.get("general.alignment", 32))
+    for i in range(n_tensors):
+        name = cur.string(f"tensor name {i}")
+        n_dims = cur.take("I", f"tensor '{name}'")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise LmforgeError(
+                f"{path}: tensor '{name}' claims {n_dims} dimensions (1 to {MAX_DIMS}); the file is damaged"
+            )
+        dims = [cur.take("Q", f"tensor '{name}'") for _ in range(n_dims)]
+        infos.append(
+            (
+                name,
+                cur.take("I", f"tensor '{name}'"),
+                tuple(reversed(dims)),
+                cur.take("Q", f"tensor '{name}'"),
+            )
+        )
+    align = meta.get("general.alignment", 32)
+    if not isinstance(align, int) or isinstance(align, bool) or not 1 <= align <= 1 << 20:
+        raise LmforgeError(
+            f"{path}: general.alignment {align!r} is not a sensible alignment; the file is damaged"
+        )
     start = -(-cur.pos // align) * align
     tensors = []
     for name, kind, shape, offset in infos:
@@ -122,11 +168,16 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
             raise LmforgeError(
                 f"{path}: tensor '{name}' has unknown type {kind}; the file is damaged"
             ) from None
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        count = math.prod(shape)  # Python ints: a hostile shape cannot overflow into a small size
+        if count % block or any(d <= 0 for d in shape):
+            raise LmforgeError(
+                f"{path}: tensor '{name}' has shape {shape}, which {GGMLQuantizationType(kind).name} "
+                "blocks cannot hold; the file is damaged"
+            )
         nbytes = count // block * block_bytes
         if start + offset + nbytes > len(buf):
             raise LmforgeError(
-                f"{path}: tensor '{name}' runs past the end of the file; the file is incomplete"
+                f"{path}: tensor '{name}' ({shape}) runs past the end of the file; the file is incomplete"
             )
         data = np.frombuffer(buf, dtype=np.uint8, count=nbytes, offset=start + offset)
         tensors.append(GGUFTensor(name, kind, shape, data))

@@ -1,10 +1,9 @@
 """Tokenizers in GGUF: a byte-level BPE `tokenizer.json` <-> llama.cpp's `tokenizer.ggml.*` keys.
 
 llama.cpp does not run `tokenizer.json`: it keeps the vocabulary, the merges and one named
-pre-tokenizer (`tokenizer.ggml.pre`), a fixed regex set chosen by name. So a tokenizer is
-exported only when its pre-tokenizer is one of the named ones below (byte-level, no normalizer),
-and import rebuilds the `tokenizer.json` that llama.cpp's named regex describes (digit rules
-included: GPT-2 keeps runs of digits, Llama-3 splits them in groups of three, Qwen2 one by one).
+pre-tokenizer (`tokenizer.ggml.pre`), a fixed regex set chosen by name (gguf_pretok.py). So a
+tokenizer is exported only when it splits text like one of those names, and import rebuilds the
+`tokenizer.json` that the name describes.
 """
 
 from __future__ import annotations
@@ -14,32 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LmforgeError
+from lmforge.interop.gguf_pretok import PRE_TOKENIZERS, pre_name, pre_tokenizer
 from lmforge.interop.gguf_spm import spm_files_from_gguf, spm_vocab, write_spm_vocab
 from lmforge.tokenizer import load_tokenizer
 
 # llama.cpp token types (gguf.TokenType)
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 
-LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-# llama.cpp pre-tokenizer name -> split regex (None: the GPT-2 regex built into ByteLevel).
-PRE_TOKENIZERS: dict[str, str | None] = {
-    "gpt-2": None,
-    "llama-bpe": LLAMA3_SPLIT,
-    "llama3": LLAMA3_SPLIT,
-    "smaug-bpe": LLAMA3_SPLIT,  # Llama-3's regex without ignore_merges
-    "qwen2": QWEN2_SPLIT,
-    "deepseek-r1-qwen": QWEN2_SPLIT,
-}
-# llama.cpp looks a whole pre-token up in the vocabulary before merging for these (tokenizers'
-# `ignore_merges`), as Llama-3's tokenizer.json does.
-IGNORE_MERGES = {"llama-bpe", "llama3"}
+# tokenizer_config.json key where a GGUF import records llama.cpp's name, so that export gives the
+# same name back when several names split text alike (smollm, starcoder, refact, ...).
+PRE_HINT = "lmforge_gguf_pre"
 
 
 def tokenizer_file(tokenizer: Any) -> Path:
@@ -55,31 +38,18 @@ def tokenizer_file(tokenizer: Any) -> Path:
     return path
 
 
-def _pre_name(spec: dict, source: Path) -> str:
-    """The llama.cpp pre-tokenizer name equivalent to this tokenizer.json, or a one-line refusal."""
-    pre = spec.get("pre_tokenizer") or {}
-    ignore_merges = bool((spec.get("model") or {}).get("ignore_merges"))
-    if spec.get("normalizer"):
+def _pre_name(path: Path, config: dict) -> str:
+    """The llama.cpp pre-tokenizer name of this tokenizer.json, or a one-line refusal."""
+    from tokenizers import Tokenizer
+
+    name = pre_name(Tokenizer.from_file(str(path)), config.get(PRE_HINT))
+    if name is None:
         raise LmforgeError(
-            f"{source}: has a normalizer, which llama.cpp's BPE cannot apply; cannot export to GGUF"
+            f"{path}: its normalizer/pre-tokenizer splits text unlike every pre-tokenizer llama.cpp "
+            "names (gpt-2, llama-bpe, qwen2, smollm, ...), so llama.cpp would tokenize it "
+            "differently; cannot export to GGUF (use --format hf)"
         )
-    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
-        if ignore_merges:
-            raise LmforgeError(f"{source}: ignore_merges with the GPT-2 split has no llama.cpp equivalent")
-        return "gpt-2"
-    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
-    if steps and len(steps) == 2 and steps[0].get("type") == "Split" and steps[1].get("type") == "ByteLevel":
-        regex = (steps[0].get("pattern") or {}).get("Regex")
-        plain = not steps[1].get("use_regex", True) and not steps[1].get("add_prefix_space")
-        if plain and steps[0].get("behavior") == "Isolated":
-            if regex == LLAMA3_SPLIT:
-                return "llama-bpe" if ignore_merges else "smaug-bpe"
-            if regex == QWEN2_SPLIT and not ignore_merges:
-                return "qwen2"
-    raise LmforgeError(
-        f"{source}: pre-tokenizer {json.dumps(pre)[:80]} has no llama.cpp equivalent "
-        "(supported: byte-level GPT-2, Llama-3 and Qwen2 splits); cannot export to GGUF"
-    )
+    return name
 
 
 def _read_config(folder: Path) -> dict:
@@ -107,7 +77,7 @@ def gguf_vocab(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix"):
         raise LmforgeError(f"{path}: only byte-level BPE tokenizers can be embedded in GGUF")
-    pre = _pre_name(spec, path)
+    pre = _pre_name(path, config)
     ids = {tok: i for tok, i in model["vocab"].items()}
     types: dict[int, int] = {}
     for added in spec.get("added_tokens") or []:
@@ -176,13 +146,11 @@ def tokenizer_files_from_gguf(meta: dict[str, Any], source: str) -> dict[str, st
 
 
 def _bpe_json(meta: dict[str, Any], source: str) -> str:
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models
 
-    pre = meta.get("tokenizer.ggml.pre", "default")
-    if pre not in PRE_TOKENIZERS:
-        raise LmforgeError(
-            f"{source}: tokenizer.ggml.pre '{pre}' is not supported (supported: {', '.join(PRE_TOKENIZERS)})"
-        )
+    # llama.cpp reads a missing name as 'default' (with a warning); so do we.
+    pre = meta.get("tokenizer.ggml.pre") or "default"
+    splitter = pre_tokenizer(pre, source)  # a one-line refusal for names we cannot rebuild
     tokens = list(meta["tokenizer.ggml.tokens"])
     types = list(meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
     while tokens and types[-1] == UNUSED and tokens[-1].startswith("[PAD"):  # llama.cpp's padding
@@ -194,17 +162,9 @@ def _bpe_json(meta: dict[str, Any], source: str) -> str:
     if len(vocab) != len(tokens):
         raise LmforgeError(f"{source}: the vocabulary lists a token twice; the file is damaged")
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre in IGNORE_MERGES))
-    split = PRE_TOKENIZERS[pre]
-    if split is None:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    else:
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        )
+    ignore = PRE_TOKENIZERS[pre].ignore_merges
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore))
+    tok.pre_tokenizer = splitter
     tok.decoder = decoders.ByteLevel()
     # Added tokens in id order so each keeps the id the file gives it.
     for i, (t, kind_id) in enumerate(zip(tokens, types)):
@@ -231,6 +191,8 @@ def _config_json(meta: dict[str, Any]) -> str:
         token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
         if token_id is not None and token_id < len(tokens):
             config[f"{role}_token"] = tokens[token_id]
+    if meta.get("tokenizer.ggml.model") == "gpt2":
+        config[PRE_HINT] = meta.get("tokenizer.ggml.pre") or "default"
     if meta.get("tokenizer.chat_template"):
         config["chat_template"] = meta["tokenizer.chat_template"]
     return json.dumps(config, indent=2, ensure_ascii=False) + "\n"
