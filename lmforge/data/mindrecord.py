@@ -335,3 +335,38 @@ def _container(b: bytes, i: int, n: int, kind: str) -> tuple[Any, int]:
         v, i = _msgpack(b, i)
         out[k] = v
     return out, i
+
+
+class MindRecordRows:
+    """A MindRecord set as one of the loader's datasets: each row is one sample, as MindFormers
+    trains on it (its rows are seq_length + 1 tokens; no windows across rows). Token ids come from
+    the integer array field `field` and are checked against `vocab_size` as each row is read."""
+
+    rows_are_samples = True
+    bos_id = eos_id = pad_id = None
+
+    def __init__(self, records: MindRecord, field: str, split: str, vocab_size: int | None):
+        spec = records.schema.get(field)
+        if spec is None:
+            raise DataError(
+                f"{records.where}: no field {field!r} (fields: {', '.join(records.schema)}); set data.token_field"
+            )
+        if spec["type"] not in ("int32", "int64") or len(spec.get("shape") or []) != 1:
+            raise DataError(f"{records.where}: field {field!r} is {spec['type']} {spec.get('shape', 'scalar')}, not a 1-D integer array of token ids; set data.token_field")
+        self.records, self.field, self.split, self.vocab_size = records, field, split, vocab_size
+        self.folder = Path(records.where)
+        self.num_docs = records.num_rows
+
+    @classmethod
+    def open(cls, path: str | Path, field: str = "input_ids", split: str = "train", vocab_size: int | None = None) -> MindRecordRows:
+        return cls(MindRecord.open(path), field, split, vocab_size)
+
+    def doc(self, i: int) -> np.ndarray:
+        ids = self.records.field(i, self.field)
+        if len(ids) and (int(ids.min()) < 0 or (self.vocab_size is not None and int(ids.max()) >= self.vocab_size)):
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+            raise DataError(
+                f"{self.folder}: row {i} holds token id {bad}, outside vocab_size {self.vocab_size}; check "
+                "model.vocab_size (training) or --tokenizer (prepare), and the token field"
+            )
+        return ids
