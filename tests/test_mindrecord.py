@@ -203,3 +203,23 @@ def test_prepare_converts_rows_into_shards(tmp_path):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "outside vocab_size 800" in bad.stderr
+
+
+def test_converted_mindformers_yaml_trains_from_its_dataset_dir_unchanged(tmp_path):
+    """The guide's data step leaves a .mindrecord that train_dataset.data_loader.dataset_dir names."""
+    text = (REPO / "tests" / "fixtures" / "mindformers" / "tiny_pp2_tp2.yaml").read_text()
+    text = text.replace('dataset_dir: ""', f'dataset_dir: "{FIX / "wiki64.mindrecord"}"')
+    text = text.replace("seq_length: 32", "seq_length: 64").replace("vocab_size: 512", "vocab_size: 800")
+    (tmp_path / "run.yaml").write_text(text)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmforge", "train", "--config", str(tmp_path / "run.yaml"), "--use_parallel", "False",
+         "parallel.strategy=single", "parallel.tp=1", "parallel.pp=1", f"run.out_dir={tmp_path}/runs",
+         "train.max_steps=2", "train.device=cpu", "train.sample_max_new_tokens=0", "log.tensorboard=false",
+         "log.plots=false", "log.progress=false"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mapped = [line for line in proc.stdout.splitlines() if line.strip().startswith("train_dataset.data_loader.dataset_dir")]
+    assert mapped and mapped[0].split()[1] == "data.train" and str(FIX / "wiki64.mindrecord") in mapped[0]
+    metrics = (tmp_path / "runs" / "tiny_llama" / "metrics.jsonl").read_text()
+    assert '"step": 2' in metrics

@@ -417,7 +417,7 @@ def build_loader(
     for path, weight in specs:
         if is_mindrecord(path):  # read as it is, every row (MindRecord sets have no val split)
             if split == "val" and data_cfg.valid is None:
-                raise DataError(f"{path}: a MindRecord set has no val split; set data.valid to hold some out")
+                raise DataError(f"{path}: a MindRecord set has no val split; set data.valid (a MindRecord or a prepared folder)")
             ds = MindRecordRows.open(path, getattr(data_cfg, "token_field", "input_ids"), split, vocab_size)
         else:
             ds = TokenDataset.open(

@@ -42,7 +42,7 @@ from lmforge.errors import DataError
 NAME_RE = re.compile(r"mindrecord\d*$")  # MindFormers' rule for MindRecord files in dataset_dir
 _TYPES = {"int32": "<i4", "int64": "<i8", "float32": "<f4", "float64": "<f8", "bytes": None, "string": None}
 _INT_DTYPES = (np.dtype("<i1"), np.dtype("<i2"), np.dtype("<i4"), np.dtype("<i8"))
-_SHIFTS = np.array([6, 4, 2, 0], dtype=np.uint8)
+_UINT_DTYPES = (np.dtype("<u1"), np.dtype("<u2"), np.dtype("<u4"), np.dtype("<u8"))
 _INDEX_SQL = (
     "SELECT ROW_ID, PAGE_ID_BLOB, PAGE_OFFSET_BLOB, PAGE_OFFSET_BLOB_END, "
     "PAGE_ID_RAW, PAGE_OFFSET_RAW, PAGE_OFFSET_RAW_END FROM INDEXES ORDER BY ROW_ID"
@@ -86,7 +86,8 @@ class _File:
             raise DataError(f"{path}: {len(schemas) if isinstance(schemas, list) else 'no'} schemas; lmforge reads MindRecord files with exactly one")
         self.schema, self.blob_fields = _check_schema(path, schemas[0])
         self.rows = self._index(size)
-        self.data = np.memmap(path, dtype=np.uint8, mode="r") if size else np.empty(0, np.uint8)
+        # A plain ndarray view of the map: slicing the np.memmap subclass costs more than the read.
+        self.data = np.asarray(np.memmap(path, dtype=np.uint8, mode="r")) if size else np.empty(0, np.uint8)
 
     def _index(self, size: int) -> np.ndarray:
         """[rows, 6] int64: absolute (blob start, blob end, raw start, raw end) ... of each row."""
@@ -255,24 +256,29 @@ def decompress_ints(buf: np.ndarray, where: Path | str = "MindRecord") -> np.nda
     nmap = (n + 3) // 4
     if 4 + nmap > len(buf):
         raise DataError(f"{where}: a compressed integer field claims {n} values in {len(buf)} bytes; {_REDO}")
-    codes = ((buf[4 : 4 + nmap, None] >> _SHIFTS) & 3).reshape(-1)[:n]
-    widths = np.left_shift(1, codes, dtype=np.int64)
-    body = buf[4 + nmap :]
-    if int(widths.sum()) != len(body):
-        raise DataError(f"{where}: a compressed integer field's widths add up to {int(widths.sum())} bytes, it holds {len(body)}; {_REDO}")
     if n == 0:
         return np.empty(0, dtype=np.int64)
-    first = int(codes[0])
-    if np.all(codes == first):  # one width throughout (the common case): a plain view
-        return body.view(_INT_DTYPES[first]).astype(np.int64)
-    starts = np.cumsum(widths) - widths
-    out = np.empty(n, dtype=np.int64)
-    for code, dtype in enumerate(_INT_DTYPES):
-        sel = np.flatnonzero(codes == code)
-        if len(sel):
-            gathered = body[starts[sel, None] + np.arange(dtype.itemsize)]
-            out[sel] = gathered.view(dtype).reshape(-1)
-    return out
+    bits = np.unpackbits(buf[4 : 4 + nmap])[: 2 * n]
+    codes = (bits[0::2] << 1) | bits[1::2]
+    body = buf[4 + nmap :]
+    widths = np.left_shift(1, codes, dtype=np.int64)
+    ends = np.cumsum(widths)
+    if int(ends[-1]) != len(body):
+        raise DataError(f"{where}: a compressed integer field's widths add up to {int(ends[-1])} bytes, it holds {len(body)}; {_REDO}")
+    top = int(codes.max())
+    if top == int(codes.min()):  # one width throughout: a plain view
+        return body.view(_INT_DTYPES[top]).astype(np.int64)
+    # Assemble every value from little-endian bytes as the widest width present (byte gathers are
+    # numpy's fast path), then shift left and arithmetically right by the bits past each value's
+    # own width: that drops the next values' bytes and extends the sign.
+    starts, wide, size = ends - widths, _UINT_DTYPES[top], 1 << top
+    padded = np.zeros(len(body) + size, dtype=np.uint8)
+    padded[: len(body)] = body
+    raw = padded[starts].astype(wide)
+    for k in range(1, size):
+        raw |= padded[starts + k].astype(wide) << wide.type(8 * k)
+    shift = ((size - widths) << 3).astype(_INT_DTYPES[top])
+    return ((raw.view(_INT_DTYPES[top]) << shift) >> shift).astype(np.int64)
 
 
 def _unpack_raw(f: _File, record: np.ndarray) -> dict:
