@@ -108,10 +108,18 @@ def cmd_tokenizer(args) -> None:
 
 
 def cmd_prepare(args) -> None:
+    from lmforge.data.mindrecord import is_mindrecord
     from lmforge.data.prepare import prepare_dataset
 
     if not 0 < args.chunk_mb < float("inf"):  # also NaN: a unit must hold some input
         raise LmforgeError(f"--chunk-mb {args.chunk_mb:g}: must be a positive number of MB (default 64)")
+    if args.format == "mindrecord" or (args.format == "auto" and all(map(is_mindrecord, args.input))):
+        from lmforge.data.mindrecord_prepare import prepare_mindrecord
+
+        prepare_mindrecord(args.input, args.tokenizer, args.out, args.val_fraction, args.token_field,
+                           args.dtype, overwrite=args.overwrite)  # fmt: skip
+        print(f"prepared dataset written to {args.out}")
+        return
     prepare_dataset(
         args.input,
         args.tokenizer,

@@ -91,13 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="write into a non-empty folder lmforge did not write")
 
     p = _sub(sub, "prepare", "tokenize text into train/val token shards")
-    p.add_argument("--input", nargs="+", required=True, help="text files, folders or globs")
+    p.add_argument("--input", nargs="+", required=True, help="text files, folders or globs, or MindRecord files")
     p.add_argument("--tokenizer", required=True, help="tokenizer folder or file")
     p.add_argument("--out", required=True, help="prepared dataset folder to write")
     p.add_argument("--workers", type=int, default=1, help="tokenizing processes")
     p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents for validation")
-    p.add_argument("--format", default="auto", help="input format: auto, txt, jsonl, parquet, ...")
+    p.add_argument("--format", default="auto", help="input format: auto, txt, jsonl, parquet, wikitext, mindrecord, ...")
     p.add_argument("--text-field", default="text", help="field holding the text in jsonl/parquet")
+    p.add_argument("--token-field", default="input_ids", help="MindRecord input: the field holding token ids")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping")
     p.add_argument("--dtype", default=None, choices=["uint16", "uint32"], help="shard dtype (from vocab)")
     p.add_argument(

@@ -47,6 +47,8 @@ class DataConfig(Section):
     # reset_positions, restart RoPE positions at every document start (position_ids [B, T]).
     document_mask: bool = False
     reset_positions: bool = False
+    # MindRecord datasets (data.train: [x.mindrecord]): the integer array field holding token ids.
+    token_field: str = "input_ids"
 
     @model_validator(mode="before")
     @classmethod

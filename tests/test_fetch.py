@@ -264,8 +264,8 @@ def test_enwiki_drops_redirects_and_other_namespaces_then_wikitext_layout_round_
     raw = "".join((tmp_path / n).read_text() for n in corpora.WIKITEXT_FILES)
     assert " = Anarchism = \n" in raw and " = = History = = \n" in raw and " 1 @,@ 000 " in raw
     assert " well @-@ known " in raw and " 3 @.@ 5 " in raw
-    docs = sorted(d.text for d in iter_documents(str(tmp_path / "wiki.*.raw")))
-    assert docs == ["Ada\n\nAda was a mathematician.", doc]  # the WikiText reader undoes the layout
+    docs = sorted(d.text for d in iter_documents(str(tmp_path / "wiki.*.raw"), fmt="wikitext-articles"))
+    assert docs == ["Ada\n\nAda was a mathematician.", doc]  # the article reader undoes the layout
 
 
 def test_corpus_builders_group_chapters_split_scenes_and_interleave_demo(tmp_path, monkeypatch):

@@ -148,13 +148,17 @@ def test_lone_surrogate_is_a_counted_bad_record_or_a_strict_error(tok_dir, tmp_p
 def test_split_val_makes_a_validation_only_folder(tok_dir, tmp_path):
     raw = tmp_path / "wiki.valid.raw"
     raw.write_text("".join(f" = Article {i} = \n\n Text of article {i} , with words . \n\n" for i in range(30)))
-    done = lmforge("prepare", "--input", raw, "--tokenizer", tok_dir, "--out", tmp_path / "valid", "--split", "val")
+    done = lmforge(
+        "prepare", "--input", raw, "--format", "wikitext-articles", "--tokenizer", tok_dir,
+        "--out", tmp_path / "valid", "--split", "val",
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
     meta = json.loads((tmp_path / "valid" / "meta.json").read_text())
     assert list(meta["splits"]) == ["val"] and meta["splits"]["val"]["docs"] == 30
     val = TokenDataset.open(tmp_path / "valid", "val")
     assert load_tokenizer(tok_dir).decode(val.doc(0)[1:-1].tolist())== "Article 0\n\nText of article 0, with words."
-    done = lmforge("prepare", "--input", raw, "--tokenizer", tok_dir, "--out", tmp_path / "v1", "--val-fraction", "1")
+    done = lmforge("prepare", "--input", raw, "--format", "wikitext-articles", "--tokenizer", tok_dir,
+                   "--out", tmp_path / "v1", "--val-fraction", "1")  # fmt: skip
     assert done.returncode == 0 and folder_bytes(tmp_path / "v1") == folder_bytes(tmp_path / "valid")
     with pytest.raises(DataError, match="has no 'train' split"):
         TokenDataset.open(tmp_path / "valid", "train")

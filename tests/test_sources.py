@@ -62,7 +62,7 @@ WIKITEXT = "".join(f" {line} \n" if line else " \n" for line in WIKITEXT_LINES)
 def test_wikitext_articles_split_and_detokenised(tmp_path):
     path = tmp_path / "wiki.valid.raw"
     path.write_text(WIKITEXT, encoding="utf-8")
-    docs = list(iter_documents(path))
+    docs = list(iter_documents(path, fmt="wikitext-articles"))
     assert len(docs) == 2  # the section heading did not start a new article
     first = docs[0].text
     assert first.startswith(

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmforge.data.mindrecord import MindRecordRows, is_mindrecord
 from lmforge.data.token_dataset import TokenDataset
 from lmforge.errors import DataError
 from lmforge.loss import IGNORE_INDEX
@@ -34,13 +35,19 @@ PAD_MULTIPLE = 8  # padded batches are trimmed to a multiple of this (bounds tor
 
 
 class _Source:
-    """One prepared split seen as fixed-size samples of seq_len + 1 tokens (+ real length)."""
+    """One prepared split seen as fixed-size samples of seq_len + 1 tokens (+ real length); a
+    MindRecord set gives one sample per row in either mode (MindFormers' samples, see mindrecord.py)."""
 
-    def __init__(self, ds: TokenDataset, mode: str, seq_len: int, weight: float):
+    def __init__(self, ds: TokenDataset | MindRecordRows, mode: str, seq_len: int, weight: float):
         self.ds, self.mode, self.seq_len, self.weight = ds, mode, seq_len, weight
         self.path = str(ds.folder)
         where = f"{ds.folder} (split '{ds.split}')"
-        if mode == "packed":
+        self.rows = getattr(ds, "rows_are_samples", False)
+        if self.rows:
+            self.samples, self.pad_id = ds.num_docs, 0  # padding positions carry no loss
+            if self.samples == 0:
+                raise DataError(f"{ds.folder}: the MindRecord set has no rows; check the path")
+        elif mode == "packed":
             self.samples = max(ds.num_tokens - 1, 0) // seq_len
             if self.samples == 0:
                 fix = "prepare with a larger val_fraction or set data.valid" if ds.split == "val" else ""
@@ -62,6 +69,14 @@ class _Source:
 
     def sample(self, i: int) -> tuple[np.ndarray, int]:
         n = self.seq_len + 1
+        if self.rows:
+            row = self.ds.doc(i)
+            if len(row) > n:
+                raise DataError(
+                    f"{self.path}: row {i} holds {len(row)} tokens, more than data.seq_len + 1 = {n}; "
+                    f"set data.seq_len to {len(row) - 1} (MindFormers' seq_length)"
+                )
+            return row, len(row)
         if self.mode == "packed":
             start = i * self.seq_len
             return self.ds.tokens(start, start + n), n
@@ -74,6 +89,8 @@ class _Source:
         """(doc_ids, position_ids) [width] of packed sample i's inputs: the document index within
         the window (from the shard indexes; nondecreasing from 0) and the position within it."""
         steps = np.arange(width, dtype=np.int64)
+        if self.rows:  # a row is one sequence: plain causal attention and positions
+            return np.zeros(width, dtype=np.int64), steps
         start = i * self.seq_len
         inside = self.ds.doc_starts(start, start + width) - start
         doc_ids = np.searchsorted(inside, steps, side="right")
@@ -400,9 +417,14 @@ def build_loader(
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
     sources = []
     for path, weight in specs:
-        ds = TokenDataset.open(
-            Path(path), split, expect_fingerprint=tokenizer_fingerprint, vocab_size=vocab_size
-        )
+        if is_mindrecord(path):  # read as it is, every row (MindRecord sets have no val split)
+            if split == "val" and data_cfg.valid is None:
+                raise DataError(f"{path}: a MindRecord set has no val split; set data.valid (a MindRecord or a prepared folder)")
+            ds = MindRecordRows.open(path, getattr(data_cfg, "token_field", "input_ids"), split, vocab_size)
+        else:
+            ds = TokenDataset.open(
+                Path(path), split, expect_fingerprint=tokenizer_fingerprint, vocab_size=vocab_size
+            )
         sources.append(_Source(ds, data_cfg.mode, data_cfg.seq_len, weight))
     train = split == "train"
     if not train:  # several val folders: weights = sample counts, so one pass is each sample once

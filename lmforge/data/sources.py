@@ -13,8 +13,9 @@ dataset (a hub name, a local folder of data files, or a `save_to_disk` folder).
 
 Formats (by extension, or forced with fmt=): jsonl (`.jsonl`, `.ndjson`, `.json` as JSON
 lines), txt (one document per file), paragraphs (one per blank-line-separated paragraph),
-wikitext (`.raw`, `.tokens`: articles split at top-level ` = Title = ` headings, spacing
-artefacts undone), parquet, and `.gz`/`.bz2` versions of the line formats.
+wikitext (`.raw`, `.tokens`: MindFormers' llama_preprocess.py rule, one document per paragraph,
+headings dropped; see wikitext.py), wikitext-articles (one detokenised document per top-level
+` = Title = ` article), parquet, and `.gz`/`.bz2` versions of the line formats.
 
 Bad records are counted skips in a `SourceStats` (or, with strict=True, a DataError naming
 `file:line`): malformed JSON, a missing or non-string text field, non-UTF-8 bytes and empty
@@ -39,7 +40,7 @@ from pathlib import Path
 from lmforge.data import cleaning
 from lmforge.errors import DataError
 
-FORMATS = ("jsonl", "txt", "paragraphs", "wikitext", "parquet")
+FORMATS = ("jsonl", "txt", "paragraphs", "wikitext", "wikitext-articles", "parquet")
 _EXTENSIONS = {
     ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".txt": "txt", ".text": "txt",
     ".raw": "wikitext", ".tokens": "wikitext", ".parquet": "parquet",
@@ -394,9 +395,13 @@ def _read_hf(spec: str, fmt: str, text_field: str, stats: SourceStats, strict: b
             f"{spec}: cannot load the dataset ({type(exc).__name__}: {exc}); check the name, split and network"
         ) from None
 
-    if fmt == "wikitext":
+    if fmt == "wikitext-articles":
         lines = ((i, str(row.get(text_field) or "").rstrip("\n")) for i, row in enumerate(ds, 1))
         yield from wikitext_articles(lines, spec, stats, strict)
+        return
+    if fmt == "wikitext":  # the rows are the file's lines
+        text = "".join(str(row.get(text_field) or "").rstrip("\n") + "\n" for row in ds)
+        yield from wikitext_paragraphs(text, spec)
         return
     for i, row in enumerate(ds, 1):
         doc = _record(row, f"{spec}:row {i}", spec, i, text_field, stats, strict)
@@ -411,7 +416,33 @@ def _read_file(path: Path, fmt: str, text_field: str, stats: SourceStats, strict
         return _read_txt(path, stats, strict)
     if fmt == "paragraphs":
         return paragraphs(_lines(path, stats, strict), str(path))
+    if fmt == "wikitext":
+        return wikitext_paragraphs(_whole_text(path, stats), str(path))
     return wikitext_articles(_lines(path, stats, strict), str(path), stats, strict)
+
+
+def wikitext_paragraphs(text: str, source: str) -> Iterator[Document]:
+    """MindFormers' WikiText rule (wikitext.py): one document per paragraph, headings dropped."""
+    from lmforge.data.wikitext import mindformers_paragraphs
+
+    for line, para in mindformers_paragraphs(text):
+        yield Document(para, source, line)
+
+
+def _whole_text(path: Path, stats: SourceStats) -> str:
+    """A file's text read whole, as Python's text mode reads it (MindFormers' rule needs all of it)."""
+    try:
+        with _open_binary(path) as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read ({exc}); check the file is complete") from None
+    stats.bytes += len(raw)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: invalid UTF-8 byte 0x{raw[exc.start]:02x}; re-encode the file as UTF-8") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def iter_documents(

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from lmforge.data.loader import build_loader
+from lmforge.data.mindrecord import is_mindrecord
 from lmforge.data.shards import read_meta
 from lmforge.errors import ConfigError, DataError, LmforgeError
 from lmforge.infer.loading import load_weights
@@ -55,13 +56,13 @@ def _check_inputs(cfg) -> None:
     if not cfg.data.train:
         raise ConfigError("data.train: no training data; set it to a folder written by `lmforge prepare`")
     for spec in cfg.data.train:
-        if not Path(spec.path).is_dir():
+        if not Path(spec.path).is_dir() and not is_mindrecord(spec.path):
             raise ConfigError(
-                f"data.train: {spec.path} is not a folder; run `lmforge prepare` or fix the path"
+                f"data.train: {spec.path} is not a folder or a MindRecord file; run `lmforge prepare` or fix the path"
             )
     for valid in cfg.data.valid or []:
-        if not Path(valid).is_dir():
-            raise ConfigError(f"data.valid: {valid} is not a folder; run `lmforge prepare` or fix the path")
+        if not Path(valid).is_dir() and not is_mindrecord(valid):
+            raise ConfigError(f"data.valid: {valid} is not a folder or a MindRecord file; run `lmforge prepare` or fix the path")
 
 
 def run_training(cfg) -> dict:
