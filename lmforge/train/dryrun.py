@@ -86,7 +86,9 @@ def measure_rank(cfg, ctx, fake: bool, steps: int = 2, batches: list[list[dict]]
     if getattr(model, "tied_group", None) is not None:
         extra[model.tied_group.group_name] = "pp"  # tied embedding: first <-> last stage
     with StepMeasure(ctx, model, optimizer, fake, extra) as m:
-        for b in batches:
+        for i, b in enumerate(batches):
+            if i == len(batches) - 1:
+                m.recorder.ops.clear()  # collectives of the last (steady-state) step only
             _run_one_step(step, b)
     return m.result()
 
