@@ -49,6 +49,14 @@ def _train_config(args):
 
 def cmd_train(args) -> None:
     cfg = _train_config(args)
+    if args.dry_run:
+        import os
+
+        from lmforge.train.dryrun import dry_run
+
+        world = args.world_size or int(os.environ.get("WORLD_SIZE", "1") or 1)
+        dry_run(cfg, world, args.gpu_memory, args.json)
+        return
     if args.help_config:
         print("# lmforge run config (every key, with its value or default)")
         print(cfg.help_yaml(), end="")
@@ -234,6 +242,11 @@ def cmd_plan(args) -> None:
     from lmforge.parallel.plan_search import plan_command
 
     plan_command(args.config, args.gpus, args.gpu_type, args.gpu_memory, args.mfu)
+    if args.simulate:
+        from lmforge.mindformers import load_run_config
+        from lmforge.train.dryrun import dry_run
+
+        dry_run(load_run_config(args.config), args.gpus, args.gpu_memory)
 
 
 def cmd_config(args) -> None:

@@ -149,6 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="accepted for MindFormers compatibility and ignored: parallelism comes from the config's "
         "parallel section and torchrun's environment (WORLD_SIZE, RANK)",
     )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build and run one step of every pipeline rank's role at full shape on a fake process group "
+        "(no GPU, no data): memory by category vs the planner, collectives per step",
+    )
+    p.add_argument("--world-size", type=int, default=None, help="--dry-run: ranks to simulate (default: WORLD_SIZE or 1)")
+    p.add_argument("--gpu-memory", type=float, default=None, help="--dry-run: GiB per GPU; a rank above it is an error")
+    p.add_argument("--json", default=None, help="--dry-run: write one record per simulated rank to this file")
 
     p = _sub(sub, "eval", "validation perplexity of a checkpoint, or lm-eval benchmarks with --tasks")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, weights export or HF folder")
@@ -221,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-type", default="H100", help="H100, H200, A100-40, A100-80, B200, MI300X, Ascend-910B, ...")
     p.add_argument("--gpu-memory", type=float, default=None, help="memory per GPU in GiB (default: the GPU type's)")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation")
+    p.add_argument(
+        "--simulate",
+        action="store_true",
+        help="also dry-run the config's own layout on --gpus ranks (lmforge train --dry-run) and check it fits",
+    )
 
     p = _sub(sub, "config", "run config tools")
     cf_sub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)

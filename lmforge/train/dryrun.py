@@ -1,0 +1,273 @@
+"""`lmforge train --config F --dry-run`: the trainer's own path for one representative rank of every
+distinct role, at the configured shapes, on torch's fake process group under FakeTensorMode.
+
+Per rank it builds what the trainer builds (mesh and groups, `build_parallel_model`: meta build,
+pipeline split, TP/SP, activation checkpointing, FSDP2/HSDP; AdamW; the LR schedule; the step with
+the configured loss, schedule and micro batches; the gradient clip) and runs two optimizer steps on
+batches of the loader's shapes (the second is the steady state, with optimizer moments alive),
+measured by `lmforge.parallel.dryrun.StepMeasure`. Ranks with the same pipeline position hold
+same-sized shards (FSDP2 pads every shard to one size; TP shapes must divide, checked below), so
+one rank per pipeline rank stands for all. Beside each: the planner's figure for that rank.
+
+The coupling to the train step is one function, `_run_one_step`: what the trainer calls per step.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from lmforge.errors import ConfigError, LmforgeError
+from lmforge.parallel.dryrun import CATEGORIES, StepMeasure, fake_rank, fake_tensors
+
+GIB = 1024**3
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer's pieces for one rank
+
+
+def build_step(cfg, ctx):
+    """(model, optimizer, train step) as `trainer._Trainer` builds them."""
+    from lmforge.parallel import build_parallel_model
+    from lmforge.train.optim import build_optimizer
+    from lmforge.train.schedule import build_schedule
+    from lmforge.train.step import autocast_context, build_train_step, make_scaler
+    from lmforge.weights.dtypes import compute_dtype
+
+    dtype = compute_dtype(cfg.train.dtype, ctx.device)
+    sharded = ctx.distributed and (ctx.shape.uses_fsdp or ctx.tp_size > 1)
+    model = build_parallel_model(cfg, ctx)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_schedule(optimizer, cfg.optim, max(cfg.train.max_steps or 0, 10))
+    step = build_train_step(
+        cfg,
+        ctx,
+        model,
+        optimizer,
+        scheduler,
+        amp=autocast_context(ctx.device, dtype),
+        scaler=make_scaler(ctx.device, dtype, sharded),
+    )
+    model.train()
+    return model, optimizer, step
+
+
+def _run_one_step(train_step, batches: list[dict]):
+    """THE call site of the train step (re-point here when the step API changes)."""
+    return train_step.step(batches)
+
+
+def loader_batches(cfg, ctx, generator: torch.Generator | None = None) -> list[dict]:
+    """One step's micro batches with the loader's shapes and keys (packed windows of seq_len;
+    doc_ids / position_ids when the config asks for document masking / reset positions)."""
+    rows, seq, vocab = cfg.micro_batch_size(ctx.dp_size), cfg.data.seq_len, cfg.model.vocab_size
+    out = []
+    for _ in range(cfg.train.grad_accum_steps):
+        ids = torch.randint(0, vocab, (rows, seq + 1), generator=generator)
+        batch = {"input_ids": ids[:, :-1].to(ctx.device), "labels": ids[:, 1:].to(ctx.device)}
+        if cfg.data.document_mask:
+            batch["doc_ids"] = torch.zeros(rows, seq, dtype=torch.long, device=ctx.device)
+        if cfg.data.reset_positions:
+            batch["position_ids"] = torch.arange(seq, device=ctx.device).expand(rows, seq).contiguous()
+        out.append(batch)
+    return out
+
+
+def measure_rank(cfg, ctx, fake: bool, steps: int = 2, batches: list[list[dict]] | None = None) -> dict:
+    """Build this rank's model and step and measure `steps` optimizer steps (real or fake tensors)."""
+    model, optimizer, step = build_step(cfg, ctx)
+    batches = batches or [loader_batches(cfg, ctx) for _ in range(steps)]
+    extra = {}
+    if getattr(model, "tied_group", None) is not None:
+        extra[model.tied_group.group_name] = "pp"  # tied embedding: first <-> last stage
+    with StepMeasure(ctx, model, optimizer, fake, extra) as m:
+        for i, b in enumerate(batches):
+            if i == len(batches) - 1:
+                m.recorder.ops.clear()  # collectives of the last (steady-state) step only
+            _run_one_step(step, b)
+    return m.result()
+
+
+# ---------------------------------------------------------------------------------------------
+# Step-1 checks that need no model
+
+
+def check_shapes_divide(cfg, tp: int) -> None:
+    """Tensor parallel splits heads, FFN columns and (sequence parallel) positions: each must divide."""
+    from lmforge.model.layers import resolve_intermediate_size
+
+    if tp == 1:
+        return
+    m = cfg.model
+    sizes = {
+        "model.num_heads": m.num_heads,
+        "model.num_kv_heads": m.num_kv_heads,
+        "model.intermediate_size": resolve_intermediate_size(m),
+        "data.seq_len": cfg.data.seq_len,
+        "model.vocab_size": m.vocab_size,
+    }
+    for key, value in sizes.items():
+        if value % tp:
+            raise ConfigError(
+                f"{key}: {value} is not divisible by parallel.tp {tp}; every rank would hold a different "
+                "shard size (or torch refuses); choose a tp that divides it"
+            )
+
+
+def representative_ranks(shape) -> list[int]:
+    """One global rank per pipeline rank (its dp 0, tp 0)."""
+    per_stage = shape.dp_size * shape.tp
+    return [p * per_stage for p in range(shape.pp)]
+
+
+def planned_by_pp_rank(cfg, world_size: int) -> tuple[list[dict] | None, str]:
+    from lmforge.parallel.plan import rank_memory
+    from lmforge.parallel.plan_search import configured_layout
+
+    layout, why = configured_layout(cfg, world_size)
+    if layout is None:
+        return None, why
+    lp = bool(cfg.parallel.loss_parallel)
+    return [rank_memory(cfg, layout, r, lp) for r in range(layout.pp)], ""
+
+
+# ---------------------------------------------------------------------------------------------
+# The dry run
+
+
+def simulate(cfg, world_size: int, ranks: list[int] | None = None, steps: int = 2, workers: int = 2) -> list[dict]:
+    """One record per simulated rank (see `dry_run`). Each rank runs in a fresh process (torch
+    caches process groups by name, so two fake worlds cannot follow each other in one process),
+    `workers` at a time."""
+    import multiprocessing
+
+    from lmforge.parallel.dryrun import require_fake_backend
+    from lmforge.parallel.mesh import resolve_mesh_shape
+
+    require_fake_backend()
+    shape = resolve_mesh_shape(cfg.parallel, world_size)
+    check_shapes_divide(cfg, shape.tp)
+    cfg.micro_batch_size(shape.dp_size)  # the batch split, before any model work
+    planned, why = planned_by_pp_rank(cfg, world_size)
+    ranks = representative_ranks(shape) if ranks is None else ranks
+    tree = cfg.model_dump(mode="json")
+    jobs = [(tree, world_size, r, steps) for r in ranks]
+    pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), maxtasksperchild=1)
+    try:
+        results = pool.map(_rank_worker, jobs, chunksize=1)
+    finally:
+        pool.terminate()
+    records = []
+    for res in results:
+        if "error" in res:
+            raise LmforgeError(res["error"])
+        if planned is not None:
+            plan = planned[res["pp_stage"]]
+            res["planned_peak_bytes"] = int(plan["total"])
+            res["planned_categories"] = {k: int(plan[k]) for k in CATEGORIES}
+        else:
+            res["planned_peak_bytes"] = None
+            res["plan_note"] = why
+        records.append(res)
+    return records
+
+
+def _rank_worker(job) -> dict:
+    """Simulate one rank in this (fresh) process; errors come back as one line."""
+    from lmforge.config import config_from_dict
+    from lmforge.parallel import init_distributed
+
+    tree, world_size, rank, steps = job
+    t0 = time.perf_counter()
+    try:
+        with fake_rank(rank, world_size):
+            cfg = config_from_dict(tree, "<dry run>")
+            ctx = init_distributed(cfg)
+            where = f"rank {rank} (pp stage {ctx.pp_rank}, tp {ctx.tp_rank}, dp {ctx.dp_rank})"
+            try:
+                with fake_tensors():
+                    measured = measure_rank(cfg, ctx, fake=True, steps=steps)
+            except LmforgeError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - torch refusing the layout is the finding
+                text = str(exc).strip()
+                first = text.splitlines()[0] if text else type(exc).__name__
+                cause = exc.__cause__
+                if cause is not None and str(cause).strip():
+                    first += f" ({type(cause).__name__}: {str(cause).strip().splitlines()[0]})"
+                return {"error": f"dry run: {where} fails at step 1: {type(exc).__name__}: {first[:400]}; "
+                        "change the parallel section (or report it if the layout should work)"}
+    except LmforgeError as exc:
+        return {"error": str(exc)}
+    return {
+        "rank": rank,
+        "pp_stage": ctx.pp_rank,
+        "tp_rank": ctx.tp_rank,
+        "dp_rank": ctx.dp_rank,
+        "simulated_peak_bytes": measured["peak_bytes"],
+        "categories": measured["categories"],
+        "collectives": measured["collectives"],
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def _gib(x) -> str:
+    return "-" if x is None else f"{x / GIB:.2f}"
+
+
+def report_lines(records: list[dict], gpu_memory_gib: float | None) -> list[str]:
+    head = "rank  pp tp dp  " + "  ".join(f"{c[:6]:>7}" for c in CATEGORIES) + "  simulated  planned   diff"
+    lines = [head + "   (GiB)"]
+    for r in records:
+        cats = "  ".join(f"{r['categories'][c] / GIB:7.2f}" for c in CATEGORIES)
+        sim, plan = r["simulated_peak_bytes"], r["planned_peak_bytes"]
+        diff = f"{(plan - sim) / sim:+6.1%}" if plan and sim else "     -"
+        lines.append(
+            f"{r['rank']:>4} {r['pp_stage']:>3} {r['tp_rank']:>2} {r['dp_rank']:>2}  {cats}  "
+            f"{_gib(sim):>9}  {_gib(plan):>7}  {diff}"
+        )
+    lines.append("collectives per step (count, GiB) by mesh dimension, per simulated rank:")
+    for r in records:
+        parts = []
+        for dim, kinds in r["collectives"].items():
+            for kind, v in kinds.items():
+                parts.append(f"{dim}:{kind} {v['count']} ({v['bytes'] / GIB:.3g})")
+        lines.append(f"  rank {r['rank']}: " + (", ".join(parts) or "none"))
+    return lines
+
+
+def not_fitting(records: list[dict], gpu_memory_gib: float) -> list[str]:
+    limit = gpu_memory_gib * GIB
+    return [
+        f"rank {r['rank']} (pp stage {r['pp_stage']}) needs {r['simulated_peak_bytes'] / GIB:.2f} GiB, "
+        f"{(r['simulated_peak_bytes'] - limit) / GIB:.2f} GiB more than --gpu-memory {gpu_memory_gib:g}"
+        for r in records
+        if r["simulated_peak_bytes"] > limit
+    ]
+
+
+def dry_run(cfg, world_size: int, gpu_memory_gib: float | None = None, json_path: str | None = None,
+            echo=print) -> list[dict]:
+    """Simulate, print the table, write --json; a rank that does not fit is a ConfigError whose
+    message holds one line per such rank (the CLI prints it, exits 2)."""
+    steps = 2
+    t0 = time.perf_counter()
+    records = simulate(cfg, world_size, steps=steps)
+    for line in report_lines(records, gpu_memory_gib):
+        echo(line)
+    echo(f"dry run: {len(records)} ranks simulated of {world_size}, {steps} steps each, "
+         f"{time.perf_counter() - t0:.1f} s")
+    if json_path:
+        path = Path(json_path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"world_size": world_size, "ranks": records}, indent=1))
+        tmp.replace(path)
+    if gpu_memory_gib is not None:
+        short = not_fitting(records, gpu_memory_gib)
+        if short:
+            raise ConfigError("dry run: does not fit:\n" + "\n".join(short))
+    return records
