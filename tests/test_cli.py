@@ -207,7 +207,7 @@ def test_bad_weights_and_mismatched_data_are_one_line_errors(tiny_weights, tmp_p
     cfg_file.write_text(cfg_file.read_text().replace("hidden_size: 64", "hidden_size: 32"))
     err = one_line_error(capsys, ["generate", "--checkpoint", str(reshaped), "--prompt", "the"])
     assert "weights do not fit the model config (checkpoint vs config:" in err
-    assert "the checkpoint is from a different model" in err
+    assert "the config.yaml beside the weights is not theirs" in err
 
     truncated = tmp_path / "truncated"
     shutil.copytree(weights, truncated)

@@ -256,7 +256,7 @@ def test_fsdp_checkpoint_matches_lm_eval_hf_backend_on_its_export(tiny_hf, tmp_p
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "val_lmforge_mc_acc" in r] == [2]  # logged once, by rank 0
     step = run_dir / "checkpoints" / "step_2"
-    assert (step / "rank_1.pt").is_file()  # saved by two ranks: sharded
+    assert (step / "rank_1.safetensors").is_file()  # saved by two ranks: sharded
     export = tmp_path / "export"
     assert cli.main(["export", "--checkpoint", str(step), "--out", str(export), "--dtype", "float32"]) == 0
     compare(lmforge_eval(step, tmp_path / "results.json"), hf_backend(export))

@@ -149,7 +149,7 @@ def test_refusals(tmp_path):
         {"model.embed_tokens.weight": torch.zeros(2, 2), "x": argparse.Namespace(a=1)},
         str(tmp_path / "evil.pth"),
     )
-    with pytest.raises(LmforgeError, match="not a weights-only MiniMind state dict"):
+    with pytest.raises(LmforgeError, match="refused as a MiniMind checkpoint: it holds pickled objects"):
         import_minimind(tmp_path / "evil.pth")
     with pytest.raises(LmforgeError, match="no such file"):
         import_minimind(tmp_path / "missing.pth")

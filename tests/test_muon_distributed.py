@@ -44,9 +44,9 @@ def run_layout(parallel: dict, init: dict, save: tuple | None = None, resume: tu
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     from lmforge.config import config_from_dict
-    from lmforge.parallel import build_parallel_model, clip_grad_norm, init_distributed, load_full_state_dict
+    from lmforge.parallel import build_parallel_model, init_distributed, load_full_state_dict
     from lmforge.train.optim import build_optimizer
-    from lmforge.train.step import accumulate_gradients
+    from lmforge.train.step import build_train_step
 
     tree = json.loads(json.dumps(TREE))
     tree["parallel"] = parallel
@@ -64,6 +64,8 @@ def run_layout(parallel: dict, init: dict, save: tuple | None = None, resume: tu
         dcp.load(state, checkpoint_id=resume[0])
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         start = resume[1]
+    constant = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    train_step = build_train_step(cfg, ctx, model, opt, constant, amp=contextlib.nullcontext())
     rows, accum = 8 // ctx.dp_size, 2
     losses, bytes_before = [], opt.comm_bytes
     for step in range(start, STEPS):
@@ -79,11 +81,7 @@ def run_layout(parallel: dict, init: dict, save: tuple | None = None, resume: tu
             }
             for i in range(accum)
         ]
-        loss, _ = accumulate_gradients(model, batches, ctx, contextlib.nullcontext())
-        clip_grad_norm(model, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(ctx.reduce_mean(loss).item())
+        losses.append(train_step.step(batches).loss.item())
     ctx.barrier()
     return {"losses": losses, "comm_bytes_per_step": (opt.comm_bytes - bytes_before) / (STEPS - start)}
 
