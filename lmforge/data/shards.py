@@ -168,31 +168,13 @@ class ShardWriter:
         arr = np.asarray(ids)
         if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
             raise ValueError(f"add_document expects a 1-D integer array, got {arr.dtype} {arr.shape}")
-        if arr.size == 0:
-            return
-        lo, hi = int(arr.min()), int(arr.max())
-        if lo < 0 or hi > self.max_value:
-            raise DataError(
-                f"{self.out_dir}: token id {hi if hi > self.max_value else lo} does not fit shard dtype "
-                f"{self.dtype.name}; prepare with dtype uint32 (vocab larger than 65,536?)"
-            )
-        if self._file is None:
-            self._start_shard()
-        self._pending.append(arr.astype(self.dtype, copy=False))
-        self._pending_tokens += arr.size
-        self._tokens += arr.size
-        self._offsets.append(self._tokens)
-        self._max_id = max(self._max_id, hi)
-        self._max_doc = max(self._max_doc, arr.size)
-        if self._pending_tokens >= _FLUSH_TOKENS:
-            self._flush()
-        if self._tokens >= self.shard_tokens:
-            self._finish_shard()
+        self.add_document_part(arr, end=True, copy=False)
 
-    def add_document_part(self, ids: np.ndarray, end: bool) -> None:
+    def add_document_part(self, ids: np.ndarray, end: bool, copy: bool = True) -> None:
         """Append the next part of one long document (bos/eos included by the caller); `end=True`
         closes it. The parts go to disk as they come (a document of GBs never sits in memory);
-        the shard is only cut after the document ends, so a document still never straddles two."""
+        the shard is only cut after the document ends, so a document still never straddles two.
+        `copy=False`: the caller hands `ids` over (add_document's whole documents)."""
         if self._closed:
             raise RuntimeError("ShardWriter is closed")
         arr = np.asarray(ids)
@@ -205,7 +187,7 @@ class ShardWriter:
                 )
             if self._file is None:
                 self._start_shard()
-            self._pending.append(arr.astype(self.dtype, copy=True))
+            self._pending.append(arr.astype(self.dtype, copy=copy))
             self._pending_tokens += arr.size
             self._tokens += arr.size
             self._part_tokens = self._part_tokens + arr.size
