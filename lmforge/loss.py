@@ -236,13 +236,6 @@ class LanguageModelLoss:
         return self.from_output(out, batch["labels"])
 
 
-def language_model_loss(
-    model, batch: dict, *, fused: bool = True, **model_kwargs
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`LanguageModelLoss(fused)(model, batch, **model_kwargs)`."""
-    return LanguageModelLoss(fused)(model, batch, **model_kwargs)
-
-
 def _output_weight(model) -> torch.Tensor | None:
     """The model's output weight through DDP / compile wrappers; None for a module without one."""
     inner = model

@@ -16,8 +16,8 @@ from test_train_utils import run_reaped
 from lmforge.config import ModelConfig
 from lmforge.loss import (
     IGNORE_INDEX,
+    LanguageModelLoss,
     fused_linear_cross_entropy,
-    language_model_loss,
     output_weight_is_tensor_parallel,
     summed_cross_entropy,
 )
@@ -96,7 +96,7 @@ def test_model_loss_fused_equals_logits_path(tied):
     grads = []
     for fused in (False, True):
         model.zero_grad(set_to_none=True)
-        ce, aux = language_model_loss(model, batch, fused=fused)
+        ce, aux = LanguageModelLoss(fused)(model, batch)
         (ce + aux).backward()
         grads.append((ce.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (ref, ref_g), (got, got_g) = grads
@@ -150,7 +150,7 @@ def _fsdp_worker(out_path: str) -> None:
     results = []
     for fused in (False, True):
         model.zero_grad(set_to_none=True)
-        ce, aux = language_model_loss(model, batch, fused=fused)
+        ce, aux = LanguageModelLoss(fused)(model, batch)
         (ce + aux).backward()
         grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
         results.append((ce.detach(), grads))

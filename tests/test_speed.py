@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.config import ModelConfig, MoEConfig
-from lmforge.loss import IGNORE_INDEX, language_model_loss
+from lmforge.loss import IGNORE_INDEX, LanguageModelLoss
 from lmforge.model import Transformer
 from lmforge.model import moe as moe_module
 from lmforge.model.attention import document_mask
@@ -73,8 +73,8 @@ def test_document_mask_trains_through_the_loss_path():
     batch = {"input_ids": ids, "labels": ids.roll(-1, 1),
              "doc_ids": torch.tensor([[0] * 4 + [1] * 6, [0] * 10]),
              "position_ids": torch.tensor([list(range(4)) + list(range(6)), list(range(10))])}
-    fused, _ = language_model_loss(model, batch, fused=True)
-    plain, _ = language_model_loss(model, batch, fused=False)
+    fused, _ = LanguageModelLoss(True)(model, batch)
+    plain, _ = LanguageModelLoss(False)(model, batch)
     torch.testing.assert_close(fused, plain)
     fused.backward()
     assert model.layers[0].attention.wq.weight.grad.abs().sum() > 0
@@ -173,7 +173,7 @@ def test_training_step_forward_backward_reads_nothing_back(moe, monkeypatch):
     batches[0]["labels"][0, :3] = IGNORE_INDEX
     with count_host_reads() as calls:
         accumulate_gradients(model, batches, ctx, contextlib.nullcontext())
-        language_model_loss(model, batches[0], fused=True)[0].backward()
+        LanguageModelLoss(True)(model, batches[0])[0].backward()
     assert calls == []
     # the counter itself works: a read is seen
     with count_host_reads() as calls:

@@ -16,7 +16,7 @@ import torch
 from test_train_utils import run_reaped
 
 from lmforge.config import ModelConfig, config_from_dict
-from lmforge.loss import language_model_loss, set_loss_compile
+from lmforge.loss import LanguageModelLoss, set_loss_compile
 from lmforge.model import Transformer
 from lmforge.model.attention import document_mask
 from lmforge.parallel.compile import compile_seconds
@@ -62,7 +62,7 @@ def _steps(model, batches, lr=1e-2):
     opt = torch.optim.AdamW(model.parameters(), lr=lr, foreach=True)
     losses = []
     for batch in batches:
-        ce, aux = language_model_loss(model, batch, fused=True)
+        ce, aux = LanguageModelLoss(True)(model, batch)
         n = (batch["labels"] != -100).sum()
         loss = ce / n + aux
         loss.backward()

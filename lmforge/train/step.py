@@ -138,9 +138,6 @@ class TrainStep:
         self.scheduler.step()
         return StepResult(loss, norm, lr, finite, targets)
 
-    def __call__(self, batches: list[dict]) -> StepResult:
-        return self.step(batches)
-
 
 @contextlib.contextmanager
 def amp_and_loss(amp, model):

@@ -2,7 +2,7 @@
 
 Shaped like torchtitan's trainer: `TrainState` holds the counters, `Checkpointer` owns
 everything a checkpoint holds (model, optimizer, scheduler, scaler, loader, train state, RNG)
-and decides when to save, and `TrainStep` (train_step(batches) -> StepResult, step.py) does one
+and decides when to save, and `TrainStep` (train_step.step(batches) -> StepResult, step.py) does one
 optimizer step. The loop below only sequences them: fetch, step, count, log, evaluate, save.
 Per step the only host synchronisation is the finiteness check, plus `.item()` on log steps.
 
