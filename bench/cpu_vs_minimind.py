@@ -53,8 +53,8 @@ def lmforge_runner(mode: str, prepared: Path, tok_fp: str, steps: int, fused: bo
         "parallel": {"compile": compile_, "compile_mode": "model"},
     }
     cfg = config_from_dict(tree, "cpu_vs_minimind")
-    ctx = init_distributed(cfg)
-    model = build_parallel_model(cfg, ctx)
+    ctx = init_distributed(cfg.parallel, cfg.train.device)
+    model = build_parallel_model(cfg.model, cfg.parallel, ctx, seed=cfg.run.seed, seq_len=cfg.data.seq_len)
     optimizer = build_optimizer(model, cfg.optim)
     loader = build_loader(cfg.data, "train", SHAPE["batch"], tokenizer_fingerprint=tok_fp)
     batches = [next(loader) for _ in range(steps)]

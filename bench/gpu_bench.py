@@ -133,7 +133,7 @@ def device_checks(device: str) -> list[str]:
                  f"{(got.reshape(-1, 128).float() - ref).abs().max():.3g}")
     run_cfg = config_from_dict({"model": cfg.model_dump(), "data": {"seq_len": 256},
                                 "train": {"device": device}}, "gpu_bench")
-    ctx = init_distributed(run_cfg)
+    ctx = init_distributed(run_cfg.parallel, run_cfg.train.device)
     batch = {"input_ids": ids, "labels": ids.roll(-1, 1), "doc_ids": doc_ids}
     amp = torch.autocast(device, dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
     accumulate_gradients(model, [batch], ctx, amp, None, fused_loss_fn)  # warm-up (compiles flex)

@@ -53,8 +53,8 @@ def worker(args) -> None:
         "parallel": {"strategy": "single", "pp": 2, "pp_schedule": "1f1b"},
     }
     cfg = config_from_dict(tree, "<bench>")
-    ctx = init_distributed(cfg)
-    model = build_parallel_model(cfg, ctx)
+    ctx = init_distributed(cfg.parallel, cfg.train.device)
+    model = build_parallel_model(cfg.model, cfg.parallel, ctx, seed=cfg.run.seed, seq_len=cfg.data.seq_len)
     optimizer = build_optimizer(model, cfg.optim)
     step = build_train_step(cfg, ctx, model, optimizer, build_schedule(optimizer, cfg.optim, 10),
                             amp=contextlib.nullcontext())

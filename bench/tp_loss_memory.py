@@ -60,8 +60,8 @@ def worker(args) -> None:
         "parallel": {"strategy": "fsdp+tp", "tp": 2, "dp_shard": 1, "loss_parallel": args.mode == "vocab_parallel"},
     }
     cfg = config_from_dict(tree, "<bench>")
-    ctx = init_distributed(cfg)
-    model = build_parallel_model(cfg, ctx)
+    ctx = init_distributed(cfg.parallel, cfg.train.device)
+    model = build_parallel_model(cfg.model, cfg.parallel, ctx, seed=cfg.run.seed, seq_len=cfg.data.seq_len)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, VOCAB, (args.batch, args.seq + 1), generator=gen)
     batch = {"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous()}

@@ -34,12 +34,12 @@ def _sync(device: torch.device) -> None:
 
 
 def bench(cfg, steps: int, warmup: int) -> dict:
-    ctx = init_distributed(cfg)
+    ctx = init_distributed(cfg.parallel, cfg.train.device)
     torch.manual_seed(cfg.run.seed + ctx.rank)
     dtype = resolve_dtype(cfg.train.dtype, ctx.device)
     sharded = ctx.distributed and (ctx.shape.uses_fsdp or ctx.tp_size > 1)
     amp, scaler = autocast_context(ctx.device, dtype), make_scaler(ctx.device, dtype, sharded)
-    model = build_parallel_model(cfg, ctx)
+    model = build_parallel_model(cfg.model, cfg.parallel, ctx, seed=cfg.run.seed, seq_len=cfg.data.seq_len)
     optimizer = build_optimizer(model, cfg.optim)
     micro, seq = cfg.micro_batch_size(ctx.dp_size), cfg.data.seq_len
     vocab = cfg.model.vocab_size

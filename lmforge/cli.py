@@ -50,11 +50,10 @@ def _train_config(args):
 def cmd_train(args) -> None:
     cfg = _train_config(args)
     if args.dry_run:
-        import os
-
+        from lmforge.parallel.distributed import launch_env
         from lmforge.train.dryrun import dry_run
 
-        world = args.world_size or int(os.environ.get("WORLD_SIZE", "1") or 1)
+        world = args.world_size or launch_env().world_size
         dry_run(cfg, world, args.gpu_memory, args.json)
         return
     if args.help_config:

@@ -138,15 +138,6 @@ class TrainConfig(Section):
     eval_tasks_num_fewshot: int | None = Field(None, ge=0)
     eval_tasks_batch_size: int = Field(8, ge=1)
 
-    @model_validator(mode="after")
-    def _budget(self) -> TrainConfig:
-        if self.global_batch_size % self.grad_accum_steps:
-            raise ValueError(
-                f"@global_batch_size {self.global_batch_size} is not divisible by grad_accum_steps "
-                f"{self.grad_accum_steps}"
-            )
-        return self
-
 
 class CheckpointConfig(Section):
     interval: int = Field(1000, ge=0)  # 0: only at the end
@@ -163,14 +154,17 @@ PP_MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "zero_bubble", "zbv")
 
 def batch_split_error(global_batch: int, grad_accum_steps: int, dp_size: int, microbatches: int = 1) -> str | None:
     """The one divisibility rule of a step's batch: global_batch_size = micro batch x grad_accum_steps
-    x data-parallel size (x pipeline microbatches per micro step when the planner cuts them); the
-    reason it fails, or None."""
+    x data-parallel size (x pipeline microbatches when they cut the batch further); the reason it
+    fails (naming the factors above 1), or None."""
     per_step = grad_accum_steps * dp_size * microbatches
     if global_batch % per_step == 0:
         return None
-    parts = f"grad_accum_steps x data-parallel size{' x pp_microbatches' if microbatches > 1 else ''}"
-    values = " x ".join(str(v) for v in (grad_accum_steps, dp_size, microbatches)[: 3 if microbatches > 1 else 2])
-    return f"train.global_batch_size {global_batch} is not divisible by {parts} = {values}"
+    factors = [("grad_accum_steps", grad_accum_steps), ("data-parallel size", dp_size), ("pp_microbatches", microbatches)]
+    shown = [(name, v) for name, v in factors if v > 1]
+    if len(shown) == 1:
+        return f"train.global_batch_size {global_batch} is not divisible by {shown[0][0]} {shown[0][1]}"
+    names, values = (" x ".join(str(part[i]) for part in shown) for i in (0, 1))
+    return f"train.global_batch_size {global_batch} is not divisible by {names} = {values}"
 
 
 class ParallelConfig(Section):
@@ -285,8 +279,9 @@ class Config(Section):
                 f"@parallel.pp {p.pp} x pp_virtual_stages {p.pp_virtual_stages} = {stages} stages but the model "
                 f"has {self.model.num_layers} layers; every stage needs at least one layer"
             )
-        dp = self.static_dp_size()
-        problem = None if dp is None else batch_split_error(self.train.global_batch_size, self.train.grad_accum_steps, dp)
+        # With the data-parallel size still unknown (set by the launch), grad_accum_steps alone.
+        dp = self.static_dp_size() or 1
+        problem = batch_split_error(self.train.global_batch_size, self.train.grad_accum_steps, dp)
         if problem:
             raise ValueError("@" + problem)
         return self
@@ -309,7 +304,7 @@ class Config(Section):
     def micro_batch_size(self, dp_size: int) -> int:
         problem = batch_split_error(self.train.global_batch_size, self.train.grad_accum_steps, dp_size)
         if problem:
-            raise ConfigError(problem)
+            raise ConfigError(f"{problem}; change train.global_batch_size or grad_accum_steps to fit the layout")
         return self.train.global_batch_size // (self.train.grad_accum_steps * dp_size)
 
     def to_yaml(self) -> str:

@@ -101,7 +101,7 @@ def run_scenario(base: dict, sc: dict, init_state: dict | None) -> list[float]:
 
         init_state = load_file(sc["init"])
     cfg = config_from_dict(tree, "<parity>")
-    ctx = init_distributed(cfg)
+    ctx = init_distributed(cfg.parallel, cfg.train.device)
     if sc.get("reductions"):
         # [mean of dp_rank over dp, sum of 1 over dp, max of the global rank over all ranks]
         one = torch.ones((), device=ctx.device)
@@ -110,7 +110,7 @@ def run_scenario(base: dict, sc: dict, init_state: dict | None) -> list[float]:
             ctx.reduce_sum(one).item(),
             ctx.reduce_max(one * ctx.rank).item(),
         ]
-    model = build_parallel_model(cfg, ctx)
+    model = build_parallel_model(cfg.model, cfg.parallel, ctx, seed=cfg.run.seed, seq_len=cfg.data.seq_len)
     opt = make_optimizer(model)
     steps, seq = sc.get("steps", 10), cfg.data.seq_len
     batches = fixed_batches(cfg.model.vocab_size, sc.get("global_batch", 8), seq, steps)

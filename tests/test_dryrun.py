@@ -76,7 +76,7 @@ def test_one_process_matches_real():
     from lmforge.train.dryrun import measure_rank, simulate
 
     cfg = config_from_dict(_tree({}), "one")
-    ctx = init_distributed(cfg)
+    ctx = init_distributed(cfg.parallel, cfg.train.device)
     real = measure_rank(cfg, ctx, fake=False)
     sim = simulate(cfg, 1)[0]
     assert sim["categories"]["optimizer"] > 0 and sim["categories"]["activations"] > 0
@@ -142,7 +142,7 @@ def _worker(spec: str, out: str) -> None:
     from lmforge.train.dryrun import measure_rank
 
     cfg = config_from_dict(json.loads(Path(spec).read_text()), spec)
-    ctx = init_distributed(cfg)
+    ctx = init_distributed(cfg.parallel, cfg.train.device)
     try:
         rec = measure_rank(cfg, ctx, fake=False)
     finally:

@@ -51,8 +51,8 @@ def run_layout(parallel: dict, init: dict, save: tuple | None = None, resume: tu
     tree = json.loads(json.dumps(TREE))
     tree["parallel"] = parallel
     cfg = config_from_dict(tree, "<muon parity>")
-    ctx = init_distributed(cfg)
-    model = build_parallel_model(cfg, ctx)
+    ctx = init_distributed(cfg.parallel, cfg.train.device)
+    model = build_parallel_model(cfg.model, cfg.parallel, ctx, seed=cfg.run.seed, seq_len=cfg.data.seq_len)
     opt = build_optimizer(model, cfg.optim)
     load_full_state_dict(model, init)
     gen = torch.Generator().manual_seed(0)

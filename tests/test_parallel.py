@@ -27,6 +27,12 @@ TINY = tiny_tree()
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
+def _build(cfg):
+    """The trainer's build of `cfg`'s model in this process."""
+    ctx = init_distributed(cfg.parallel, cfg.train.device)
+    return build_parallel_model(cfg.model, cfg.parallel, ctx, seed=cfg.run.seed, seq_len=cfg.data.seq_len)
+
+
 def _cfg(**parallel):
     # A global batch of 960 divides by every data-parallel size used here, so the config itself
     # validates and the mesh checks are what is tested.
@@ -91,9 +97,27 @@ def test_tp_divisibility_errors():
     check_tp_divisibility(cfg.model, cfg.data.seq_len, 2)  # 4 heads, 2 kv heads, vocab 256, seq 16 all divide by 2
 
 
+def test_launch_env_is_read_once_and_passed_down(monkeypatch):
+    from lmforge.parallel.distributed import LaunchEnv, launch_env
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    assert launch_env() == LaunchEnv(rank=1, world_size=3, local_rank=1, local_world_size=3)
+    monkeypatch.setenv("WORLD_SIZE", "x")
+    with pytest.raises(ConfigError, match="WORLD_SIZE='x' is not an integer"):
+        launch_env()
+    # A given place wins over the environment: the layout is checked against it, not WORLD_SIZE.
+    with pytest.raises(ConfigError, match="parallel.strategy: single but WORLD_SIZE is 2"):
+        init_distributed(_cfg().parallel, "cpu", LaunchEnv(world_size=2))
+    ctx = init_distributed(_cfg().parallel, "cpu", LaunchEnv())
+    assert (ctx.world_size, ctx.local_world_size, ctx.backend) == (1, 1, None)
+
+
 def test_single_process_context(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    ctx = init_distributed(_cfg())
+    ctx = init_distributed(_cfg().parallel, "cpu")
     assert (ctx.rank, ctx.world_size, ctx.dp_rank, ctx.dp_size, ctx.tp_size) == (0, 1, 0, 1, 1)
     assert ctx.is_main and ctx.mesh is None and ctx.backend is None
     assert ctx.device == torch.device("cpu")
@@ -110,7 +134,7 @@ def test_build_follows_the_init_rule():
     torch.manual_seed(123)
     before = torch.rand(3)
     torch.manual_seed(123)
-    built = build_parallel_model(cfg, init_distributed(cfg))
+    built = _build(cfg)
     assert torch.equal(torch.rand(3), before)  # the caller's random stream is untouched
     plain = Transformer(cfg.model)
     torch.manual_seed(cfg.run.seed)
@@ -132,9 +156,9 @@ def _loss_and_grads(model, ids):
 @pytest.mark.parametrize("mode, every", [("full", 1), ("full", 2), ("selective", 1)])
 def test_activation_checkpointing_keeps_names_loss_and_grads(mode, every):
     ids = fixed_batches(256, 4, 16, 1)[0]
-    base = build_parallel_model(_cfg(), init_distributed(_cfg()))
+    base = _build(_cfg())
     cfg = _cfg(activation_checkpoint=mode, ac_every=every)
-    ac = build_parallel_model(cfg, init_distributed(cfg))
+    ac = _build(cfg)
     names = [n for n, _ in ac.named_parameters()]
     assert names == [n for n, _ in base.named_parameters()]
     applied = [getattr(b.forward, "checkpoint_mode", None) for b in ac.layers]
@@ -147,7 +171,7 @@ def test_activation_checkpointing_keeps_names_loss_and_grads(mode, every):
 
 
 def test_clip_grad_norm_measures_and_clips():
-    model = build_parallel_model(_cfg(), init_distributed(_cfg()))
+    model = _build(_cfg())
     _, grads = _loss_and_grads(model, fixed_batches(256, 2, 16, 1)[0])
     expected = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()]))
     norm = clip_grad_norm(model, 0.0)  # 0: measure only
@@ -159,7 +183,7 @@ def test_clip_grad_norm_measures_and_clips():
 
 
 def test_grad_sync_is_a_noop_for_a_plain_model_and_accumulates():
-    model = build_parallel_model(_cfg(), init_distributed(_cfg()))
+    model = _build(_cfg())
     ids = fixed_batches(256, 2, 16, 1)[0]
     _, once = _loss_and_grads(model, ids)
     with grad_sync(model, enabled=False):
@@ -169,7 +193,7 @@ def test_grad_sync_is_a_noop_for_a_plain_model_and_accumulates():
 
 def test_unwrap_and_compile_in_place():
     cfg = _cfg(compile=True)
-    model = build_parallel_model(cfg, init_distributed(cfg))
+    model = _build(cfg)
     # Blocks are compiled in place (lazily, on first call), so names and the module tree stay.
     assert all(getattr(b, "_compiled_call_impl", None) is not None for b in model.layers)
     assert unwrap_model(torch.compile(model)) is model
@@ -210,4 +234,4 @@ def test_cpu_shard_seeds_differ_across_shards_and_match_across_replicas():
 def test_cpu_offload_needs_fsdp():
     cfg = _cfg(strategy="single", cpu_offload=True)
     with pytest.raises(ConfigError, match="parallel.cpu_offload: offloading needs FSDP sharding"):
-        build_parallel_model(cfg, init_distributed(cfg))
+        _build(cfg)

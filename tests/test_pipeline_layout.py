@@ -66,13 +66,29 @@ def test_mesh_puts_pp_outermost():
         resolve_mesh_shape(_cfg(pp=3, strategy="ddp").parallel, 4)
 
 
+def _micro(dp_size=1, **parallel):
+    cfg = _cfg(**parallel)
+    return microbatches(cfg.parallel, cfg.train, dp_size)
+
+
 def test_microbatch_rules():
-    assert microbatches(_cfg(pp=2, pp_microbatches=4).parallel, 1) == 4
+    assert _micro(pp=2, pp_microbatches=4) == 4
     with pytest.raises(ConfigError, match="at least one per stage"):
-        microbatches(_cfg(pp=4).parallel, 1)  # 1f1b with one microbatch for 4 stages
+        _micro(pp=4)  # 1f1b with one microbatch for 4 stages
     with pytest.raises(ConfigError, match="multiple"):
-        microbatches(_cfg(pp=2, pp_schedule="interleaved_1f1b", pp_virtual_stages=2, pp_microbatches=3).parallel, 1)
+        _micro(pp=2, pp_schedule="interleaved_1f1b", pp_virtual_stages=2, pp_microbatches=3)
     with pytest.raises(ConfigError, match="zbv"):
-        microbatches(_cfg(pp=2, pp_schedule="zbv", pp_virtual_stages=2, pp_microbatches=2).parallel, 1)
-    assert microbatches(_cfg(pp=2, pp_schedule="gpipe").parallel, 1) == 1
+        _micro(pp=2, pp_schedule="zbv", pp_virtual_stages=2, pp_microbatches=2)
+    assert _micro(pp=2, pp_schedule="gpipe") == 1
+    # The schedule cuts a rank's share of the global batch (8 sequences / dp 2 = 4) into them:
+    # the batch rule of config.batch_split_error, in one line naming what to change.
+    assert _micro(2, pp=2, pp_microbatches=4) == 4
+    with pytest.raises(ConfigError, match=r"train.global_batch_size 8 is not divisible by data-parallel size x "
+                       r"pp_microbatches = 2 x 8; change parallel.pp_microbatches"):
+        _micro(2, pp=2, pp_microbatches=8)
     assert {"gpipe", "1f1b", "interleaved_1f1b"} <= set(available_schedules())
+    # The schedule names have one home (config.PP_SCHEDULES); the class table covers exactly them.
+    from lmforge.config import PP_MULTI_STAGE_SCHEDULES, PP_SCHEDULES
+    from lmforge.parallel.pipeline_step import SCHEDULES
+
+    assert set(SCHEDULES) == set(PP_SCHEDULES) and set(PP_MULTI_STAGE_SCHEDULES) <= set(PP_SCHEDULES)

@@ -166,7 +166,7 @@ def test_training_step_forward_backward_reads_nothing_back(moe, monkeypatch):
     if moe:
         model_cfg["moe"] = {"num_experts": 4, "top_k": 2, "num_shared_experts": 1}
     cfg = config_from_dict({"model": model_cfg, "data": {"seq_len": 8}, "train": {"device": "cpu"}}, "test")
-    ctx = init_distributed(cfg)
+    ctx = init_distributed(cfg.parallel, cfg.train.device)
     model = Transformer(cfg.model)
     ids = torch.randint(0, 97, (2, 3, 9))
     batches = [{"input_ids": ids[i, :, :-1], "labels": ids[i, :, 1:].clone()} for i in range(2)]

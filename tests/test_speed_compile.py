@@ -84,8 +84,8 @@ def test_whole_model_compiled_steps_match_eager_on_inductor():
     tree = {"model": TINY, "data": {"seq_len": 16}, "train": {"device": "cpu"},
             "parallel": {"compile": True, "compile_mode": "model"}}
     cfg = config_from_dict(tree, "test")
-    ctx = init_distributed(cfg)
-    compiled = build_parallel_model(cfg, ctx)
+    ctx = init_distributed(cfg.parallel, cfg.train.device)
+    compiled = build_parallel_model(cfg.model, cfg.parallel, ctx, seed=cfg.run.seed, seq_len=cfg.data.seq_len)
     eager = Transformer(cfg.model)
     eager.load_state_dict(compiled.state_dict())  # in-place compile: the same names
     set_loss_compile(False)
@@ -126,8 +126,8 @@ def _fsdp_worker(out_path: str) -> None:
                 "parallel": {"strategy": "fsdp", "activation_checkpoint": "full",
                              "compile": compile_, "compile_mode": "blocks", "backend": "gloo"}}
         cfg = config_from_dict(tree, "test")
-        ctx = init_distributed(cfg)
-        model = build_parallel_model(cfg, ctx)
+        ctx = init_distributed(cfg.parallel, cfg.train.device)
+        model = build_parallel_model(cfg.model, cfg.parallel, ctx, seed=cfg.run.seed, seq_len=cfg.data.seq_len)
         if state is None:
             state = {k: v.clone() for k, v in full_state_dict(model, cpu_offload=False).items()}
         else:

@@ -55,7 +55,7 @@ def test_preflight_advice_is_the_planners_and_the_skip_key_goes_on(tmp_path, dat
     assert "micro batch 8" in layout
     # Room for the parameters and states but not a micro batch of 8: the planner's answer is a
     # smaller micro batch or activation checkpointing, named as config keys.
-    monkeypatch.setattr(preflight, "available_memory", lambda device: (need - 1, "available RAM"))
+    monkeypatch.setattr(preflight, "available_memory", lambda device, local_ranks=1: (need - 1, "available RAM"))
     with pytest.raises(Exception) as info:
         preflight.check_memory(cfg, 1, torch.device("cpu"))
     message = str(info.value)

@@ -40,8 +40,8 @@ def reference_losses(steps: int) -> list[float]:
 
 def run_job(steps: int, strategy: str, ckpt: str | None, kill_at: int | None) -> list[float]:
     cfg = config_from_dict({**TINY, "parallel": {"strategy": strategy}}, "<toyjob>")
-    ctx = init_distributed(cfg)
-    model = build_parallel_model(cfg, ctx)
+    ctx = init_distributed(cfg.parallel, cfg.train.device)
+    model = build_parallel_model(cfg.model, cfg.parallel, ctx, seed=cfg.run.seed, seq_len=cfg.data.seq_len)
     opt = make_optimizer(model)
     torch.manual_seed(0)
     load_full_state_dict(model, Transformer(cfg.model).state_dict())

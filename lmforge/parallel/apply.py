@@ -1,4 +1,6 @@
 """Turn a plain `lmforge.model.Transformer` into the parallel model for `cfg.parallel`, in one place.
+It takes the config sections it reads (model, parallel) and the two values it needs from others
+(run.seed, data.seq_len), never the whole run config.
 
 Order (each step needs the previous one): build on the meta device -> tensor parallel (DTensor
 plans) -> activation checkpointing -> torch.compile per block -> FSDP2 `fully_shard` per block and
@@ -6,7 +8,7 @@ at the root -> materialise (`to_empty` + `init_weights`) -> DDP (which needs rea
 Because sharding happens before materialisation, a 70B model never exists whole on one rank.
 
 Initialisation rule: the weights equal
-    torch.manual_seed(cfg.run.seed); m = Transformer on meta; m.to_empty(device); m.init_weights()
+    torch.manual_seed(seed); m = Transformer on meta; m.to_empty(device); m.init_weights()
 run in a forked RNG so the caller's random streams are untouched. For `single` and `ddp` that is
 exact. For sharded parameters `init_weights` runs on the local shards: on CUDA DTensor's RNG
 tracker gives every shard its own slice of one random stream; on CPU (no tracker) the seed is
@@ -27,19 +29,20 @@ from lmforge.parallel.pipeline import PipelineModel, build_pipeline_model
 from lmforge.parallel.sharding import init_seed, init_weights_seeded, shard_module
 
 
-def build_parallel_model(cfg, ctx: ParallelContext) -> nn.Module:
-    """The model for training under `cfg.parallel`, materialised on `ctx.device` and initialised.
-    With `parallel.pp > 1` it is this rank's `pipeline.PipelineModel` (its stages' layers)."""
+def build_parallel_model(model_cfg, pcfg, ctx: ParallelContext, *, seed: int, seq_len: int) -> nn.Module:
+    """The model `model_cfg` for training under `pcfg` (cfg.parallel), materialised on `ctx.device`
+    and initialised from `seed` (cfg.run.seed); `seq_len` (data.seq_len) is what tensor parallel
+    splits. With `parallel.pp > 1` it is this rank's `pipeline.PipelineModel` (its stages' layers)."""
     from lmforge.model import build
 
     shape = ctx.shape
     if shape.pp > 1:
-        return build_pipeline_model(cfg, ctx)
-    model = build(cfg.model)
-    offload = shard_module(model, cfg, ctx)
+        return build_pipeline_model(model_cfg, pcfg, ctx, seed=seed, seq_len=seq_len)
+    model = build(model_cfg)
+    offload = shard_module(model, pcfg, ctx, seq_len=seq_len)
     init_device = torch.device("cpu") if offload else ctx.device
     model.to_empty(device=init_device)
-    init_weights_seeded(model, init_seed(cfg.run.seed, ctx), ctx.device)
+    init_weights_seeded(model, init_seed(seed, ctx), ctx.device)
     if offload:  # buffers (RoPE tables) are not FSDP-managed and are used on the GPU
         for module in model.modules():
             for name, buf in module.named_buffers(recurse=False):

@@ -1,10 +1,12 @@
 """Process groups, the device mesh and cross-rank reductions.
 
-`init_distributed(cfg)` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-MASTER_PORT). With WORLD_SIZE unset or 1 and `parallel.strategy: single` it creates no process
-group at all, so one-process training, tests and notebooks need no launcher. Any other strategy in
-one process (for example FSDP2 at world size 1, to measure its overheads) gets a one-rank group on
-a free loopback port.
+`launch_env()` is the one reader of torchrun's rank variables (RANK, WORLD_SIZE, LOCAL_RANK,
+LOCAL_WORLD_SIZE): the world size is read there, once, and passed down (`init_distributed`, the
+dry run's default world). `init_distributed(pcfg, device)` sets up the groups for `cfg.parallel`
+(MASTER_ADDR / MASTER_PORT are torch's rendezvous). With WORLD_SIZE unset or 1 and
+`parallel.strategy: single` it creates no process group at all, so one-process training, tests and
+notebooks need no launcher. Any other strategy in one process (for example FSDP2 at world size 1,
+to measure its overheads) gets a one-rank group on a free loopback port.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class ParallelContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1  # ranks on this node (they share its RAM on CPU)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     shape: MeshShape = field(default_factory=MeshShape)
     mesh: object | None = None  # torch.distributed.device_mesh.DeviceMesh when a group exists
@@ -122,8 +125,26 @@ def _env_int(name: str, default: int) -> int:
         ) from None
 
 
-def select_device(cfg, local_rank: int) -> torch.device:
-    want = cfg.train.device
+@dataclass(frozen=True)
+class LaunchEnv:
+    """This process's place in the job, as the launcher (torchrun) gave it."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+
+def launch_env() -> LaunchEnv:
+    """torchrun's RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE (one process when unset): the
+    one place lmforge reads them."""
+    return LaunchEnv(
+        _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0), _env_int("LOCAL_WORLD_SIZE", 1)
+    )
+
+
+def select_device(want: str, local_rank: int) -> torch.device:
+    """`train.device` (auto, cuda or cpu) for the process with this LOCAL_RANK."""
     if want == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             "train.device: cuda was requested but no CUDA device is visible; use train.device=cpu"
@@ -177,35 +198,31 @@ def _dp_group(shape: MeshShape, rank: int, world_size: int):
     return mine
 
 
-def init_distributed(cfg) -> ParallelContext:
-    """Set up the process group and mesh for `cfg.parallel` from torchrun's environment."""
-    world_size = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
-    local_rank = _env_int("LOCAL_RANK", 0)
-    shape = resolve_mesh_shape(cfg.parallel, world_size)
-    device = select_device(cfg, local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+def init_distributed(pcfg, device: str = "auto", env: LaunchEnv | None = None) -> ParallelContext:
+    """Set up the process group and mesh for `pcfg` (cfg.parallel) on `device` (cfg.train.device);
+    `env` is where this process stands in the job (default: torchrun's, `launch_env()`)."""
+    env = env or launch_env()
+    rank, world_size, local_rank = env.rank, env.world_size, env.local_rank
+    shape = resolve_mesh_shape(pcfg, world_size)
+    dev = select_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    place = dict(rank=rank, world_size=world_size, local_rank=local_rank, local_world_size=env.local_world_size)
     if shape.strategy == "single" and world_size == 1:
-        return ParallelContext(rank=0, world_size=1, local_rank=local_rank, device=device, shape=shape)
+        return ParallelContext(**place, device=dev, shape=shape)
 
-    backend = cfg.parallel.backend
+    backend = pcfg.backend
     if backend == "auto":
-        backend = "nccl" if device.type == "cuda" else "gloo"
-    if backend == "nccl" and device.type != "cuda":
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+    if backend == "nccl" and dev.type != "cuda":
         raise ConfigError("parallel.backend: nccl needs CUDA devices; use parallel.backend=gloo on CPU")
     if not dist.is_initialized():
         if world_size == 1 and "MASTER_ADDR" not in os.environ:
             os.environ["MASTER_ADDR"] = "127.0.0.1"
             os.environ["MASTER_PORT"] = str(_free_port())
-        kwargs = {
-            "backend": backend,
-            "rank": rank,
-            "world_size": world_size,
-            "timeout": timedelta(minutes=30),
-        }
+        kwargs = {"backend": backend, "rank": rank, "world_size": world_size, "timeout": timedelta(minutes=30)}
         if backend == "nccl":
-            kwargs["device_id"] = device  # eager NCCL init binds each rank to its own GPU
+            kwargs["device_id"] = dev  # eager NCCL init binds each rank to its own GPU
         store = _restart_safe_store(world_size)
         if store is not None:
             kwargs["store"] = store
@@ -214,18 +231,12 @@ def init_distributed(cfg) -> ParallelContext:
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(
-        device.type,
+        dev.type,
         (shape.pp, shape.dp_replicate, shape.dp_shard, shape.tp),
         mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"),
     )
+    pp_group = mesh["pp"].get_group() if shape.pp > 1 else None
     return ParallelContext(
-        rank=rank,
-        world_size=world_size,
-        local_rank=local_rank,
-        device=device,
-        shape=shape,
-        mesh=mesh,
-        backend=backend,
-        dp_group=_dp_group(shape, rank, world_size),
-        pp_group=mesh["pp"].get_group() if shape.pp > 1 else None,
+        **place, device=dev, shape=shape, mesh=mesh, backend=backend,
+        dp_group=_dp_group(shape, rank, world_size), pp_group=pp_group,
     )

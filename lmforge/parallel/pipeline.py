@@ -191,16 +191,17 @@ def _tied_groups(ctx):
     return mine
 
 
-def build_pipeline_model(cfg, ctx) -> PipelineModel:
-    """This rank's stages: built on meta, each sharded like a model (TP -> AC -> compile -> FSDP),
-    then materialised and initialised (ddp replicates through FSDP2, see sharding.shard_module)."""
-    pcfg, shape = cfg.parallel, ctx.shape
-    layout = stage_layout(pcfg, cfg.model)
+def build_pipeline_model(model_cfg, pcfg, ctx, *, seed: int, seq_len: int) -> PipelineModel:
+    """This rank's stages of `model_cfg` under `pcfg` (cfg.parallel): built on meta, each sharded
+    like a model (TP -> AC -> compile -> FSDP), then materialised and initialised from `seed`
+    (ddp replicates through FSDP2, see sharding.shard_module)."""
+    shape = ctx.shape
+    layout = stage_layout(pcfg, model_cfg)
     num_stages = len(layout)
     ids = stages_of_rank(pcfg.pp_schedule, ctx.pp_rank, shape.pp, pcfg.pp_virtual_stages)
     # Tied and the last stage on rank 0 with the first (zbv): one table, no copy (the same on every rank).
     rank0 = stages_of_rank(pcfg.pp_schedule, 0, shape.pp, pcfg.pp_virtual_stages)
-    shared_table = cfg.model.tie_embeddings and num_stages - 1 in rank0
+    shared_table = model_cfg.tie_embeddings and num_stages - 1 in rank0
     if shared_table and shape.fsdp_wrapped:
         raise ConfigError(
             f"parallel.pp_schedule: {pcfg.pp_schedule} puts the first and last stage on one rank, whose "
@@ -209,18 +210,18 @@ def build_pipeline_model(cfg, ctx) -> PipelineModel:
         )
     stages = []
     for s in ids:
-        stage = stage_module(cfg.model, layout[s], s == 0, s == num_stages - 1)
+        stage = stage_module(model_cfg, layout[s], s == 0, s == num_stages - 1)
         if shared_table and s == num_stages - 1:  # stage 0 is built first on its rank
             stage.tok_embeddings = stages[ids.index(0)].tok_embeddings  # one table (zbv's V)
-        offload = shard_module(stage, cfg, ctx, local_logits=True)
+        offload = shard_module(stage, pcfg, ctx, seq_len=seq_len, local_logits=True)
         stage.to_empty(device=torch.device("cpu") if offload else ctx.device)
-        init_weights_seeded(stage, init_seed(cfg.run.seed, ctx) + 7919 * (s + 1), ctx.device)
+        init_weights_seeded(stage, init_seed(seed, ctx) + 7919 * (s + 1), ctx.device)
         if offload:
             for name in ("rope_cos", "rope_sin"):
                 stage._buffers[name] = stage._buffers[name].to(ctx.device)
         stages.append(stage)
-    model = PipelineModel(cfg.model, stages, ids, num_stages, ctx)
-    if cfg.model.tie_embeddings and not shared_table:
+    model = PipelineModel(model_cfg, stages, ids, num_stages, ctx)
+    if model_cfg.tie_embeddings and not shared_table:
         model.tied_group = _tied_groups(ctx)
         model.copy_tied_weight()
     return model

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from lmforge.config import PP_MULTI_STAGE_SCHEDULES
+from lmforge.config import PP_MULTI_STAGE_SCHEDULES, batch_split_error
 from lmforge.errors import ConfigError
 from lmforge.loss import IGNORE_INDEX
 from lmforge.parallel.sharding import fsdp_param_dtype
@@ -67,9 +67,15 @@ def schedule_class(name: str):
     return cls
 
 
-def microbatches(pcfg, grad_accum_steps: int) -> int:
-    """Pipeline microbatches per step for `pcfg` (ParallelConfig), or a one-line refusal."""
-    return check_microbatches(pcfg.pp_microbatches or grad_accum_steps, pcfg.pp, pcfg.pp_schedule)
+def microbatches(pcfg, train_cfg, dp_size: int) -> int:
+    """Pipeline microbatches per step for `pcfg` (ParallelConfig) and `train_cfg` (TrainConfig) at
+    `dp_size` data-parallel ranks, or a one-line refusal. The schedule cuts this rank's step
+    (global_batch_size / dp_size sequences) into them, so they must divide it (config.batch_split_error)."""
+    n = check_microbatches(pcfg.pp_microbatches or train_cfg.grad_accum_steps, pcfg.pp, pcfg.pp_schedule)
+    problem = batch_split_error(train_cfg.global_batch_size, 1, dp_size, n)
+    if problem:
+        raise ConfigError(f"{problem}; change parallel.pp_microbatches or train.global_batch_size")
+    return n
 
 
 def check_microbatches(n: int, pp: int, schedule: str) -> int:
@@ -132,12 +138,7 @@ class PipelineSchedule:
         self.owner = {
             s: r for r in range(ctx.pp_size) for s in stages_of_rank(pcfg.pp_schedule, r, ctx.pp_size, pcfg.pp_virtual_stages)
         }
-        self.seq_len, self.n_micro, self.rows = seq_len, n_micro, rows
-        if rows % n_micro:
-            raise ConfigError(
-                f"parallel.pp_microbatches: {n_micro} does not divide the {rows} sequences of a step on this "
-                "rank; choose a divisor of micro_batch_size x grad_accum_steps"
-            )
+        self.seq_len, self.n_micro, self.rows = seq_len, n_micro, rows  # n_micro divides rows (microbatches)
         self.vocab_parallel = bool(pcfg.loss_parallel) and ctx.tp_size > 1
         self.tp_mesh = ctx.mesh["tp"] if self.vocab_parallel else None
         self.act_dtype = fsdp_param_dtype(pcfg, ctx.device) if ctx.shape.fsdp_wrapped else torch.float32

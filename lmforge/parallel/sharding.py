@@ -32,33 +32,36 @@ def init_weights_seeded(model: nn.Module, seed: int, device: torch.device) -> No
             model.init_weights()
 
 
-def shard_module(model: nn.Module, cfg, ctx: ParallelContext, local_logits: bool = False) -> bool:
-    """TP -> AC -> compile per block -> FSDP2 on a meta model or pipeline stage, in place.
-    Returns whether parameters are offloaded to host memory."""
+def shard_module(model: nn.Module, pcfg, ctx: ParallelContext, *, seq_len: int, local_logits: bool = False) -> bool:
+    """TP -> AC -> compile per block -> FSDP2 on a meta model or pipeline stage, in place, for
+    `pcfg` (cfg.parallel); `seq_len` (data.seq_len) is what sequence parallel splits. Returns
+    whether parameters are offloaded to host memory."""
     from lmforge.parallel.tensor_parallel import blocks_of
 
     shape = ctx.shape
     if shape.tp > 1:
         from lmforge.parallel.tensor_parallel import apply_tensor_parallel
 
-        apply_tensor_parallel(model, ctx.mesh["tp"], cfg, local_logits=local_logits)
-    apply_activation_checkpointing(model, cfg.parallel.activation_checkpoint, cfg.parallel.ac_every)
-    if cfg.parallel.compile:
+        apply_tensor_parallel(
+            model, ctx.mesh["tp"], seq_len=seq_len, loss_parallel=pcfg.loss_parallel, local_logits=local_logits
+        )
+    apply_activation_checkpointing(model, pcfg.activation_checkpoint, pcfg.ac_every)
+    if pcfg.compile:
         from lmforge.parallel.compile import apply_compile
 
-        apply_compile(model, blocks_of(model), cfg.parallel.compile_mode)
-    if cfg.parallel.cpu_offload and not shape.uses_fsdp:
+        apply_compile(model, blocks_of(model), pcfg.compile_mode)
+    if pcfg.cpu_offload and not shape.uses_fsdp:
         raise ConfigError(
             f"parallel.cpu_offload: offloading needs FSDP sharding (strategy is {shape.strategy}); "
             "use parallel.strategy=fsdp or turn cpu_offload off"
         )
     # CPU offload keeps sharded parameters (and so their init) in host memory; on a CPU device they
     # are there already, and FSDP2's pinned-memory offload needs an accelerator, so it is skipped.
-    offload = cfg.parallel.cpu_offload and ctx.device.type == "cuda"
+    offload = pcfg.cpu_offload and ctx.device.type == "cuda"
     if shape.fsdp_wrapped:
         # Under a pipeline, DDP too: FSDP2 on the (dp_replicate, dp_shard=1) mesh is replication
         # with a gradient all-reduce, which the pipeline schedules drive correctly.
-        apply_fsdp(model, ctx, cfg.parallel, offload)
+        apply_fsdp(model, ctx, pcfg, offload)
     return offload
 
 

@@ -106,10 +106,13 @@ def loss_context(enabled: bool):
     return loss_parallel()
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh, cfg, local_logits: bool = False) -> None:
-    """Shard `model` (on any device, meta included) over the 1-D `tp_mesh` in place. With
-    `parallel.loss_parallel` the logits stay vocab-sharded: a DTensor, or with `local_logits`
-    this rank's plain [B, T, V/tp] slice (what a pipeline stage hands its loss function)."""
+def apply_tensor_parallel(
+    model: nn.Module, tp_mesh, *, seq_len: int, loss_parallel: bool = False, local_logits: bool = False
+) -> None:
+    """Shard `model` (on any device, meta included) over the 1-D `tp_mesh` in place, for sequences
+    of `seq_len` tokens. With `loss_parallel` (parallel.loss_parallel) the logits stay vocab-sharded:
+    a DTensor, or with `local_logits` this rank's plain [B, T, V/tp] slice (what a pipeline stage
+    hands its loss function)."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
@@ -120,8 +123,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, cfg, local_logits: bool = F
         parallelize_module,
     )
 
-    check_tp_divisibility(cfg.model, cfg.data.seq_len, tp_mesh.size())
-    vocab_parallel = bool(getattr(cfg.parallel, "loss_parallel", False))
+    check_tp_divisibility(model.cfg, seq_len, tp_mesh.size())
+    vocab_parallel = bool(loss_parallel)
     model.vocab_parallel_logits = vocab_parallel and not local_logits
     model.seq_shards = tp_mesh.size()  # a pipeline stage receives [B, T/tp, hidden] (sequence parallel)
     has = {name: getattr(model, name, None) is not None for name in ("tok_embeddings", "norm", "output")}

@@ -7,7 +7,6 @@ world size; the advice is what `lmforge plan` would recommend on the same device
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 
 import torch
@@ -31,15 +30,15 @@ def _accelerator(device: torch.device):
     return find_accelerator(DEFAULT_GPU)
 
 
-def available_memory(device: torch.device) -> tuple[int, str]:
+def available_memory(device: torch.device, local_ranks: int = 1) -> tuple[int, str]:
     """(bytes this rank may use, what they are): device memory on GPU, free RAM shared by the
-    ranks of this node on CPU."""
+    `local_ranks` ranks of this node (torchrun's LOCAL_WORLD_SIZE) on CPU."""
     if device.type == "cuda":
         _, total = torch.cuda.mem_get_info(device)
         return int(total), f"memory of {torch.cuda.get_device_name(device)}"
     import psutil
 
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    local = max(1, local_ranks)
     free = psutil.virtual_memory().available
     where = "available RAM" + (f" / {local} ranks on this node" if local > 1 else "")
     return int(free // local), where
@@ -82,7 +81,7 @@ def _advice(cfg, world_size: int, device: torch.device, limit: int) -> str:
     )
 
 
-def check_memory(cfg, world_size: int, device: torch.device) -> None:
+def check_memory(cfg, world_size: int, device: torch.device, local_ranks: int = 1) -> None:
     """Raise one ConfigError line if the run cannot fit; train.skip_memory_check=true skips it."""
     if cfg.train.skip_memory_check:
         return
@@ -90,7 +89,7 @@ def check_memory(cfg, world_size: int, device: torch.device) -> None:
     if estimate is None:
         return
     need, layout = estimate
-    limit, what = available_memory(device)
+    limit, what = available_memory(device, local_ranks)
     if need <= limit:
         return
     raise ConfigError(

@@ -184,7 +184,7 @@ def build_train_step(cfg, ctx, model, optimizer, scheduler, *, amp, scaler=None,
         cfg.parallel,
         rows=cfg.micro_batch_size(ctx.dp_size) * accum,
         seq_len=cfg.data.seq_len,
-        n_micro=microbatches(cfg.parallel, accum),
+        n_micro=microbatches(cfg.parallel, cfg.train, ctx.dp_size),
         loss=loss,
         logits_dtype=logits_dtype(amp, cfg.parallel, ctx),
     )

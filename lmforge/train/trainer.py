@@ -73,13 +73,13 @@ def run_training(cfg) -> dict:
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    ctx = init_distributed(cfg)
+    ctx = init_distributed(cfg.parallel, cfg.train.device)  # reads torchrun's environment, once
     stop = StopFlag()
     stop.install()
     lock = RunLock(run_dir_of(cfg), ctx)  # one training per run folder at a time (rank 0 holds it)
     try:
         lock.take()
-        check_memory(cfg, ctx.world_size, ctx.device)  # before any tensor of the model exists
+        check_memory(cfg, ctx.world_size, ctx.device, ctx.local_world_size)  # before any tensor of the model exists
         seed_everything(cfg.run.seed + ctx.rank)
         return _Trainer(cfg, ctx, stop).fit()
     finally:
@@ -122,7 +122,7 @@ class _Trainer:
                 raise
             self.no_val_reason = str(exc)
         self.task_eval = TaskEvaluation(cfg, ctx, self.tokenizer)  # before the model: fails fast
-        self.model = build_parallel_model(cfg, ctx)
+        self.model = build_parallel_model(cfg.model, cfg.parallel, ctx, seed=cfg.run.seed, seq_len=cfg.data.seq_len)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.total = total_steps(cfg, self.train_loader.samples_per_epoch)
         self.scheduler = build_schedule(self.optimizer, cfg.optim, self.total)
