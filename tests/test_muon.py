@@ -15,6 +15,7 @@ from lmforge.model.config import ModelConfig
 from lmforge.train import trainer
 from lmforge.train.muon import Muon, MuonAdamW, newton_schulz
 from lmforge.train.optim import build_optimizer, muon_param_groups
+from lmforge.train.schedule import LrSchedule
 
 
 # --- reference: Jordan et al.'s Muon, Moonlight's RMS rule, in float64 with explicit steps -------
@@ -139,7 +140,7 @@ def test_one_optimizer_object_state_dict_round_trip_and_adamw_part_is_torch_adam
     cfg = OptimConfig(name="muon", lr=1e-3, muon_lr=0.02, fused="off")
     opt = build_optimizer(model, cfg)
     assert isinstance(opt, MuonAdamW) and isinstance(opt, torch.optim.Optimizer)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
+    sched = LrSchedule(opt, lambda s: 0.5)  # each group's own base rate (optim.lr, optim.muon_lr) x 0.5
     assert [g["lr"] for g in opt.param_groups] == [0.0005, 0.01]  # tied: embeddings+norms, matrices
     _, adamw_groups = muon_param_groups(twin, cfg)
     ref = torch.optim.AdamW(adamw_groups, lr=5e-4, betas=cfg.betas, eps=cfg.eps, foreach=False)
@@ -156,7 +157,7 @@ def test_one_optimizer_object_state_dict_round_trip_and_adamw_part_is_torch_adam
     wq = model.layers[0].attention.wq.weight
     assert fresh._muon.state is fresh.state and "momentum_buffer" in fresh.state[wq]
     assert torch.equal(fresh.state[wq]["momentum_buffer"], opt.state[wq]["momentum_buffer"])
-    assert sched.get_last_lr()[1] == 0.01
+    assert sched.lrs(sched.position)[1] == 0.01 == opt.param_groups[1]["lr"]
 
 
 def _curve(tmp, name):
@@ -178,3 +179,19 @@ def test_muon_run_stopped_and_resumed_is_bitwise_the_uninterrupted_run(tmp_path,
     assert resumed["resumed_from"].endswith("step_3")
     assert _curve(tmp_path, "b") == _curve(tmp_path, "ref")
     assert full["loss"] < full["first_loss"]
+
+
+@pytest.mark.parametrize("first, then", [("adamw", "muon"), ("muon", "adamw")])
+def test_resume_that_switches_optim_name_is_one_line_naming_it(tmp_path, first, then):
+    from lmforge.errors import CheckpointError
+
+    torch.set_num_threads(1)
+    data = make_dataset(tmp_path / "data")
+    kw = dict(checkpoint__interval=2, train__eval_interval=0, log__plots=False)
+    trainer.run_training(tiny_config(tmp_path, data, optim__name=first, train__max_steps=2, **kw))
+    with pytest.raises(CheckpointError) as err:
+        trainer.run_training(tiny_config(tmp_path, data, optim__name=then, train__max_steps=4, **kw))
+    message = str(err.value)
+    assert "\n" not in message and message.endswith("run_mode=finetune, train.load_checkpoint=" + message.split(": ")[0] + ")")
+    assert f"trained with optim.name {first}, but this run sets optim.name {then}" in message
+    assert f"resume with optim.name={first}" in message

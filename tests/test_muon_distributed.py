@@ -46,6 +46,7 @@ def run_layout(parallel: dict, init: dict, save: tuple | None = None, resume: tu
     from lmforge.config import config_from_dict
     from lmforge.parallel import build_parallel_model, init_distributed, load_full_state_dict
     from lmforge.train.optim import build_optimizer
+    from lmforge.train.schedule import LrSchedule
     from lmforge.train.step import build_train_step
 
     tree = json.loads(json.dumps(TREE))
@@ -64,7 +65,7 @@ def run_layout(parallel: dict, init: dict, save: tuple | None = None, resume: tu
         dcp.load(state, checkpoint_id=resume[0])
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         start = resume[1]
-    constant = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    constant = LrSchedule(opt, lambda _: 1.0)
     train_step = build_train_step(cfg, ctx, model, opt, constant, amp=contextlib.nullcontext())
     rows, accum = 8 // ctx.dp_size, 2
     losses, bytes_before = [], opt.comm_bytes

@@ -80,13 +80,14 @@ def run_layout(sc: dict, init: dict) -> list[float]:
 
     from lmforge.config import config_from_dict
     from lmforge.parallel import build_parallel_model, full_state_dict, init_distributed, load_full_state_dict
+    from lmforge.train.schedule import LrSchedule
     from lmforge.train.step import build_train_step
 
     cfg = config_from_dict(_tree(sc), "<pipeline parity>")
     ctx = init_distributed(cfg.parallel, cfg.train.device)
     model = build_parallel_model(cfg.model, cfg.parallel, ctx, seed=cfg.run.seed, seq_len=cfg.data.seq_len)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
-    constant = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    constant = LrSchedule(opt, lambda _: 1.0)
     step_fn = build_train_step(cfg, ctx, model, opt, constant, amp=contextlib.nullcontext())
     load_full_state_dict(model, init)
     fused_seen = torch.zeros(())  # whether the last stage handed the loss hidden states (fused loss)

@@ -106,6 +106,17 @@ def test_stop_at_step_and_resume_is_bitwise_identical(tmp_path, reference, monke
     monkeypatch.setattr(trainer._Trainer, "_should_stop", lambda self: self.state.step == 3 or real(self))
     stopped = trainer.run_training(_cfg(tmp_path, data, "b"))
     assert stopped["preempted"] and stopped["steps"] == 3 and stopped["checkpoint"].endswith("step_3")
+    # The learning rate is a function of the step: no scheduler state is saved. A checkpoint from
+    # before that also holds LambdaLR's state (below, as it wrote it); it resumes the same way.
+    state_file = os.path.join(stopped["checkpoint"], "state.json")
+    with open(state_file) as fh:
+        state = json.load(fh)
+    assert "scheduler" not in state and state["step"] == 3
+    lr = [r[4] for r in ref if r[0] == 4 and r[1] is not None][0]
+    state["scheduler"] = {"last_epoch": 3, "_step_count": 4, "base_lrs": [3e-3, 3e-3], "_last_lr": [lr, lr],
+                          "lr_lambdas": [{"kind": "cosine"}, {"kind": "cosine"}], "verbose": False}
+    with open(state_file, "w") as fh:
+        json.dump(state, fh)
     monkeypatch.undo()
     resumed = trainer.run_training(_cfg(tmp_path, data, "b"))
     assert resumed["resumed_from"].endswith("step_3") and resumed["steps"] == STEPS

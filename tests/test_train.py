@@ -8,6 +8,7 @@ from torch import nn
 
 from lmforge.config import config_from_dict
 from lmforge.errors import ConfigError
+from lmforge.model import Transformer
 from lmforge.train.optim import build_optimizer, param_groups
 from lmforge.train.schedule import build_schedule, lr_multiplier, total_steps
 
@@ -73,7 +74,7 @@ def test_warmup_cosine_wsd_constant_shapes():
     assert const(1) == pytest.approx(0.5) and const(80) == 1.0
 
 
-def test_lambda_lr_drives_optimizer_lr():
+def test_lr_is_a_pure_function_of_the_step():
     model = TinyLM()
     cfg = config_from_dict({"optim": {"lr": 1e-3, "warmup_steps": 2}}).optim
     opt = build_optimizer(model, cfg)
@@ -84,6 +85,23 @@ def test_lambda_lr_drives_optimizer_lr():
         opt.step()
         sched.step()
     assert seen == pytest.approx([5e-4, 1e-3, 1e-3])
+    # The same rates, bit for bit, as torch's LambdaLR over the same multiplier (what checkpoints
+    # before the step-function schedule used), and a jump to step k is k steps taken.
+    twin = build_optimizer(model, cfg)
+    ref = torch.optim.lr_scheduler.LambdaLR(twin, lr_multiplier(cfg, 10))
+    fresh = build_schedule(build_optimizer(model, cfg), cfg, 10)
+    for step in range(10):
+        fresh.resume(step)
+        assert [g["lr"] for g in twin.param_groups] == [g["lr"] for g in fresh.optimizer.param_groups]
+        twin.step()
+        ref.step()
+    # Muon's matrices keep their own base rate (optim.muon_lr), scaled by the same multiplier.
+    muon_cfg = config_from_dict({"optim": {"name": "muon", "lr": 1e-3, "muon_lr": 0.02, "warmup_steps": 4}}).optim
+    tiny = config_from_dict({"model": {"preset": "tiny"}, "data": {"seq_len": 32}}).model
+    muon = build_optimizer(Transformer(tiny), muon_cfg)
+    build_schedule(muon, muon_cfg, 10).resume(1)
+    assert sorted(g["lr"] for g in muon.param_groups)[-1] == pytest.approx(0.02 * 2 / 4, rel=1e-15)
+    assert sorted(g["lr"] for g in muon.param_groups)[0] == pytest.approx(1e-3 * 2 / 4, rel=1e-15)
 
 
 def test_total_steps_from_steps_tokens_or_epochs():

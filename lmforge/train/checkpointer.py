@@ -1,12 +1,13 @@
 """`Checkpointer`: owns everything a training checkpoint holds and decides when to write one.
 
-It holds the model, optimizer, scheduler, scaler, loader and `TrainState`, and this rank's RNG
-streams. The folder format (DCP tensors, state.json, rank_<r>.pt, atomic publish) is
-lmforge.weights.checkpoint's; this class only says what goes in and what comes back.
+It holds the model, optimizer, scaler, loader and `TrainState`, and this rank's RNG streams; the
+learning rate is a function of the step (train/schedule.py), so the step counter is all the
+schedule needs back. The folder format (DCP tensors, state.json, rank_<r>.safetensors, atomic
+publish) is lmforge.weights.checkpoint's; this class only says what goes in and what comes back.
 
 Resume semantics: the run config is the source of truth for hyperparameters. The checkpoint
-gives the weights, the optimizer's moment estimates, the schedule POSITION, the loader position,
-the counters and the RNG; optim.lr, min_lr_ratio, weight_decay, betas, eps, grad_clip, the
+gives the weights, the optimizer's moment estimates, the step (and so the schedule's position),
+the loader position, the counters and the RNG; optim.lr, min_lr_ratio, weight_decay, betas, eps, grad_clip, the
 schedule's shape and the step budget come from this run's config, and every value that differs
 from the checkpoint's config is listed in one note line. Changes that cannot be honoured (model
 shape, the data's seq_len or tokenizer) are refused by the shape check and the loader.
@@ -48,7 +49,6 @@ class Checkpointer:
             return self.last_saved
         shared = {
             **self.state.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "loader": self.loader.state_dict(),  # global position: the same on every rank
             "config": self.cfg.model_dump(mode="json"),
@@ -72,15 +72,18 @@ class Checkpointer:
             )
         if found is None:
             return None
+        _check_same_optimizer(found, ckpt.read_state(found), cfg.optim.name)
         # Only moments come back into the optimizer; its param groups (lr, weight decay, betas, eps,
         # fused/foreach flags for this device) stay the ones this run's config built.
         saved, rank_state = ckpt.load_checkpoint(
             found, self.model, self.optimizer, cfg.model.model_dump(mode="json"), partial=self.ctx.pp_size > 1
         )
-        self._restore_schedule_position(saved["scheduler"])
         if self.scaler is not None and saved.get("scaler"):
             self.scaler.load_state_dict(saved["scaler"])
         self.state.load_state_dict(saved)
+        # Older checkpoints also hold LambdaLR's state: its position (last_epoch) is this step
+        # counter (it stepped on every step, skipped ones too), so it is not needed.
+        self.scheduler.resume(self.state.step)
         self.loader.load_state_dict(saved["loader"])
         if rank_state is not None:
             set_rng_state(rank_state["rng"])
@@ -91,15 +94,17 @@ class Checkpointer:
         self.resumed_from = found
         return found
 
-    def _restore_schedule_position(self, saved: dict) -> None:
-        """Only the position comes back; base rates and shape are this run's, so lr follows the config."""
-        sched = self.scheduler
-        sched.last_epoch = int(saved["last_epoch"])
-        sched._step_count = int(saved.get("_step_count", sched.last_epoch + 1))
-        rates = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
-        for group, lr in zip(self.optimizer.param_groups, rates):
-            group["lr"] = lr
-        sched._last_lr = rates
+
+def _check_same_optimizer(path: Path, saved: dict, name: str) -> None:
+    """Moments resume only into the optimizer that made them (AdamW's exp_avg / exp_avg_sq, Muon's
+    momentum_buffer); a switch of optim.name is refused in one line saying what to do instead."""
+    was = ((saved.get("config") or {}).get("optim") or {}).get("name", "adamw")
+    if was != name:
+        raise CheckpointError(
+            f"{path}: trained with optim.name {was}, but this run sets optim.name {name}, and optimizer state "
+            f"does not carry over between them; resume with optim.name={was}, or start a new run.name from "
+            f"its weights (run_mode=finetune, train.load_checkpoint={path})"
+        )
 
 
 def config_changes(saved: dict, current: dict) -> list[str]:

@@ -142,7 +142,7 @@ class MuonAdamW(Optimizer):
     """One optimizer: groups marked {"muon": True} step with Muon, the others with AdamW.
 
     The inner optimizers hold the SAME group dicts and state dict as this one, so
-    state_dict()/load_state_dict(), DCP's get_state_dict, LambdaLR and GradScaler all work on
+    state_dict()/load_state_dict(), DCP's get_state_dict, the LR schedule and GradScaler all work on
     this object as on any torch optimizer."""
 
     def __init__(

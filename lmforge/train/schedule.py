@@ -1,6 +1,10 @@
-"""Learning-rate schedules as multipliers of `optim.lr`, used through LambdaLR.
+"""The learning rate as a pure function of the optimizer step.
 
-The multiplier is a pure function of the optimizer step, so resuming only needs the step count.
+`lr(group, step) = the group's base rate x multiplier(step)`: the base rate is what the optimizer's
+config gave the group (optim.lr; Muon's matrices optim.muon_lr), the multiplier the schedule below.
+`LrSchedule` writes each group's rate for the step about to run; it holds nothing but the step,
+so resuming needs only the step count (TrainState.step), and a changed optim.lr or schedule shape
+on resume simply applies from there.
 
 cosine: linear warmup to 1, then half a cosine down to `min_lr_ratio`.
     MiniMind's `lr/10 + 0.5*lr*(1 + cos(pi*t/T))` is this schedule with warmup_steps=0,
@@ -16,14 +20,13 @@ from __future__ import annotations
 import math
 
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR
 
 from lmforge.config import Config, OptimConfig
 from lmforge.errors import ConfigError
 
 
 class LrMultiplier:
-    """Callable object (not a lambda) so LambdaLR can describe it in its state_dict."""
+    """multiplier(step) of the schedule `kind`, for steps counted from 0."""
 
     def __init__(self, kind: str, total_steps: int, warmup_steps: int, min_ratio: float, decay_ratio: float):
         self.kind = kind
@@ -62,8 +65,32 @@ def lr_multiplier(cfg: OptimConfig, total_steps: int) -> LrMultiplier:
     return LrMultiplier(cfg.schedule, total_steps, warmup, cfg.min_lr_ratio, cfg.decay_ratio)
 
 
-def build_schedule(optimizer: Optimizer, cfg: OptimConfig, total_steps: int) -> LambdaLR:
-    return LambdaLR(optimizer, lr_multiplier(cfg, total_steps))
+class LrSchedule:
+    """Sets every param group's lr to `base x multiplier(step)` for the step about to run.
+    `step()` after each optimizer step moves on by one (what the train step calls, like torch's
+    schedulers); `resume(step)` jumps to a step. The base rates are the groups' rates when built."""
+
+    def __init__(self, optimizer: Optimizer, multiplier, step: int = 0):
+        self.optimizer, self.multiplier = optimizer, multiplier
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.resume(step)
+
+    def lrs(self, step: int) -> list[float]:
+        """Each group's rate at `step` (0 = the first optimizer step)."""
+        factor = self.multiplier(step)
+        return [base * factor for base in self.base_lrs]
+
+    def resume(self, step: int) -> None:
+        self.position = int(step)
+        for group, lr in zip(self.optimizer.param_groups, self.lrs(self.position)):
+            group["lr"] = lr
+
+    def step(self) -> None:
+        self.resume(self.position + 1)
+
+
+def build_schedule(optimizer: Optimizer, cfg: OptimConfig, total_steps: int) -> LrSchedule:
+    return LrSchedule(optimizer, lr_multiplier(cfg, total_steps))
 
 
 def total_steps(cfg: Config, samples_per_epoch: int | None = None) -> int:

@@ -6,7 +6,7 @@ Layout of `<checkpoint dir>/step_<N>/`:
   rank_<r>.safetensors    per-rank RNG states: the tensors, and the plain values as JSON in its
                           header (nothing pickled; older checkpoints' rank_<r>.pt are still read,
                           with torch.load(weights_only=True))
-  state.json              counters, scheduler position, scaler, loader state, the resolved config;
+  state.json              counters (the step: the LR schedule's position), scaler, loader state, the resolved config;
                           written last inside the folder
 A checkpoint is written into `step_<N>.tmp-<id>`, synced, renamed to `step_<N>`, and only then is
 `latest` (a one-line text file, replaced atomically) pointed at it. A crash at any moment leaves
