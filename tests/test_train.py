@@ -479,6 +479,35 @@ def test_validation_under_document_mask_scores_each_document_alone(tmp_path):
     assert got["val_loss"] == pytest.approx(loss_sum / tokens, rel=1e-5)
 
 
+def test_training_validation_and_evaluate_are_one_loop(tmp_path):
+    # validate (the train step's eval_sums, reduced over ranks) and infer's evaluate (a plain
+    # forward) both run infer.evaluate.mean_loss: on the same batches they agree to the bit.
+    import contextlib
+
+    from test_train_utils import make_dataset, tiny_config
+
+    from lmforge.data.loader import build_loader
+    from lmforge.infer.evaluate import evaluate
+    from lmforge.model import Transformer
+    from lmforge.parallel.distributed import ParallelContext
+    from lmforge.train.evaluation import validate
+    from lmforge.train.step import TrainStep
+
+    data = make_dataset(tmp_path / "data")
+    cfg = tiny_config(tmp_path, data)
+    torch.manual_seed(0)
+    model = Transformer(cfg.model).train()
+    loader = build_loader(cfg.data, "val", micro_batch_size=2)
+    ctx = ParallelContext()
+    got = validate(TrainStep(model, None, None, None, ctx, contextlib.nullcontext(), 0.0), loader, ctx, 3)
+    assert model.training  # put back in training mode
+    loader.reset()
+    ref = evaluate(model, iter(list(loader)), max_batches=3)
+    loader.close()
+    assert (got["val_loss"], got["val_ppl"], got["val_tokens"]) == (ref["loss"], ref["ppl"], ref["tokens"])
+    assert ref["tokens"] == 3 * 2 * cfg.data.seq_len
+
+
 def test_the_loop_logs_and_validates_on_its_intervals_and_at_the_ends():
     from lmforge.train.trainer import should_log, should_validate
 

@@ -32,13 +32,47 @@ def _token_source(data):
     return (lambda a, b: arr[a:b]), int(arr.size)
 
 
-@torch.no_grad()
-def _loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-    loss = summed_cross_entropy(model(input_ids).logits, labels)
-    return float(loss), int((labels != IGNORE_INDEX).sum())
+def mean_loss(model: torch.nn.Module, batches: Iterable, batch_sums, *, device, max_batches: int | None = None,
+              reduce=None) -> dict:
+    """THE validation loop (`evaluate` and the trainer's validation run it): up to `max_batches`
+    of `batches`, each through `batch_sums(batch) -> (summed token CE, target tokens)` in eval mode
+    without gradients; the sums, accumulated in float64 on `device`, go through `reduce` (the
+    trainer's sum over data-parallel ranks) and are read once. Returns {loss, ppl, tokens}: the
+    token-weighted mean loss (0 with no tokens) and ppl = exp(loss)."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    tokens = torch.zeros((), device=device, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                if max_batches is not None and i >= max_batches:
+                    break
+                ce, n = batch_sums(batch)
+                loss_sum += ce.double()
+                tokens += torch.as_tensor(n, device=device).double()
+    finally:
+        model.train(was_training)
+    if reduce is not None:
+        loss_sum, tokens = reduce(loss_sum), reduce(tokens)
+    loss_sum, tokens = torch.stack([loss_sum, tokens]).tolist()
+    loss = loss_sum / max(tokens, 1.0)
+    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": int(tokens)}
 
 
-@torch.no_grad()
+def _window_batches(data, seq_len: int, batch_size: int):
+    """Batches of consecutive windows (module docstring) over a dataset-like token stream: full
+    windows `batch_size` at a time, then each shorter one alone."""
+    tokens, num_tokens = _token_source(data)
+    spans = windows(num_tokens, seq_len)
+    full = [s for s in spans if s[1] - s[0] == seq_len + 1]
+    groups = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
+    groups += [[s] for s in spans if s[1] - s[0] != seq_len + 1]
+    for group in groups:
+        block = torch.from_numpy(np.stack([np.asarray(tokens(a, b), dtype=np.int64) for a, b in group]))
+        yield {"input_ids": block[:, :-1], "labels": block[:, 1:]}
+
+
 def evaluate(
     model: torch.nn.Module,
     data,
@@ -54,39 +88,19 @@ def evaluate(
     no loss), as the training loader yields them."""
     if device is None:
         device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total, count, batches = 0.0, 0, 0
-    try:
-        if _is_batch_iterable(data):
-            for batch in data:
-                if max_batches is not None and batches >= max_batches:
-                    break
-                loss, n = _loss_sum(model, batch["input_ids"].to(device), batch["labels"].to(device))
-                total, count, batches = total + loss, count + n, batches + 1
-        else:
-            tokens, num_tokens = _token_source(data)
-            spans = windows(num_tokens, seq_len)
-            full = [s for s in spans if s[1] - s[0] == seq_len + 1]
-            groups = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
-            groups += [[s] for s in spans if s[1] - s[0] != seq_len + 1]
-            for group in groups:
-                if max_batches is not None and batches >= max_batches:
-                    break
-                block = torch.from_numpy(
-                    np.stack([np.asarray(tokens(a, b), dtype=np.int64) for a, b in group])
-                )
-                block = block.to(device)
-                loss, n = _loss_sum(model, block[:, :-1], block[:, 1:])
-                total, count, batches = total + loss, count + n, batches + 1
-    finally:
-        model.train(was_training)
-    if count == 0:
+    batches = data if _is_batch_iterable(data) else _window_batches(data, seq_len, batch_size)
+
+    def batch_sums(batch):
+        labels = batch["labels"].to(device)
+        ce = summed_cross_entropy(model(batch["input_ids"].to(device)).logits, labels)
+        return ce, (labels != IGNORE_INDEX).sum()
+
+    result = mean_loss(model, batches, batch_sums, device=device, max_batches=max_batches)
+    if result["tokens"] == 0:
         raise DataError(
             "evaluate: no tokens to evaluate; the validation data is empty or shorter than 2 tokens"
         )
-    mean = total / count
-    return {"loss": mean, "ppl": math.exp(min(mean, 700.0)), "tokens": count}
+    return result
 
 
 def fmt_ppl(x) -> str:

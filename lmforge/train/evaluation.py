@@ -7,11 +7,11 @@ streams (exact resume does not depend on where evaluations fell).
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
 
+from lmforge.infer.evaluate import mean_loss
 from lmforge.infer.generate import encode_prompt, generate
 from lmforge.tokenizer import load_tokenizer
 
@@ -22,30 +22,24 @@ def _fork(device: torch.device):
 
 def validate(train_step, val_loader, ctx, max_batches: int) -> dict:
     """Token-weighted mean loss over up to `max_batches` validation batches (the same ones every
-    time), reduced over data-parallel ranks; ppl = exp(loss). The train step's forward-only
-    `eval_sums` runs them: the same loss, attention masks and positions (data.document_mask /
-    reset_positions) as training, on every layout (a pipeline passes them through its stages)."""
-    model = train_step.model
-    was_training = model.training
-    model.eval()
-    device = ctx.device
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    tokens = torch.zeros((), device=device, dtype=torch.float64)
-    try:
-        with _fork(device):
-            val_loader.reset()
-            for i, batch in enumerate(val_loader):
-                if i >= max_batches:
-                    break
-                ce, n = train_step.eval_sums([batch])
-                loss_sum += ce
-                tokens += n
+    time), reduced over data-parallel ranks; ppl = exp(loss). The loop is infer's `mean_loss`; the
+    train step's forward-only `eval_sums` gives each batch's sums: the same loss, attention masks
+    and positions (data.document_mask / reset_positions) as training, on every layout (a pipeline
+    passes them through its stages)."""
+    with _fork(ctx.device):
+        val_loader.reset()
+        try:
+            out = mean_loss(
+                train_step.model,
+                val_loader,
+                lambda batch: train_step.eval_sums([batch]),
+                device=ctx.device,
+                max_batches=max_batches,
+                reduce=ctx.reduce_sum,
+            )
+        finally:
             val_loader.close()
-    finally:
-        model.train(was_training)
-    loss_sum, tokens = ctx.reduce_sum(loss_sum), ctx.reduce_sum(tokens)
-    loss = (loss_sum / tokens.clamp(min=1)).item()
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)), "val_tokens": int(tokens.item())}
+    return {"val_loss": out["loss"], "val_ppl": out["ppl"], "val_tokens": out["tokens"]}
 
 
 def load_sample_tokenizer(path: str | None):
