@@ -61,38 +61,32 @@ def adjusted_lr(lr: float, rule: str, shape) -> float:
     return lr
 
 
+def _closure_loss(closure):
+    """The loss a torch optimizer's step(closure) returns: the closure re-run with gradients on."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def _is_dtensor(t: torch.Tensor) -> bool:
     return hasattr(t, "full_tensor") and hasattr(t, "placements")
 
 
 class Muon(Optimizer):
-    """Muon over 2-D (and stacked N-D) parameters, plain or DTensor. Group keys: lr, momentum,
-    nesterov, ns_steps, adjust_lr, weight_decay, eps, ns_dtype."""
+    """Muon over 2-D (and stacked N-D) parameters, plain or DTensor. Group keys: `DEFAULTS`."""
 
-    def __init__(
-        self,
-        params,
-        lr=0.02,
-        momentum=0.95,
-        nesterov=True,
-        ns_steps=5,
-        adjust_lr="match_rms_adamw",
-        weight_decay=0.1,
-        eps=1e-7,
-        ns_dtype="float32",
-    ):
-        if adjust_lr not in ADJUST_LR_RULES:
+    # Each group's hyperparameters and their defaults (what torch.optim.Muon takes, plus ns_dtype).
+    DEFAULTS = {"lr": 0.02, "momentum": 0.95, "nesterov": True, "ns_steps": 5, "adjust_lr": "match_rms_adamw",
+                "weight_decay": 0.1, "eps": 1e-7, "ns_dtype": "float32"}
+
+    def __init__(self, params, **hyperparameters):
+        unknown = sorted(set(hyperparameters) - set(self.DEFAULTS))
+        if unknown:
+            raise TypeError(f"Muon got unknown hyperparameters {unknown}; it takes {sorted(self.DEFAULTS)}")
+        defaults = {**self.DEFAULTS, **hyperparameters}
+        if defaults["adjust_lr"] not in ADJUST_LR_RULES:
             raise ValueError(f"adjust_lr must be one of {ADJUST_LR_RULES}")
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            nesterov=nesterov,
-            ns_steps=ns_steps,
-            adjust_lr=adjust_lr,
-            weight_decay=weight_decay,
-            eps=eps,
-            ns_dtype=ns_dtype,
-        )
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -102,10 +96,7 @@ class Muon(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
             for p in group["params"]:
@@ -181,10 +172,7 @@ class MuonAdamW(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         if self._adamw is not None:
             self._adamw.step()
         if self._muon is not None:
