@@ -430,7 +430,9 @@ def test_training_without_validation_split_and_checkpoint_reads_for_inference(tm
 
     data = make_dataset(tmp_path / "data", val=False)
     summary = run_training(tiny_config(tmp_path, data, train__max_steps=1))
-    assert summary["val_loss"] is None and "note: no validation" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert summary["val_loss"] is None and f"note: no validation: {data} has no val split" in out
+    assert "--val-fraction above 0" in out and "re-run lmforge prepare" not in out  # what applies
     state, cfg, _ = load_weights(summary["checkpoint"])
     assert cfg.model.hidden_size == 64 and state["tok_embeddings.weight"].shape == (512, 64)
 

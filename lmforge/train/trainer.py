@@ -120,7 +120,7 @@ class _Trainer:
             # problems are errors, not a reason to train blind.
             if cfg.data.valid is not None or _lists_val_split(cfg.data.train):
                 raise
-            self.no_val_reason = str(exc)
+            self.no_val_reason = _no_val_reason(cfg.data, exc)
         self.task_eval = TaskEvaluation(cfg, ctx, self.tokenizer)  # before the model: fails fast
         self.model = build_parallel_model(cfg.model, cfg.parallel, ctx, seed=cfg.run.seed, seq_len=cfg.data.seq_len)
         self.optimizer = build_optimizer(self.model, cfg.optim)
@@ -260,7 +260,7 @@ class _Trainer:
                 f"note: resumed with this run's config, changed from the checkpoint's: {changed}"
             )
         if self.val_loader is None:
-            self.logger.print(f"note: no validation ({self.no_val_reason}); set data.valid to evaluate")
+            self.logger.print(f"note: no validation: {self.no_val_reason}")
         wants_samples = bool(cfg.train.sample_prompts and cfg.train.sample_max_new_tokens)
         if wants_samples and self.tokenizer is None:
             self.logger.print(f"note: no sample generations ({self.no_samples_reason})")
@@ -372,6 +372,17 @@ def _lists_val_split(train_specs) -> bool:
         except (DataError, OSError, ValueError):
             continue  # the train loader reports an unreadable meta.json itself
     return False
+
+
+def _no_val_reason(data_cfg, exc: DataError) -> str:
+    """Why a run has no validation, and what would give it one."""
+    first = data_cfg.train[0].path  # the loader's val split is the first train folder's
+    if is_mindrecord(first):
+        return f"{exc}"
+    return (
+        f"{first} has no val split (prepared with --val-fraction 0); to evaluate, set data.valid to a "
+        "prepared folder, or prepare the data again with --val-fraction above 0"
+    )
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
