@@ -32,8 +32,15 @@ def _token_source(data):
     return (lambda a, b: arr[a:b]), int(arr.size)
 
 
-def mean_loss(model: torch.nn.Module, batches: Iterable, batch_sums, *, device, max_batches: int | None = None,
-              reduce=None) -> dict:
+def mean_loss(
+    model: torch.nn.Module,
+    batches: Iterable,
+    batch_sums,
+    *,
+    device,
+    max_batches: int | None = None,
+    reduce=None,
+) -> dict:
     """THE validation loop (`evaluate` and the trainer's validation run it): up to `max_batches`
     of `batches`, each through `batch_sums(batch) -> (summed token CE, target tokens)` in eval mode
     without gradients; the sums, accumulated in float64 on `device`, go through `reduce` (the

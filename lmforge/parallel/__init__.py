@@ -12,11 +12,12 @@ from lmforge.parallel.apply import (
     load_full_state_dict,
     unwrap_model,
 )
-from lmforge.parallel.distributed import ParallelContext, init_distributed
+from lmforge.parallel.distributed import LaunchEnv, ParallelContext, init_distributed, launch_env
 from lmforge.parallel.mesh import MeshShape, resolve_mesh_shape
 from lmforge.parallel.tensor_parallel import loss_parallel_context, plain
 
 __all__ = [
+    "LaunchEnv",
     "MeshShape",
     "ParallelContext",
     "build_parallel_model",
@@ -24,6 +25,7 @@ __all__ = [
     "full_state_dict",
     "grad_sync",
     "init_distributed",
+    "launch_env",
     "load_full_state_dict",
     "loss_parallel_context",
     "plain",

@@ -139,7 +139,10 @@ def launch_env() -> LaunchEnv:
     """torchrun's RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE (one process when unset): the
     one place lmforge reads them."""
     return LaunchEnv(
-        _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0), _env_int("LOCAL_WORLD_SIZE", 1)
+        _env_int("RANK", 0),
+        _env_int("WORLD_SIZE", 1),
+        _env_int("LOCAL_RANK", 0),
+        _env_int("LOCAL_WORLD_SIZE", 1),
     )
 
 
@@ -207,7 +210,9 @@ def init_distributed(pcfg, device: str = "auto", env: LaunchEnv | None = None) -
     dev = select_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    place = dict(rank=rank, world_size=world_size, local_rank=local_rank, local_world_size=env.local_world_size)
+    place = dict(
+        rank=rank, world_size=world_size, local_rank=local_rank, local_world_size=env.local_world_size
+    )
     if shape.strategy == "single" and world_size == 1:
         return ParallelContext(**place, device=dev, shape=shape)
 
@@ -220,7 +225,12 @@ def init_distributed(pcfg, device: str = "auto", env: LaunchEnv | None = None) -
         if world_size == 1 and "MASTER_ADDR" not in os.environ:
             os.environ["MASTER_ADDR"] = "127.0.0.1"
             os.environ["MASTER_PORT"] = str(_free_port())
-        kwargs = {"backend": backend, "rank": rank, "world_size": world_size, "timeout": timedelta(minutes=30)}
+        kwargs = {
+            "backend": backend,
+            "rank": rank,
+            "world_size": world_size,
+            "timeout": timedelta(minutes=30),
+        }
         if backend == "nccl":
             kwargs["device_id"] = dev  # eager NCCL init binds each rank to its own GPU
         store = _restart_safe_store(world_size)
@@ -237,6 +247,11 @@ def init_distributed(pcfg, device: str = "auto", env: LaunchEnv | None = None) -
     )
     pp_group = mesh["pp"].get_group() if shape.pp > 1 else None
     return ParallelContext(
-        **place, device=dev, shape=shape, mesh=mesh, backend=backend,
-        dp_group=_dp_group(shape, rank, world_size), pp_group=pp_group,
+        **place,
+        device=dev,
+        shape=shape,
+        mesh=mesh,
+        backend=backend,
+        dp_group=_dp_group(shape, rank, world_size),
+        pp_group=pp_group,
     )

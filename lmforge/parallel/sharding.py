@@ -32,7 +32,9 @@ def init_weights_seeded(model: nn.Module, seed: int, device: torch.device) -> No
             model.init_weights()
 
 
-def shard_module(model: nn.Module, pcfg, ctx: ParallelContext, *, seq_len: int, local_logits: bool = False) -> bool:
+def shard_module(
+    model: nn.Module, pcfg, ctx: ParallelContext, *, seq_len: int, local_logits: bool = False
+) -> bool:
     """TP -> AC -> compile per block -> FSDP2 on a meta model or pipeline stage, in place, for
     `pcfg` (cfg.parallel); `seq_len` (data.seq_len) is what sequence parallel splits. Returns
     whether parameters are offloaded to host memory."""
@@ -43,7 +45,11 @@ def shard_module(model: nn.Module, pcfg, ctx: ParallelContext, *, seq_len: int, 
         from lmforge.parallel.tensor_parallel import apply_tensor_parallel
 
         apply_tensor_parallel(
-            model, ctx.mesh["tp"], seq_len=seq_len, loss_parallel=pcfg.loss_parallel, local_logits=local_logits
+            model,
+            ctx.mesh["tp"],
+            seq_len=seq_len,
+            loss_parallel=pcfg.loss_parallel,
+            local_logits=local_logits,
         )
     apply_activation_checkpointing(model, pcfg.activation_checkpoint, pcfg.ac_every)
     if pcfg.compile:

@@ -77,8 +77,16 @@ class Muon(Optimizer):
     """Muon over 2-D (and stacked N-D) parameters, plain or DTensor. Group keys: `DEFAULTS`."""
 
     # Each group's hyperparameters and their defaults (what torch.optim.Muon takes, plus ns_dtype).
-    DEFAULTS = {"lr": 0.02, "momentum": 0.95, "nesterov": True, "ns_steps": 5, "adjust_lr": "match_rms_adamw",
-                "weight_decay": 0.1, "eps": 1e-7, "ns_dtype": "float32"}
+    DEFAULTS = {
+        "lr": 0.02,
+        "momentum": 0.95,
+        "nesterov": True,
+        "ns_steps": 5,
+        "adjust_lr": "match_rms_adamw",
+        "weight_decay": 0.1,
+        "eps": 1e-7,
+        "ns_dtype": "float32",
+    }
 
     def __init__(self, params, **hyperparameters):
         unknown = sorted(set(hyperparameters) - set(self.DEFAULTS))
