@@ -289,7 +289,7 @@ class Config(Section):
     def static_dp_size(self, world_size: int | None = None) -> int | None:
         """Data-parallel size when it is known without a process group: explicit sizes, or the
         `world_size` a caller knows. The config never reads the environment; the world size is read
-        once, at launch (parallel.distributed.init_distributed)."""
+        once, at launch (parallel.distributed.launch_env)."""
         p = self.parallel
         if p.strategy == "single":
             return 1
