@@ -138,7 +138,7 @@ class PipelineSchedule:
         self.owner = {
             s: r for r in range(ctx.pp_size) for s in stages_of_rank(pcfg.pp_schedule, r, ctx.pp_size, pcfg.pp_virtual_stages)
         }
-        self.seq_len, self.n_micro, self.rows = seq_len, n_micro, rows  # n_micro divides rows (microbatches)
+        self.seq_len, self.n_micro, self.rows = seq_len, n_micro, rows  # microbatches() checked n_micro | rows
         self.vocab_parallel = bool(pcfg.loss_parallel) and ctx.tp_size > 1
         self.tp_mesh = ctx.mesh["tp"] if self.vocab_parallel else None
         self.act_dtype = fsdp_param_dtype(pcfg, ctx.device) if ctx.shape.fsdp_wrapped else torch.float32
