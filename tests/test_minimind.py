@@ -164,7 +164,7 @@ def test_refusals(tmp_path):
 def test_imported_folder_generates_like_minimind(tmp_path):
     from lmforge.config import load_config
     from lmforge.infer.generate import generate
-    from lmforge.infer.loading import load_model_for_inference
+    from lmforge.interop.loading import load_model_for_inference
     from lmforge.interop import import_minimind_to_folder
 
     mm = _minimind("default-dense")

@@ -12,7 +12,7 @@ from lmforge.errors import LmforgeError
 from lmforge.infer.bos import describe_bos, use_bos
 from lmforge.infer.evaluate import evaluate, fmt_ppl, text_token_stream
 from lmforge.infer.generate import TextStreamer, encode_prompt, generate
-from lmforge.infer.loading import (
+from lmforge.interop.loading import (
     CONFIG_NAME,
     build_model_from_state,
     find_tokenizer,

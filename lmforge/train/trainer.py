@@ -23,7 +23,7 @@ from lmforge.data.loader import build_loader
 from lmforge.data.mindrecord import is_mindrecord
 from lmforge.data.shards import read_meta
 from lmforge.errors import ConfigError, DataError, LmforgeError
-from lmforge.infer.loading import load_weights
+from lmforge.interop.loading import load_weights
 from lmforge.parallel import build_parallel_model, init_distributed, load_full_state_dict, unwrap_model
 from lmforge.parallel.compile import compile_seconds
 from lmforge.train.checkpointer import Checkpointer

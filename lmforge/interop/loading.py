@@ -20,7 +20,7 @@ import torch
 
 from lmforge.config import Config, ModelConfig, config_for_model, config_from_dict, load_yaml
 from lmforge.errors import CheckpointError
-from lmforge.interop import import_hf
+from lmforge.interop.import_ import import_hf
 from lmforge.model import build
 from lmforge.tokenizer import load_tokenizer
 from lmforge.weights import files
