@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import tomllib
 import yaml
 
 import lmforge
@@ -16,6 +15,11 @@ from lmforge import cli
 from lmforge.config import LogConfig
 from lmforge.errors import LmforgeError, use_extra
 from lmforge.train.metrics import MetricsLogger
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the dev extra's tomli
+    import tomli as tomllib
 
 PYPROJECT = Path(lmforge.__file__).parents[1] / "pyproject.toml"
 

@@ -7,13 +7,17 @@ importing any lmforge module works without it."""
 import ast
 import re
 import sys
-import tomllib
 from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import pytest
 
 import lmforge
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the dev extra's tomli
+    import tomli as tomllib
 
 ROOT = Path(lmforge.__file__).parent
 
