@@ -134,7 +134,7 @@ def cpu_seconds_per_step(name: str, seed: int, demo: Path, out: Path) -> float:
 
 
 def run_one(name: str, seed: int, demo: Path, out: Path, val, cpu_budget: float | None, steps=None) -> dict:
-    from lmforge.infer.loading import load_model_for_inference
+    from lmforge.interop.loading import load_model_for_inference
     from lmforge.train.trainer import run_training
 
     if cpu_budget:

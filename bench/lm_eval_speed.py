@@ -73,7 +73,7 @@ def main() -> None:
     from lm_eval.models.huggingface import HFLM
 
     from lmforge.infer.lm_eval_tasks import make_lm, quiet_lm_eval
-    from lmforge.infer.loading import load_model_for_inference
+    from lmforge.interop.loading import load_model_for_inference
 
     quiet_lm_eval()
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,12 +20,12 @@ import numpy as np
 
 from lmforge.config import DataConfig
 from lmforge.data.loader import build_loader
-from lmforge.data.shards import ShardWriter, clear_prepared, write_meta
+from lmforge.data.shards import ShardWriter, write_meta
 
 
 def make_dataset(folder: str, tokens: int, vocab: int = 6400) -> None:
     rng = np.random.default_rng(0)
-    clear_prepared(folder)
+    Path(folder).mkdir(parents=True, exist_ok=True)
     splits = {}
     for split, n in (("train", tokens), ("val", tokens // 100)):
         with ShardWriter(folder, split, "uint16", shard_tokens=4_000_000) as w:

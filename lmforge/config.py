@@ -235,11 +235,11 @@ class ParallelConfig(Section):
 class LogConfig(Section):
     interval: int = Field(10, ge=1)
     progress: bool = True
-    tensorboard: bool = True
+    tensorboard: bool | None = None  # the 'tensorboard' extra: None = when installed, true = needed
     wandb: bool = False
     wandb_project: str = "lmforge"
     wandb_mode: Literal["online", "offline"] = "offline"
-    plots: bool = True
+    plots: bool | None = None  # the 'plot' extra (matplotlib): None = when installed, true = needed
 
 
 class RunConfig(Section):

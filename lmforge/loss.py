@@ -237,10 +237,7 @@ class LanguageModelLoss:
 
 
 def _output_weight(model) -> torch.Tensor | None:
-    """The model's output weight through DDP / compile wrappers; None for a module without one."""
-    inner = model
-    while not hasattr(inner, "output_weight"):
-        inner = getattr(inner, "module", None) or getattr(inner, "_orig_mod", None)
-        if inner is None:
-            return None
-    return inner.output_weight()
+    """The output weight of the outermost module that has one: `model` itself, or the model a
+    wrapper (DDP, torch.compile) holds as a submodule; None for a module without one."""
+    inner = next((m for m in model.modules() if hasattr(m, "output_weight")), None)
+    return None if inner is None else inner.output_weight()

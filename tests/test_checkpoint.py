@@ -8,10 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmforge.config import config_from_dict, load_config
+from lmforge.config import config_for_model, config_from_dict, load_config
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.model import Transformer
-from lmforge.train.export import export_weights
 from lmforge.train.optim import build_optimizer
 from lmforge.weights import checkpoint as ckpt
 from lmforge.weights import files
@@ -147,9 +146,8 @@ def test_consolidate_and_export_weights(tmp_path):
     assert load_config(tmp_path / "out" / "config.yaml").model_dump() == cfg.model_dump()
     half = files.consolidate(tmp_path / "ck" / "step_3", tmp_path / "half.safetensors", dtype="float16")
     assert load_file(str(half))["norm.weight"].dtype == torch.float16
-    exported = export_weights(
-        model, tmp_path / "exp" / "w.safetensors", "bfloat16", cfg.model.model_dump(mode="json")
-    )
+    around = config_for_model(cfg.model.model_dump(mode="json"))  # the run config a bare model gets
+    exported = files.write_weights_file(model.state_dict(), around, tmp_path / "exp" / "w.safetensors", "bfloat16")
     got = load_file(str(exported))
     beside = load_config(tmp_path / "exp" / "config.yaml")
     assert beside.model == cfg.model and beside.data.seq_len == cfg.model.max_position_embeddings

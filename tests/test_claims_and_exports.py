@@ -155,7 +155,7 @@ def test_hf_export_of_a_trained_model_tokenizes_as_training_did(tmp_path):
 
     from lmforge.data.encode import _encode
     from lmforge.infer.bos import use_bos
-    from lmforge.infer.loading import find_tokenizer, load_weights
+    from lmforge.interop.loading import find_tokenizer, load_weights
     from lmforge.tokenizer import load_tokenizer, train_tokenizer
 
     docs = ["The cat sat on the mat.", "Hello world, again and again!", "Numbers 123 and <|im_end|> text."]

@@ -200,7 +200,7 @@ def test_minimind_tokenizer_embeds_and_comes_back(tmp_path):
 
 def test_imported_folder_is_ready_for_eval_generate_and_export(tmp_path, tokenizer_dir):
     from lmforge.config import load_config
-    from lmforge.infer.loading import find_tokenizer, load_model_for_inference, load_weights
+    from lmforge.interop.loading import find_tokenizer, load_model_for_inference, load_weights
     from lmforge.tokenizer import load_tokenizer
 
     model, cfg = _model(False, 4, False, SCALING)

@@ -152,6 +152,21 @@ def test_tied_weights_written_once(tmp_path):
     assert theirs.lm_head.weight.data_ptr() == theirs.model.embed_tokens.weight.data_ptr()
 
 
+def test_wrapped_models_and_prefixed_state_dicts_export_plain_names():
+    """torch.compile's wrapper is unwrapped; a state dict saved through DDP and compile (in
+    either nesting) loses the prefixes at the front of its keys, and only there."""
+    from lmforge.interop.export import plain_state
+
+    model, _ = make_model()
+    want = model.state_dict()
+    assert list(plain_state(torch.compile(model))) == list(want)
+    for prefix in ("module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module."):
+        got = plain_state({prefix + k: v for k, v in want.items()})
+        assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+    odd = plain_state({"layers.0.module.weight": want["norm.weight"]})
+    assert list(odd) == ["layers.0.module.weight"]
+
+
 @pytest.mark.parametrize("model_type", ["llama", "qwen3", "qwen3_moe", "mixtral"])
 def test_missing_keys_default_like_transformers(model_type, tmp_path):
     """A config.json that leaves out optional keys means what transformers says it means."""

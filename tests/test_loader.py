@@ -4,6 +4,7 @@ prefetch equivalence, padded-mode masks, packed shift, weighted mixing and bad i
 import gc
 import itertools
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,14 +12,14 @@ import torch
 
 from lmforge.config import DataConfig
 from lmforge.data.loader import IGNORE_INDEX, build_loader
-from lmforge.data.shards import ShardWriter, clear_prepared, write_meta
+from lmforge.data.shards import ShardWriter, write_meta
 from lmforge.errors import DataError
 
 SEQ = 8
 
 
 def prepare(path, docs, val_docs=None, pad_id=None, fingerprint="tok-a", vocab=65536):
-    clear_prepared(path)
+    Path(path).mkdir(parents=True, exist_ok=True)
     splits = {}
     for split, items in (("train", docs), ("val", val_docs if val_docs is not None else docs[:4])):
         with ShardWriter(path, split, "uint16", shard_tokens=97) as w:

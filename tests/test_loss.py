@@ -87,6 +87,17 @@ def test_autocast_bf16_matches_autocast_logits():
     torch.testing.assert_close(got_w, ref_w, rtol=2e-2, atol=2e-2)
 
 
+def test_fused_loss_finds_the_output_weight_inside_wrappers():
+    """The model a wrapper holds as a submodule (torch.compile here; DDP keeps it as .module the
+    same way) is asked for its output weight; a module with none gets the logits path."""
+    model = Transformer(ModelConfig(**TINY))
+    loss = LanguageModelLoss(fused=True)
+    assert loss.forward_kwargs(model) == {"return_hidden": True}
+    assert loss.forward_kwargs(torch.compile(model)) == {"return_hidden": True}
+    assert loss.forward_kwargs(torch.nn.Sequential(torch.nn.Linear(2, 2))) == {}
+    assert LanguageModelLoss(fused=False).forward_kwargs(model) == {}
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_model_loss_fused_equals_logits_path(tied):
     torch.manual_seed(0)

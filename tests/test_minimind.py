@@ -164,8 +164,8 @@ def test_refusals(tmp_path):
 def test_imported_folder_generates_like_minimind(tmp_path):
     from lmforge.config import load_config
     from lmforge.infer.generate import generate
-    from lmforge.infer.loading import load_model_for_inference
     from lmforge.interop import import_minimind_to_folder
+    from lmforge.interop.loading import load_model_for_inference
 
     mm = _minimind("default-dense")
     _save_like_trainer(mm, tmp_path / "pretrain_768.pth")

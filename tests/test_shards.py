@@ -1,18 +1,19 @@
 """Shard format: round trips across shard boundaries, atomic writing, and every bad-input check."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from lmforge.data import shards
-from lmforge.data.shards import ShardWriter, clear_prepared, dtype_for_vocab, write_meta
+from lmforge.data.shards import ShardWriter, dtype_for_vocab, write_meta
 from lmforge.data.token_dataset import TokenDataset
 from lmforge.errors import DataError
 
 
 def write_folder(path, docs, val_docs=(), dtype="uint16", shard_tokens=300, vocab=6400, fingerprint="tok-a"):
-    clear_prepared(path)
+    Path(path).mkdir(parents=True, exist_ok=True)
     splits = {}
     for split, items in (("train", docs), ("val", val_docs)):
         with ShardWriter(path, split, dtype, shard_tokens=shard_tokens) as w:
@@ -77,15 +78,6 @@ def test_interrupted_writer_leaves_nothing_complete(tmp_path):
     assert names == [f"train_0000{k}.{ext}" for k in range(3) for ext in ("bin", "idx")]
     with pytest.raises(DataError, match="prepare did not finish"):
         TokenDataset.open(tmp_path)
-    clear_prepared(tmp_path)
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_clear_prepared_removes_meta_first_and_keeps_other_files(tmp_path):
-    write_folder(tmp_path, random_docs(5))
-    (tmp_path / "LICENSE.txt").write_text("cc")
-    clear_prepared(tmp_path)
-    assert [p.name for p in tmp_path.iterdir()] == ["LICENSE.txt"]
 
 
 def test_missing_folder_and_unfinished(tmp_path):

@@ -425,7 +425,7 @@ def test_moe_aux_loss_is_part_of_the_step_loss():
 def test_training_without_validation_split_and_checkpoint_reads_for_inference(tmp_path, capsys):
     from test_train_utils import make_dataset, tiny_config
 
-    from lmforge.infer.loading import load_weights
+    from lmforge.interop.loading import load_weights
     from lmforge.train.trainer import run_training
 
     data = make_dataset(tmp_path / "data", val=False)

@@ -89,7 +89,7 @@ def test_pipeline_trainer_logs_like_one_process_and_its_checkpoint_loads_anywher
     # Finetuned from that checkpoint (equal start: the stages' own init is not value-equal to the
     # unsplit model's), PP 2 logs the one-process loss AND gradient norm (clip over all stages), and
     # validates at train.eval_interval with the one-process validation loss.
-    from lmforge.infer.loading import load_weights
+    from lmforge.interop.loading import load_weights
     from lmforge.model import Transformer
 
     data = make_dataset(tmp_path / "data")

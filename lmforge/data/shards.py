@@ -9,7 +9,6 @@ A prepared folder holds, per split (`train`, `val`):
 and one `meta.json`, written LAST and atomically; a folder without it is an unfinished prepare.
 A document never straddles two shards. Writing (`lmforge prepare`) looks like::
 
-    clear_prepared(out)                                  # drop meta.json first, then stale shards
     dtype = dtype_for_vocab(tok.vocab_size)
     with ShardWriter(out, "train", dtype) as w:          # an exception removes the temp files
         for ids in documents:                            # ids already hold [bos] + tokens + [eos]
@@ -44,7 +43,7 @@ DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 INDEX_DTYPE = np.dtype("<i8")
 DEFAULT_SHARD_TOKENS = 100_000_000
 # On open, .bin files are hashed when the whole split is at most this big; larger splits get
-# size and index checks only (hash them with `TokenDataset.verify()` or `lmforge prepare --verify`).
+# size and index checks only (hash them with `TokenDataset.verify()`).
 HASH_ON_OPEN_BYTES = 64 * 1024 * 1024
 _FLUSH_TOKENS = 1 << 20
 EAGER_SHARDS = 64  # splits with at most this many shards are fully checked at open
@@ -73,19 +72,6 @@ def file_sha256(path: str | Path) -> str:
         while chunk := f.read(_HASH_CHUNK):
             h.update(chunk)
     return h.hexdigest()
-
-
-def clear_prepared(out_dir: str | Path) -> None:
-    """Make a folder ready for a (re-)prepare: remove meta.json FIRST (so the folder no longer
-    looks complete), then every shard, index and temp file a previous prepare left behind.
-    Other files (licences, notes) are kept. Creates the folder if needed."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / META_NAME).unlink(missing_ok=True)
-    (out / (META_NAME + ".tmp")).unlink(missing_ok=True)
-    for pattern in ("*_[0-9][0-9][0-9][0-9][0-9].bin*", "*_[0-9][0-9][0-9][0-9][0-9].idx*"):
-        for p in out.glob(pattern):
-            p.unlink()
 
 
 class ShardWriter:
@@ -250,7 +236,7 @@ class ShardWriter:
         return {"shards": [dict(x) for x in self.shards], **totals, "max_id": max_id}
 
     def abort(self) -> None:
-        """Drop the shard in progress (its temp files); finished shards stay until clear_prepared."""
+        """Drop the shard in progress (its temp files); finished shards stay."""
         if self._file is not None:
             self._file.close()
             self._file = None

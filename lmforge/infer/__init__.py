@@ -1,4 +1,5 @@
-"""Inference: load weights from any form, generate with the KV cache, evaluate perplexity."""
+"""Inference: generate with the KV cache, evaluate perplexity, the eval/generate/export/import
+commands. Loading weights of any form lives in lmforge.interop.loading (re-exported here)."""
 
 from lmforge.infer.commands import (
     evaluate_checkpoint,
@@ -10,7 +11,7 @@ from lmforge.infer.commands import (
 )
 from lmforge.infer.evaluate import evaluate
 from lmforge.infer.generate import filter_logits, generate, sample_next
-from lmforge.infer.loading import load_model_for_inference, load_weights, save_weights
+from lmforge.interop.loading import load_model_for_inference, load_weights, save_weights
 
 __all__ = [
     "evaluate",

@@ -12,7 +12,9 @@ from lmforge.errors import LmforgeError
 from lmforge.infer.bos import describe_bos, use_bos
 from lmforge.infer.evaluate import evaluate, fmt_ppl, text_token_stream
 from lmforge.infer.generate import TextStreamer, encode_prompt, generate
-from lmforge.infer.loading import (
+from lmforge.interop import export_gguf, export_hf, export_minimind, import_hf
+from lmforge.interop.folder import finetune_ready_config
+from lmforge.interop.loading import (
     CONFIG_NAME,
     build_model_from_state,
     find_tokenizer,
@@ -22,8 +24,6 @@ from lmforge.infer.loading import (
     save_weights,
     tokenizer_source,
 )
-from lmforge.interop import export_gguf, export_hf, export_minimind, import_hf
-from lmforge.interop.folder import finetune_ready_config
 from lmforge.interop.minimind import minimind_script_differences
 from lmforge.tokenizer import load_tokenizer
 from lmforge.weights.outdir import check_output_dir

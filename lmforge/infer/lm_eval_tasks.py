@@ -19,7 +19,7 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.infer.bos import use_bos
-from lmforge.infer.loading import load_model_for_inference, resolve_device
+from lmforge.interop.loading import load_model_for_inference, resolve_device
 from lmforge.weights.dtypes import resolve_dtype
 
 MISSING_EXTRA = (

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from lmforge.errors import LmforgeError
 from lmforge.interop.hf_config import choose_family, to_hf_config
 from lmforge.interop.hf_weights import to_hf
 from lmforge.model.config import ModelConfig
+from lmforge.parallel.apply import unwrap_model
 from lmforge.tokenizer import load_tokenizer
 from lmforge.weights.dtypes import dtype_name, resolve_dtype
 from lmforge.weights.outdir import check_output_dir, output_dir
@@ -24,18 +26,27 @@ from lmforge.weights.tokenizer_files import copy_tokenizer_files
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # the shard size HF uses for large checkpoints
 
 
+# What DDP and torch.compile's wrapper put before every key of a state dict saved through them.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
 def plain_state(model_or_state: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A CPU state dict with wrapper prefixes (torch.compile, DDP) removed and DTensors gathered."""
+    """A CPU state dict with wrappers (torch.compile, DDP) removed and DTensors gathered: a model
+    is unwrapped (parallel.unwrap_model), a state dict saved through wrappers loses their prefixes."""
     if isinstance(model_or_state, nn.Module):
-        raw = model_or_state.state_dict()
+        raw = unwrap_model(model_or_state).state_dict()
     elif isinstance(model_or_state, dict):
-        raw = model_or_state
+        raw = dict(model_or_state)
+        while True:  # nested wrappers (DDP around a compiled model, or the reverse)
+            keys = list(raw)
+            for prefix in WRAPPER_PREFIXES:
+                consume_prefix_in_state_dict_if_present(raw, prefix)
+            if list(raw) == keys:
+                break
     else:
         raise LmforgeError(f"export_hf needs a model or a state dict, got {type(model_or_state).__name__}")
     state = {}
     for key, value in raw.items():
-        for prefix in ("_orig_mod.", "module."):
-            key = key.replace(prefix, "")
         if hasattr(value, "full_tensor"):  # DTensor from FSDP2 / tensor parallel
             value = value.full_tensor()
         if value.is_meta:

@@ -37,7 +37,6 @@ QWEN2 = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_LLAMA3_CPP = _CONTRACTIONS + LLAMA3[len(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)") :]
 _QWEN2_CPP = _CONTRACTIONS + QWEN2[len(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)") :]
 _DS3_MAIN = (
     r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"

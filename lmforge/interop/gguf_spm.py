@@ -11,26 +11,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, missing_extra
 
 BPE = 2  # sentencepiece TrainerSpec.ModelType
 BYTE = 6  # piece type (the GGUF token types use SentencePiece's numbering)
 UNUSED = 5
 
 
-def _proto():
+def _proto(source):
+    """SentencePiece's model proto; it needs protobuf, which the 'gguf' extra declares."""
     try:
         from sentencepiece import sentencepiece_model_pb2
-    except ImportError:  # needs protobuf, which tensorboard already brings
-        raise LmforgeError(
-            "SentencePiece tokenizers in GGUF need the protobuf package: pip install protobuf"
-        ) from None
+    except ImportError:
+        raise missing_extra(f"{source} (a SentencePiece vocabulary in GGUF)", "gguf") from None
+    except Exception as exc:  # protobuf's VersionError: a runtime older than sentencepiece's gencode
+        raise LmforgeError(f"{source}: {str(exc).splitlines()[0]}; pip install -U protobuf") from None
     return sentencepiece_model_pb2
 
 
 def spm_vocab(path: Path, vocab_size: int) -> dict[str, Any]:
     """What `write_spm_vocab` writes, from a tokenizer.model file."""
-    model = _proto().ModelProto()
+    model = _proto(path).ModelProto()
     try:
         model.ParseFromString(path.read_bytes())
     except Exception:  # protobuf's DecodeError
@@ -80,7 +81,7 @@ def write_spm_vocab(writer, vocab: dict[str, Any]) -> None:
 
 def spm_files_from_gguf(meta: dict[str, Any], source: str) -> dict[str, bytes]:
     """{"tokenizer.model": serialized SentencePiece model} rebuilt from a 'llama' GGUF vocabulary."""
-    pb = _proto()
+    pb = _proto(source)
     tokens = list(meta["tokenizer.ggml.tokens"])
     scores = list(meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
     types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))

@@ -26,7 +26,6 @@ FAMILIES = {
     "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
     "mixtral": ("MixtralForCausalLM", "mixtral"),
 }
-DTYPE_NAMES = {"float32", "bfloat16", "float16"}
 # What transformers assumes when a config.json leaves these out (they differ for Mixtral).
 HF_DEFAULT_THETA = {"mixtral": 1e6}
 HF_DEFAULT_EPS = {"mixtral": 1e-5}

@@ -2,7 +2,7 @@
 
 from lmforge.model.attention import KVCache
 from lmforge.model.layers import resolve_intermediate_size
-from lmforge.model.transformer import HiddenOutput, ModelOutput, Transformer, build, build_model
+from lmforge.model.transformer import HiddenOutput, ModelOutput, Transformer, build
 
 __all__ = [
     "HiddenOutput",
@@ -10,6 +10,5 @@ __all__ = [
     "ModelOutput",
     "Transformer",
     "build",
-    "build_model",
     "resolve_intermediate_size",
 ]

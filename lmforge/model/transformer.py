@@ -247,9 +247,6 @@ class Transformer(nn.Module):
         return total
 
 
-build_model = Transformer
-
-
 def build(
     cfg: ModelConfig, device: torch.device | str = "meta", *, init: bool = False, dtype: torch.dtype | None = None
 ) -> Transformer:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, use_extra
 from lmforge.infer.evaluate import fmt_ppl  # noqa: F401 (the one perplexity format; re-exported)
 
 
@@ -78,6 +78,11 @@ def truncate_after(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+def use_tensorboard(log_cfg) -> bool:
+    """log.tensorboard through the 'tensorboard' extra (unset: when it is installed)."""
+    return use_extra(log_cfg.tensorboard, "log.tensorboard", "tensorboard", "tensorboard")
+
+
 class MetricsLogger:
     def __init__(
         self,
@@ -102,7 +107,7 @@ class MetricsLogger:
         elif self.path.exists():
             self.path.unlink()  # a fresh run does not append to an old run's curve
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
-        if log_cfg.tensorboard:
+        if use_tensorboard(log_cfg):
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)

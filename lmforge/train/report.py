@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, use_extra
 from lmforge.train.metrics import fmt_count, fmt_duration, fmt_ppl
 
 
@@ -26,6 +26,11 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
         if rec.get("loss") is not None:
             train.append(rec)
     return train, evals
+
+
+def use_plots(log_cfg) -> bool:
+    """log.plots through the 'plot' extra (matplotlib; unset: when it is installed)."""
+    return use_extra(log_cfg.plots, "log.plots", "matplotlib", "plot")
 
 
 def draw_plots(run_dir: str | Path) -> list[Path]:
@@ -138,6 +143,7 @@ def summarize(train: list[dict], evals: list[dict]) -> dict:
 def report(run_dir: str | Path) -> str:
     """Redraw the plots and return a short text summary of the run."""
     run_dir = Path(run_dir)
+    use_extra(True, "lmforge report", "matplotlib", "plot")
     train, evals = read_metrics(run_dir)
     if not train:
         raise LmforgeError(

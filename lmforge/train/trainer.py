@@ -23,17 +23,17 @@ from lmforge.data.loader import build_loader
 from lmforge.data.mindrecord import is_mindrecord
 from lmforge.data.shards import read_meta
 from lmforge.errors import ConfigError, DataError, LmforgeError
-from lmforge.infer.loading import load_weights
+from lmforge.interop.loading import load_weights
 from lmforge.parallel import build_parallel_model, init_distributed, load_full_state_dict, unwrap_model
 from lmforge.parallel.compile import compile_seconds
 from lmforge.train.checkpointer import Checkpointer
 from lmforge.train.evaluation import load_sample_tokenizer, validate, write_samples
 from lmforge.train.messages import end_summary, start_banner, warmup_note
-from lmforge.train.metrics import MetricsLogger, console_line, fmt_ppl, peak_memory_bytes
+from lmforge.train.metrics import MetricsLogger, console_line, fmt_ppl, peak_memory_bytes, use_tensorboard
 from lmforge.train.mfu import mfu, model_flops_per_token, peak_flops
 from lmforge.train.optim import build_optimizer
 from lmforge.train.preflight import check_memory
-from lmforge.train.report import draw_plots
+from lmforge.train.report import draw_plots, use_plots
 from lmforge.train.runlock import RunLock
 from lmforge.train.schedule import build_schedule, total_steps
 from lmforge.train.signals import StopFlag
@@ -63,6 +63,9 @@ def _check_inputs(cfg) -> None:
     for valid in cfg.data.valid or []:
         if not Path(valid).is_dir() and not is_mindrecord(valid):
             raise ConfigError(f"data.valid: {valid} is not a folder or a MindRecord file; run `lmforge prepare` or fix the path")
+    # An optional extra the config asks for (log.tensorboard, log.plots) fails before anything is written.
+    use_tensorboard(cfg.log)
+    use_plots(cfg.log)
 
 
 def run_training(cfg) -> dict:
@@ -175,7 +178,7 @@ class _Trainer:
             self.logger.close()
         elapsed = self.state.elapsed()
         rate = (self.state.tokens - start_tokens) / max(elapsed - self.state.elapsed_before, 1e-9)
-        if self.ctx.is_main and self.cfg.log.plots and self.logger.path.is_file():
+        if self.ctx.is_main and use_plots(self.cfg.log) and self.logger.path.is_file():
             draw_plots(self.run_dir)
         ckpt = self.checkpointer
         summary = {

@@ -20,8 +20,8 @@ import torch
 
 from lmforge.config import Config, ModelConfig, config_for_model, config_from_dict, load_yaml
 from lmforge.errors import CheckpointError
-from lmforge.interop import import_hf
-from lmforge.model import Transformer
+from lmforge.interop.import_ import import_hf
+from lmforge.model import build
 from lmforge.tokenizer import load_tokenizer
 from lmforge.weights import files
 from lmforge.weights.checkpoint import check_model_fits, load_checkpoint, read_state, resolve_checkpoint_dir
@@ -101,7 +101,7 @@ def build_model_from_state(model_cfg: ModelConfig, state: dict, device: torch.de
         "the model config",
         "the checkpoint is from a different model",
     )
-    model = _empty_model(model_cfg, device)
+    model = build(model_cfg, device)  # parameters left empty: the strict load fills every one
     expected = model.state_dict()
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
     return model.eval()
@@ -123,14 +123,6 @@ def find_tokenizer(folder: Path, cfg: Config):
     return None
 
 
-def _empty_model(model_cfg: ModelConfig, device: torch.device):
-    with torch.device("meta"):
-        model = Transformer(model_cfg)
-    model.to_empty(device=device)
-    model.init_weights()  # also fills the non-persistent RoPE tables
-    return model
-
-
 def _model_from_checkpoint(step: Path, device: torch.device):
     """Build the model a training checkpoint describes and load its weights (DCP, reshards from
     any world size)."""
@@ -139,7 +131,7 @@ def _model_from_checkpoint(step: Path, device: torch.device):
         raise CheckpointError(f"{step}: state.json holds no run config; the model shape is unknown")
     cfg = config_from_dict(saved, str(step / "state.json"))
     check_model_fits(step, cfg.model)  # state.json's claim against the data, before allocating it
-    model = _empty_model(cfg.model, device)
+    model = build(cfg.model, device)  # parameters left empty: DCP fills every one
     load_checkpoint(step, model, model_cfg=cfg.model.model_dump(mode="json"))
     return model.eval(), cfg
 
