@@ -113,6 +113,22 @@ def test_four_process_collectives_match_real(tmp_path, name):
         assert sim[rank]["collectives"] == real[rank]["collectives"], rank
 
 
+def test_more_microbatches_extend_along_the_measured_line():
+    """Eight pipeline micro batches run at 3 and 4 and extended give exactly the direct run's
+    figures (the first stage, whose warm-up decides where the line starts)."""
+    from lmforge.config import config_from_dict
+    from lmforge.train.dryrun import simulate
+
+    tree = _tree(LAYOUTS["pp2"][1])
+    tree["train"].update(grad_accum_steps=8, global_batch_size=16)
+    cfg = config_from_dict(tree, "pp2x8")
+    extended = simulate(cfg, 2, ranks=[0])[0]
+    assert extended["microbatches_run"] == [3, 4] and extended["microbatches"] == 8
+    direct = simulate(cfg, 2, ranks=[0], counts=[8])[0]
+    assert extended["categories"] == direct["categories"]
+    assert extended["collectives"] == direct["collectives"]
+
+
 def test_not_fitting_is_one_line_per_rank_exit_2(tmp_path):
     import subprocess
 

@@ -49,7 +49,8 @@ def config_keys(layout: Layout, micro_steps: int) -> str:
     """The overrides that select this layout (`micro_steps` micro batches per optimizer step,
     pipelined under PP, accumulated otherwise)."""
     keys = [f"parallel.strategy={layout.strategy}"]
-    if layout.strategy == "hsdp" or layout.dp_replicate > 1 and layout.fsdp:
+    if layout.strategy in ("hsdp", "fsdp+tp") or layout.dp_replicate > 1 and layout.fsdp:
+        # explicit: a config's own dp_shard (MindFormers' data_parallel: 1) would otherwise stay
         keys += [f"parallel.dp_replicate={layout.dp_replicate}", f"parallel.dp_shard={layout.dp_shard}"]
     if layout.tp > 1:
         keys.append(f"parallel.tp={layout.tp}")
