@@ -84,13 +84,15 @@ def test_one_process_matches_real():
     assert sim["planned_peak_bytes"] > 0
 
 
-# Known gap (open): with sharded (DTensor) parameters the simulated peak falls inside the AdamW
-# step, whose temporaries under fake tensors reach ~4x the moments, while the real run's peak is in
-# the forward. strict: the test starts failing (to be un-marked) once they agree.
-_GAP = pytest.mark.xfail(strict=True, reason="fake peak inside the optimizer step with DTensor params")
+# Known gap (open): under FSDP2 the real gloo run frees collective buffers when gloo's threads
+# complete the asynchronous all-gathers / reduce-scatters, so its peak moment and breakdown vary
+# between runs (3.11 and 3.16 MB on rank 0, temporaries 0.76 / 0.67 MB), while fake collectives
+# complete at once (simulated 3.06 MB, temporaries 0.54 MB). Totals agree within 3-5%; the
+# categories do not within 5%. Not strict: the real side itself varies from run to run.
+_ASYNC = pytest.mark.xfail(strict=False, reason="real FSDP2 frees async collective buffers later")
 
 
-@pytest.mark.parametrize("name", [pytest.param("fsdp2", marks=_GAP), pytest.param("tp2", marks=_GAP), "pp2"])
+@pytest.mark.parametrize("name", [pytest.param("fsdp2", marks=_ASYNC), "tp2", "pp2"])
 def test_two_process_memory_matches_real(tmp_path, name):
     real = _real(tmp_path, name)
     sim = _simulated(name, sorted(real))
@@ -98,12 +100,7 @@ def test_two_process_memory_matches_real(tmp_path, name):
         assert not _close(sim[rank], rec), (rank, _close(sim[rank], rec))
 
 
-_NONZERO = pytest.mark.xfail(
-    strict=True, reason="open: the fused loss's nonzero on a DTensor reaches DTensor's own fake propagation"
-)
-
-
-@pytest.mark.parametrize("name", ["pp2xtp2", pytest.param("fsdp2xtp2", marks=_NONZERO)])
+@pytest.mark.parametrize("name", ["pp2xtp2", "fsdp2xtp2"])
 def test_four_process_collectives_match_real(tmp_path, name):
     real = _real(tmp_path, name)
     ranks = [0, 3]

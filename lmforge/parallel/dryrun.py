@@ -104,15 +104,54 @@ def fake_rank(rank: int, world_size: int):
 
 @contextlib.contextmanager
 def fake_tensors():
-    """FakeTensorMode, with `nn.Module.to_empty` able to materialise fake parameters."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    """FakeTensorMode, with `nn.Module.to_empty` able to materialise fake parameters and device
+    meshes built with real rank tables (FSDP2 over a TP mesh concatenates meshes while sharding,
+    and a mesh finds its coordinates with `nonzero`, which fake tensors cannot answer)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+    from torch.distributed.device_mesh import DeviceMesh
+
+    mesh_init = DeviceMesh.__init__
+
+    def real_mesh_init(self, *args, **kwargs):
+        with unset_fake_temporarily():
+            mesh_init(self, *args, **kwargs)
 
     nn.Module.to_empty = _fake_to_empty
+    DeviceMesh.__init__ = real_mesh_init
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode, _unmeasured_sharding_propagation():
             yield mode
     finally:
         nn.Module.to_empty = _ORIG_TO_EMPTY
+        DeviceMesh.__init__ = mesh_init
+
+
+_PROPAGATING = [0]  # > 0 while DTensor derives an op's output shape (no real memory)
+
+
+@contextlib.contextmanager
+def _unmeasured_sharding_propagation():
+    """DTensor derives each new op's output shape by running it on global-shape fake tensors, in
+    the active FakeTensorMode when there is one. In a real run that is a FakeTensorMode of its
+    own, which MemTracker skips; in the dry run it is ours, and the tracker would count every
+    gradient and optimizer tensor at its unsharded size (the gradient norm's foreach op alone
+    added the whole stage's gradients x tp). Ops inside it are marked to be skipped."""
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
+
+    propagate = ShardingPropagator._propagate_tensor_meta_non_cached
+
+    def marked(self, *args, **kwargs):
+        _PROPAGATING[0] += 1
+        try:
+            return propagate(self, *args, **kwargs)
+        finally:
+            _PROPAGATING[0] -= 1
+
+    ShardingPropagator._propagate_tensor_meta_non_cached = marked
+    try:
+        yield
+    finally:
+        ShardingPropagator._propagate_tensor_meta_non_cached = propagate
 
 
 def _memtracker_class():
@@ -157,7 +196,7 @@ def _memtracker_class():
                     self._peak_mem_snap[dev] = dict(snap)
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is device_query:  # `.device` of a fake tensor: half of all calls, no memory
+            if func is device_query or _PROPAGATING[0]:  # `.device`: half of all calls; shapes only
                 return func(*args, **(kwargs or {}))
             return super().__torch_dispatch__(func, types, args, kwargs)
 
