@@ -158,8 +158,22 @@ def _memtracker_class():
     import weakref
 
     from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
+    from torch.distributed._tools.mod_tracker import ModTracker
+    from torch.utils._pytree import tree_flatten
 
     device_query = torch.ops.prim.device.default
+
+    class LeafSafeModTracker(ModTracker):
+        """ModTracker whose end-of-backward hook skips leaf inputs (a pipeline stage's received
+        activations): torch refuses a multi-grad hook on a leaf while zero-bubble schedules run
+        their input-gradient pass as autograd.grad. A module with only leaf inputs leaves the
+        backward at the end of the backward pass instead, as one with no tensor inputs does."""
+
+        def _fw_pre_hook(self, mod, input):
+            args, _ = tree_flatten(input)
+            if any(isinstance(a, torch.Tensor) and a.requires_grad and a.grad_fn is None for a in args):
+                input = tuple(a for a in args if not (isinstance(a, torch.Tensor) and a.grad_fn is None))
+            return super()._fw_pre_hook(mod, input)
 
     class StepMemTracker(MemTracker):
         """MemTracker keeping only what the dry run reports: the global peak and its breakdown by
@@ -169,6 +183,10 @@ def _memtracker_class():
         two thirds of the run. What decides the categories is kept as torch has it: parameters,
         buffers and gradient hooks tracked when a module is first seen, the optimizer hooks, the
         recomputation (AC) region, and forward vs backward."""
+
+        def __init__(self):
+            super().__init__()
+            self._mod_tracker = LeafSafeModTracker()
 
         def _pre_fw_hook(self, module, inputs):
             if module not in self.memory_tracking:

@@ -178,7 +178,11 @@ def candidates(cfg, gpus: int, gpu: Accelerator) -> tuple[list[Layout], dict[str
                     micro = [b for b in micro if not micro_batches_refused(base, per_rank // b)]
                     if not micro:
                         refused.setdefault(axes(base), micro_batches_refused(base, per_rank))
-                    out += [replace(base, ac=ac, micro_batch=b) for ac in AC_MODES for b in micro]
+                    # Zero-bubble schedules run each backward in two passes (input, then weight
+                    # gradients), which torch's selective checkpointing refuses at the first step
+                    # (torch 2.13; found by the dry run on this planner's 70B recommendation).
+                    acs = [ac for ac in AC_MODES if not (ac == "selective" and schedule in ("zero_bubble", "zbv"))]
+                    out += [replace(base, ac=ac, micro_batch=b) for ac in acs for b in micro]
     return out, refused
 
 
