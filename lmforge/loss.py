@@ -166,9 +166,11 @@ def fused_linear_cross_entropy(
             with torch.autocast(device_type, enabled=False):
                 out = _LIGER(weight, hidden, labels)
             return (out[0] if isinstance(out, tuple) else out).float()
-    if device_type == "cpu" and not torch.compiler.is_compiling():
+    if device_type == "cpu" and not torch.compiler.is_compiling() and not _distributed(hidden, labels):
         # Padded batches: skip the [n, vocab] work of positions without a target. Selecting them
         # needs their count on the host, free on the CPU (an accelerator would have to sync).
+        # Not for DTensors: a data-dependent shape there is a collective per micro batch (and
+        # torch's fake-tensor dry run cannot propagate it); ignored positions add 0 either way.
         keep = (labels != IGNORE_INDEX).nonzero().squeeze(1)
         if keep.numel() < labels.numel():
             hidden, labels = hidden.index_select(0, keep), labels.index_select(0, keep)
@@ -177,6 +179,10 @@ def fused_linear_cross_entropy(
         if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
             return _chunked_loss(hidden, weight, labels, chunk)[0]  # no gradients to keep
         return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk)
+
+
+def _distributed(*tensors) -> bool:
+    return any(hasattr(t, "device_mesh") for t in tensors)
 
 
 def output_weight_is_tensor_parallel(weight: torch.Tensor) -> bool:

@@ -84,13 +84,15 @@ def test_one_process_matches_real():
     assert sim["planned_peak_bytes"] > 0
 
 
-# Known gap (open): with sharded (DTensor) parameters the simulated peak falls inside the AdamW
-# step, whose temporaries under fake tensors reach ~4x the moments, while the real run's peak is in
-# the forward. strict: the test starts failing (to be un-marked) once they agree.
-_GAP = pytest.mark.xfail(strict=True, reason="fake peak inside the optimizer step with DTensor params")
+# Known gap (open): under FSDP2 the real gloo run frees collective buffers when gloo's threads
+# complete the asynchronous all-gathers / reduce-scatters, so its peak moment and breakdown vary
+# between runs (3.11 and 3.16 MB on rank 0, temporaries 0.76 / 0.67 MB), while fake collectives
+# complete at once (simulated 3.06 MB, temporaries 0.54 MB). Totals agree within 3-5%; the
+# categories do not within 5%. Not strict: the real side itself varies from run to run.
+_ASYNC = pytest.mark.xfail(strict=False, reason="real FSDP2 frees async collective buffers later")
 
 
-@pytest.mark.parametrize("name", [pytest.param("fsdp2", marks=_GAP), pytest.param("tp2", marks=_GAP), "pp2"])
+@pytest.mark.parametrize("name", [pytest.param("fsdp2", marks=_ASYNC), "tp2", "pp2"])
 def test_two_process_memory_matches_real(tmp_path, name):
     real = _real(tmp_path, name)
     sim = _simulated(name, sorted(real))
@@ -98,12 +100,7 @@ def test_two_process_memory_matches_real(tmp_path, name):
         assert not _close(sim[rank], rec), (rank, _close(sim[rank], rec))
 
 
-_NONZERO = pytest.mark.xfail(
-    strict=True, reason="open: the fused loss's nonzero on a DTensor reaches DTensor's own fake propagation"
-)
-
-
-@pytest.mark.parametrize("name", ["pp2xtp2", pytest.param("fsdp2xtp2", marks=_NONZERO)])
+@pytest.mark.parametrize("name", ["pp2xtp2", "fsdp2xtp2"])
 def test_four_process_collectives_match_real(tmp_path, name):
     real = _real(tmp_path, name)
     ranks = [0, 3]
@@ -111,6 +108,22 @@ def test_four_process_collectives_match_real(tmp_path, name):
     for rank in ranks:
         assert real[rank]["collectives"], "the real run issued collectives"
         assert sim[rank]["collectives"] == real[rank]["collectives"], rank
+
+
+def test_more_microbatches_extend_along_the_measured_line():
+    """Eight pipeline micro batches run at 3 and 4 and extended give exactly the direct run's
+    figures (the first stage, whose warm-up decides where the line starts)."""
+    from lmforge.config import config_from_dict
+    from lmforge.train.dryrun import simulate
+
+    tree = _tree(LAYOUTS["pp2"][1])
+    tree["train"].update(grad_accum_steps=8, global_batch_size=16)
+    cfg = config_from_dict(tree, "pp2x8")
+    extended = simulate(cfg, 2, ranks=[0])[0]
+    assert extended["microbatches_run"] == [3, 4] and extended["microbatches"] == 8
+    direct = simulate(cfg, 2, ranks=[0], counts=[8])[0]
+    assert extended["categories"] == direct["categories"]
+    assert extended["collectives"] == direct["collectives"]
 
 
 def test_not_fitting_is_one_line_per_rank_exit_2(tmp_path):

@@ -168,10 +168,13 @@ def test_pipeline_arithmetic_matches_a_hand_computation():
     assert first["parameters"] == 4 * 114944 and last["parameters"] == 4 * 115008
     assert last["optimizer"] == 8 * 115008 + 4 * (2 * 9 + 2)  # 9 tensors per layer, norm, table
     # Saved bytes per token and layer, bf16, no AC: 2*(4*64 + 4 + 2*64*2) + 4*64*2 + 4*4 + 4*192*2
-    # = 3096. 1F1B keeps min(m, p - r) micro batches: 2 on rank 0, 1 on rank 1, which also
-    # saves the head: 516 (norm) + 4*256 + 16 = 1556 per token.
-    assert first["activations"] == 2 * 64 * 2 * 3096
-    assert last["activations"] == 64 * 2 * 3096 + 64 * 1556
+    # = 3096. 1F1B keeps min(m, p - r + 1) micro batches (the dry run's count): 3 on rank 0, 2 on
+    # rank 1, which also saves the head: 516 (norm) + 4*256 + 16 = 1556 per token. Plus torch's
+    # receive buffers, fp32 without FSDP, one per micro batch (4): rank 0 the output gradients',
+    # rank 1 the inputs', 64 tokens x 64 x 4 bytes each.
+    recv = 4 * 64 * 64 * 4
+    assert first["activations"] == 3 * 64 * 2 * 3096 + recv
+    assert last["activations"] == 2 * 64 * 2 * 3096 + 64 * 1556 + recv
     # Step: the slowest rank (rank 1: 2 layers + output) over 256 tokens, bubble (p-1)/m = 1/4.
     p = plan(cfg, layout, H100, mfu=0.5)
     assert p["bubble"] == pytest.approx(0.25)

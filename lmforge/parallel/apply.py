@@ -57,31 +57,19 @@ def build_parallel_model(model_cfg, pcfg, ctx: ParallelContext, *, seed: int, se
     return model
 
 
-def _is_fsdp(model: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch < 2.6 is not supported
-        return False
-    return isinstance(model, FSDPModule)
-
-
 @contextlib.contextmanager
 def grad_sync(model: nn.Module, enabled: bool = True):
-    """Skip the gradient reduction inside the block when `enabled` is False (early micro-steps of
-    gradient accumulation); the reduction of the last micro-step then covers all of them."""
+    """Skip DDP's gradient all-reduce inside the block when `enabled` is False (early micro-steps
+    of gradient accumulation); the reduction of the last micro-step then covers all of them.
+    FSDP2 reduce-scatters every micro-step instead: skipping it would keep every parameter's
+    unsharded fp32 gradient until the last micro-step (4 bytes per parameter of the whole model
+    per rank, 24.6 GiB for Llama2-7B, measured by the dry run), the memory FSDP exists to save;
+    the extra reduce-scatters overlap the backward. (DDP holds full gradients either way.)"""
     from torch.nn.parallel import DistributedDataParallel
 
-    if enabled:
-        yield
-    elif isinstance(model, DistributedDataParallel):
+    if not enabled and isinstance(model, DistributedDataParallel):
         with model.no_sync():
             yield
-    elif _is_fsdp(model):
-        model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            model.set_requires_gradient_sync(True)
     else:
         yield
 

@@ -104,31 +104,119 @@ def fake_rank(rank: int, world_size: int):
 
 @contextlib.contextmanager
 def fake_tensors():
-    """FakeTensorMode, with `nn.Module.to_empty` able to materialise fake parameters."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    """FakeTensorMode, with `nn.Module.to_empty` able to materialise fake parameters and device
+    meshes built with real rank tables (FSDP2 over a TP mesh concatenates meshes while sharding,
+    and a mesh finds its coordinates with `nonzero`, which fake tensors cannot answer)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+    from torch.distributed.device_mesh import DeviceMesh
+
+    mesh_init = DeviceMesh.__init__
+
+    def real_mesh_init(self, *args, **kwargs):
+        with unset_fake_temporarily():
+            mesh_init(self, *args, **kwargs)
 
     nn.Module.to_empty = _fake_to_empty
+    DeviceMesh.__init__ = real_mesh_init
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode, _unmeasured_sharding_propagation():
             yield mode
     finally:
         nn.Module.to_empty = _ORIG_TO_EMPTY
+        DeviceMesh.__init__ = mesh_init
+
+
+_PROPAGATING = [0]  # > 0 while DTensor derives an op's output shape (no real memory)
+
+
+@contextlib.contextmanager
+def _unmeasured_sharding_propagation():
+    """DTensor derives each new op's output shape by running it on global-shape fake tensors, in
+    the active FakeTensorMode when there is one. In a real run that is a FakeTensorMode of its
+    own, which MemTracker skips; in the dry run it is ours, and the tracker would count every
+    gradient and optimizer tensor at its unsharded size (the gradient norm's foreach op alone
+    added the whole stage's gradients x tp). Ops inside it are marked to be skipped."""
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
+
+    propagate = ShardingPropagator._propagate_tensor_meta_non_cached
+
+    def marked(self, *args, **kwargs):
+        _PROPAGATING[0] += 1
+        try:
+            return propagate(self, *args, **kwargs)
+        finally:
+            _PROPAGATING[0] -= 1
+
+    ShardingPropagator._propagate_tensor_meta_non_cached = marked
+    try:
+        yield
+    finally:
+        ShardingPropagator._propagate_tensor_meta_non_cached = propagate
 
 
 def _memtracker_class():
-    from torch.distributed._tools.mem_tracker import MemTracker
+    import weakref
+
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
+    from torch.distributed._tools.mod_tracker import ModTracker
+    from torch.utils._pytree import tree_flatten
+
+    device_query = torch.ops.prim.device.default
+
+    class LeafSafeModTracker(ModTracker):
+        """ModTracker whose end-of-backward hook skips leaf inputs (a pipeline stage's received
+        activations): torch refuses a multi-grad hook on a leaf while zero-bubble schedules run
+        their input-gradient pass as autograd.grad. A module with only leaf inputs leaves the
+        backward at the end of the backward pass instead, as one with no tensor inputs does."""
+
+        def _fw_pre_hook(self, mod, input):
+            args, _ = tree_flatten(input)
+            if any(isinstance(a, torch.Tensor) and a.requires_grad and a.grad_fn is None for a in args):
+                input = tuple(a for a in args if not (isinstance(a, torch.Tensor) and a.grad_fn is None))
+            return super()._fw_pre_hook(mod, input)
 
     class StepMemTracker(MemTracker):
-        """MemTracker for a whole training step: a module run again (the next micro batch, the
-        next step) starts fresh module statistics instead of refusing; the global peak, which is
-        what the dry run reports, spans all of them."""
+        """MemTracker keeping only what the dry run reports: the global peak and its breakdown by
+        category, over a whole training step (a module may run again: the next micro batch, the
+        next step). torch's tracker also keeps a snapshot per module call and walks every module
+        on every op; at 70B shapes (tens of thousands of ops per micro batch) that bookkeeping was
+        two thirds of the run. What decides the categories is kept as torch has it: parameters,
+        buffers and gradient hooks tracked when a module is first seen, the optimizer hooks, the
+        recomputation (AC) region, and forward vs backward."""
+
+        def __init__(self):
+            super().__init__()
+            self._mod_tracker = LeafSafeModTracker()
 
         def _pre_fw_hook(self, module, inputs):
-            if module in self.memory_tracking and not self._mod_tracker.is_bw:
-                name = self._mod_tracker.get_known_fqn(module)
-                if set(self._mod_tracker.parents) - {name} <= {"Global"}:
-                    del self.memory_tracking[module]
-            super()._pre_fw_hook(module, inputs)
+            if module not in self.memory_tracking:
+                self._track_module_params_and_buffers(module, install_grad_hooks=True)
+                self.memory_tracking[module] = True
+            elif self._mod_tracker.is_bw and self._ac_mod is None:  # recomputation starts
+                self._ac_mod = weakref.ref(module)
+                self._in_ac = True
+
+        def _post_fw_hook(self, module, inputs, outputs):
+            if self._mod_tracker.is_bw and self._ac_mod is not None and self._ac_mod() is module:
+                self._ac_mod = None
+                self._in_ac = False
+
+        def _pre_bw_hook(self, module, args):
+            pass
+
+        def _post_bw_hook(self, module, args):
+            pass
+
+        def _update_peak_stats(self, peak_state):
+            for dev, snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < snap[_TOTAL_KEY]:
+                    self._peak_mem[dev] = snap[_TOTAL_KEY]
+                    self._peak_mem_snap[dev] = dict(snap)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is device_query or _PROPAGATING[0]:  # `.device`: half of all calls; shapes only
+                return func(*args, **(kwargs or {}))
+            return super().__torch_dispatch__(func, types, args, kwargs)
 
     return StepMemTracker
 
@@ -184,6 +272,7 @@ class _CollectiveRecorder:
         kinds = set(_comm_mode.c10d_collective_ops) | set(_comm_mode.NATIVE_TO_PY_MAPPING)
         kinds |= {torch.ops.c10d.send, torch.ops.c10d.recv_}
         local_scalar = torch.ops.aten._local_scalar_dense.default
+        device_query = torch.ops.prim.device.default
         nonzero = torch.ops.aten.nonzero.default
 
         class Recorder(TorchDispatchMode):
@@ -192,6 +281,8 @@ class _CollectiveRecorder:
                 self.ops: list[tuple[str, str, int]] = []
 
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is device_query:
+                    return func(*args, **(kwargs or {}))
                 if any(t is DTensor for t in types):
                     return NotImplemented  # let DTensor lower itself to the collectives it issues
                 if fake and func is local_scalar:

@@ -18,7 +18,7 @@ elements after pipeline split, TP and FSDP sharding, FSDP2 padding dim 0 to a mu
                inputs of attention and FFN (2*h*s) and the logits stay full size (Korthikanti et al.
                2022 with flash attention). Micro batches in flight on pipeline rank r (of p, m
                micro batches, v stages per rank, each in-flight chunk holding 1/v of its layers):
-                 gpipe m; 1f1b min(m, p - r); interleaved_1f1b and zero_bubble
+                 gpipe m; 1f1b min(m, p - r + 1) (dry run); interleaved_1f1b and zero_bubble
                  min(m*v, 2*(p - r - 1) + (v - 1)*p + 1) chunks (torch's warm-up count);
                  zbv min(2m, 2p) chunks on every rank (ZB-V keeps 1F1B's peak, balanced).
   temporaries  logits B*T*V*(s + 8) on the last stage (model logits, fp32 copy, fp32 gradient;
@@ -27,7 +27,9 @@ elements after pipeline split, TP and FSDP sharding, FSDP2 padding dim 0 to a mu
                FSDP with PP: the rank's whole stage stays gathered for the step with its unsharded
                gradients accumulating (torch.distributed.pipelining's FSDP handling), plus one
                block's fp32 reduce-scatter buffer; DDP: gradient buckets (4 * N_local);
-               PP: send/receive buffers; 2 GiB for context, NCCL and fragmentation.
+               2 GiB for context, NCCL and fragmentation (the dry run adds the same: no fake
+               tensor holds them). PP (in activations): torch's receive buffers, one per micro
+               batch for each stage input and output gradient of the rank, tokens*h/tp each.
 Step time = max(compute, data-parallel traffic) + tensor-parallel traffic + pipeline P2P.
   compute   FLOPs per token of the slowest pipeline rank (its layers; the output layer on the
             last stage) x tokens per data-parallel rank / (MFU * peak * tp), x 4/3 under full AC
@@ -223,8 +225,8 @@ def in_flight(layout: Layout, rank: int, micro_batches: int) -> float:
         return 1.0
     if layout.schedule == "gpipe":
         return float(m)
-    if layout.schedule == "1f1b":
-        return float(min(m, p - rank))
+    if layout.schedule == "1f1b":  # p - rank warm-up forwards, then one more before a backward
+        return float(min(m, p - rank + 1))
     if layout.schedule == "zbv":
         return min(2 * m, 2 * p) / 2
     return min(m * v, 2 * (p - rank - 1) + (v - 1) * p + 1) / v
@@ -287,7 +289,12 @@ def rank_memory(cfg, layout: Layout, rank: int, loss_parallel: bool = False) -> 
     elif layout.strategy == "ddp" and layout.dp_size > 1:
         temp += out["gradients"]
     if layout.pp > 1:
-        temp += 2 * tokens * m.hidden_size * s / layout.tp * layout.virtual
+        # torch.distributed.pipelining allocates, at the first step, a receive buffer per micro
+        # batch for every stage input (all stages but the first) and every output gradient (all
+        # but the last), in the stage's activation dtype (fp32 unless FSDP casts parameters).
+        n_bufs = sum((st != 0) + (st != len(layers_per_stage) - 1) for st in stages)
+        act_bytes = s if layout.fsdp_wrapped else 4
+        out["activations"] += int(micro * n_bufs * tokens * m.hidden_size * act_bytes / layout.tp)
     out["temporaries"] = int(temp + OVERHEAD)
     out["total"] = sum(out[k] for k in ("parameters", "gradients", "optimizer", "activations", "temporaries"))
     out["flops_per_token"] = len(layers) * _layer_flops(m, seq) + (_head_flops(m) if last else 0.0)

@@ -49,7 +49,8 @@ def config_keys(layout: Layout, micro_steps: int) -> str:
     """The overrides that select this layout (`micro_steps` micro batches per optimizer step,
     pipelined under PP, accumulated otherwise)."""
     keys = [f"parallel.strategy={layout.strategy}"]
-    if layout.strategy == "hsdp" or layout.dp_replicate > 1 and layout.fsdp:
+    if layout.strategy in ("hsdp", "fsdp+tp") or layout.dp_replicate > 1 and layout.fsdp:
+        # explicit: a config's own dp_shard (MindFormers' data_parallel: 1) would otherwise stay
         keys += [f"parallel.dp_replicate={layout.dp_replicate}", f"parallel.dp_shard={layout.dp_shard}"]
     if layout.tp > 1:
         keys.append(f"parallel.tp={layout.tp}")
@@ -177,7 +178,11 @@ def candidates(cfg, gpus: int, gpu: Accelerator) -> tuple[list[Layout], dict[str
                     micro = [b for b in micro if not micro_batches_refused(base, per_rank // b)]
                     if not micro:
                         refused.setdefault(axes(base), micro_batches_refused(base, per_rank))
-                    out += [replace(base, ac=ac, micro_batch=b) for ac in AC_MODES for b in micro]
+                    # Zero-bubble schedules run each backward in two passes (input, then weight
+                    # gradients), which torch's selective checkpointing refuses at the first step
+                    # (torch 2.13; found by the dry run on this planner's 70B recommendation).
+                    acs = [ac for ac in AC_MODES if not (ac == "selective" and schedule in ("zero_bubble", "zbv"))]
+                    out += [replace(base, ac=ac, micro_batch=b) for ac in acs for b in micro]
     return out, refused
 
 

@@ -2,12 +2,21 @@
 distinct role, at the configured shapes, on torch's fake process group under FakeTensorMode.
 
 Per rank it builds what the trainer builds (mesh and groups, `build_parallel_model`: meta build,
-pipeline split, TP/SP, activation checkpointing, FSDP2/HSDP; AdamW; the LR schedule; the step with
-the configured loss, schedule and micro batches; the gradient clip) and runs two optimizer steps on
-batches of the loader's shapes (the second is the steady state, with optimizer moments alive),
-measured by `lmforge.parallel.dryrun.StepMeasure`. Ranks with the same pipeline position hold
-same-sized shards (FSDP2 pads every shard to one size; TP shapes must divide, checked below), so
-one rank per pipeline rank stands for all. Beside each: the planner's figure for that rank.
+pipeline split, TP/SP, activation checkpointing, FSDP2/HSDP; the optimizer; the LR schedule; the step
+with the configured loss, schedule and micro batches; the gradient clip) and measures one full
+training step in the steady state, i.e. with the optimizer's state alive (created beforehand by one
+update on zero gradients, which is what the first step leaves behind), with
+`lmforge.parallel.dryrun.StepMeasure`. Ranks with the same pipeline position hold same-sized shards
+(FSDP2 pads every shard to one size; TP shapes must divide, checked below), so one rank per
+pipeline rank stands for all. Beside each: the planner's figure for that rank.
+
+Many micro batches (the 70B recipe's 256) repeat the same work, and each costs seconds of Python
+dispatch at full shape. Past the schedule's warm-up (at most `pp` micro batches in flight for
+gpipe/1F1B) a step's peak memory and its collectives grow linearly with the micro batch count
+(torch's pipeline stages keep one receive buffer per micro batch; each micro batch issues the same
+collectives), so a rank is run at two counts past the warm-up and its figures are extended along
+that line to the configured count (`microbatch_counts`); tests/test_dryrun.py checks the
+extension against a direct run.
 
 The coupling to the train step is one function, `_run_one_step`: what the trainer calls per step.
 """
@@ -77,19 +86,91 @@ def loader_batches(cfg, ctx, generator: torch.Generator | None = None) -> list[d
     return out
 
 
-def measure_rank(cfg, ctx, fake: bool, steps: int = 2, batches: list[list[dict]] | None = None) -> dict:
-    """Build this rank's model and step and measure `steps` optimizer steps (real or fake tensors)."""
+def prime_optimizer(model, optimizer) -> None:
+    """Create the optimizer's state as the first step leaves it (moments alive, no gradients): one
+    update on zero gradients. The step measured after it is then the steady state."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def measure_rank(cfg, ctx, fake: bool, batches: list[dict] | None = None) -> dict:
+    """Build this rank's model and step, prime the optimizer and measure one full training step
+    (real or fake tensors)."""
     model, optimizer, step = build_step(cfg, ctx)
-    batches = batches or [loader_batches(cfg, ctx) for _ in range(steps)]
+    prime_optimizer(model, optimizer)
+    batches = batches or loader_batches(cfg, ctx)
     extra = {}
     if getattr(model, "tied_group", None) is not None:
         extra[model.tied_group.group_name] = "pp"  # tied embedding: first <-> last stage
     with StepMeasure(ctx, model, optimizer, fake, extra) as m:
-        for i, b in enumerate(batches):
-            if i == len(batches) - 1:
-                m.recorder.ops.clear()  # collectives of the last (steady-state) step only
-            _run_one_step(step, b)
+        _run_one_step(step, batches)
     return m.result()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fewer micro batches, extended to the configured count
+
+
+def microbatch_counts(cfg, shape) -> tuple[int, list[int]]:
+    """(the step's micro batch count n, the counts to run): [n] when n is small, else two counts
+    past the schedule's warm-up, whose figures extend linearly to n. Where the line starts was
+    measured at tiny shapes (figures per count, pp 2): without a pipeline from the second micro
+    batch; 1F1B from pp + 1 (pp in flight, then one more forward before the first backward);
+    interleaved 1F1B (2 virtual stages) from 3 x pp, so multi-stage schedules (which also need
+    multiples of pp) start at (virtual stages + 2) x pp."""
+    from lmforge.config import PP_MULTI_STAGE_SCHEDULES
+    from lmforge.parallel.pipeline_step import microbatches
+
+    accum = cfg.train.grad_accum_steps
+    if shape.pp == 1:
+        n, lo, gap = accum, 2, 1
+    else:
+        pcfg = cfg.parallel
+        n = microbatches(pcfg, accum)
+        if pcfg.pp_schedule in PP_MULTI_STAGE_SCHEDULES:
+            lo, gap = (max(pcfg.pp_virtual_stages, 2) + 2) * shape.pp, shape.pp
+        else:
+            lo, gap = shape.pp + 1, 1
+    if n <= lo + gap:
+        return n, [n]
+    return n, [lo, lo + gap]
+
+
+def tree_with_microbatches(tree: dict, cfg, shape, k: int) -> dict:
+    """The config tree of the same step with k micro batches of the same rows each."""
+    out = json.loads(json.dumps(tree))
+    train, dp = out["train"], shape.dp_size
+    rows = cfg.micro_batch_size(dp) * cfg.train.grad_accum_steps  # sequences per step on a rank
+    if shape.pp == 1:
+        train["grad_accum_steps"], train["global_batch_size"] = k, k * cfg.micro_batch_size(dp) * dp
+    else:
+        n, _ = microbatch_counts(cfg, shape)
+        out["parallel"]["pp_microbatches"] = k
+        train["grad_accum_steps"], train["global_batch_size"] = 1, k * (rows // n) * dp
+    return out
+
+
+def extend(lo: dict, hi: dict, k_lo: int, k_hi: int, n: int) -> dict:
+    """The record at n micro batches on the line through the records at k_lo and k_hi."""
+    f = (n - k_lo) / (k_hi - k_lo)
+
+    def line(a: int, b: int) -> int:
+        return int(round(a + f * (b - a)))
+
+    cats = {c: line(lo["categories"][c], hi["categories"][c]) for c in CATEGORIES}
+    colls: dict = {}
+    for dim in sorted(set(lo["collectives"]) | set(hi["collectives"])):
+        a, b = lo["collectives"].get(dim, {}), hi["collectives"].get(dim, {})
+        colls[dim] = {}
+        for kind in sorted(set(a) | set(b)):
+            za, zb = a.get(kind, {"count": 0, "bytes": 0}), b.get(kind, {"count": 0, "bytes": 0})
+            colls[dim][kind] = {k: line(za[k], zb[k]) for k in ("count", "bytes")}
+    return {**hi, "categories": cats, "simulated_peak_bytes": sum(cats.values()), "collectives": colls,
+            "seconds": round(lo["seconds"] + hi["seconds"], 2),
+            "cpu_seconds": round(lo["cpu_seconds"] + hi["cpu_seconds"], 2), "microbatches_run": [k_lo, k_hi]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,14 +220,17 @@ def planned_by_pp_rank(cfg, world_size: int) -> tuple[list[dict] | None, str]:
 # The dry run
 
 
-def simulate(cfg, world_size: int, ranks: list[int] | None = None, steps: int = 2, workers: int = 2) -> list[dict]:
-    """One record per simulated rank (see `dry_run`). Each rank runs in a fresh process (torch
-    caches process groups by name, so two fake worlds cannot follow each other in one process),
-    `workers` at a time."""
+def simulate(cfg, world_size: int, ranks: list[int] | None = None, workers: int = 2,
+             counts: list[int] | None = None) -> list[dict]:
+    """One record per simulated rank (see `dry_run`). Each (rank, micro batch count) runs in a
+    fresh process (torch caches process groups by name, so two fake worlds cannot follow each
+    other in one process), `workers` at a time. `counts`: the micro batch counts to run (default
+    `microbatch_counts`); two counts are extended linearly to the configured one."""
     import multiprocessing
 
     from lmforge.parallel.dryrun import require_fake_backend
     from lmforge.parallel.mesh import resolve_mesh_shape
+    from lmforge.parallel.plan import OVERHEAD
 
     require_fake_backend()
     shape = resolve_mesh_shape(cfg.parallel, world_size)
@@ -155,20 +239,33 @@ def simulate(cfg, world_size: int, ranks: list[int] | None = None, steps: int = 
     planned, why = planned_by_pp_rank(cfg, world_size)
     ranks = representative_ranks(shape) if ranks is None else ranks
     tree = cfg.model_dump(mode="json")
-    jobs = [(tree, world_size, r, steps) for r in ranks]
+    n, default_counts = microbatch_counts(cfg, shape)
+    counts = counts or default_counts
+    trees = {k: tree if k == n else tree_with_microbatches(tree, cfg, shape, k) for k in counts}
+    jobs = [(trees[k], world_size, r, k) for r in ranks for k in counts]
     pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), maxtasksperchild=1)
     try:
         results = pool.map(_rank_worker, jobs, chunksize=1)
     finally:
         pool.terminate()
-    records = []
     for res in results:
         if "error" in res:
             raise LmforgeError(res["error"])
+    by = {(res["rank"], res["microbatches"]): res for res in results}
+    records = []
+    for r in ranks:
+        if len(counts) == 1:
+            res = by[(r, counts[0])]
+        else:
+            res = extend(by[(r, counts[0])], by[(r, counts[1])], counts[0], counts[1], n)
+        res["microbatches"] = n
+        res["overhead_bytes"] = OVERHEAD
+        res["needs_bytes"] = res["simulated_peak_bytes"] + OVERHEAD
         if planned is not None:
             plan = planned[res["pp_stage"]]
             res["planned_peak_bytes"] = int(plan["total"])
             res["planned_categories"] = {k: int(plan[k]) for k in CATEGORIES}
+            res["planned_categories"]["temporaries"] -= OVERHEAD  # shown beside the simulation's
         else:
             res["planned_peak_bytes"] = None
             res["plan_note"] = why
@@ -181,8 +278,8 @@ def _rank_worker(job) -> dict:
     from lmforge.config import config_from_dict
     from lmforge.parallel import init_distributed
 
-    tree, world_size, rank, steps = job
-    t0 = time.perf_counter()
+    tree, world_size, rank, k = job
+    t0, cpu0 = time.perf_counter(), time.process_time()
     try:
         with fake_rank(rank, world_size):
             cfg = config_from_dict(tree, "<dry run>")
@@ -190,7 +287,7 @@ def _rank_worker(job) -> dict:
             where = f"rank {rank} (pp stage {ctx.pp_rank}, tp {ctx.tp_rank}, dp {ctx.dp_rank})"
             try:
                 with fake_tensors():
-                    measured = measure_rank(cfg, ctx, fake=True, steps=steps)
+                    measured = measure_rank(cfg, ctx, fake=True)
             except LmforgeError:
                 raise
             except Exception as exc:  # noqa: BLE001 - torch refusing the layout is the finding
@@ -208,10 +305,12 @@ def _rank_worker(job) -> dict:
         "pp_stage": ctx.pp_rank,
         "tp_rank": ctx.tp_rank,
         "dp_rank": ctx.dp_rank,
+        "microbatches": k,
         "simulated_peak_bytes": measured["peak_bytes"],
         "categories": measured["categories"],
         "collectives": measured["collectives"],
         "seconds": round(time.perf_counter() - t0, 2),
+        "cpu_seconds": round(time.process_time() - cpu0, 2),
     }
 
 
@@ -220,16 +319,25 @@ def _gib(x) -> str:
 
 
 def report_lines(records: list[dict], gpu_memory_gib: float | None) -> list[str]:
-    head = "rank  pp tp dp  " + "  ".join(f"{c[:6]:>7}" for c in CATEGORIES) + "  simulated  planned   diff"
+    """Per rank: the simulated categories and, under them, the planner's; then the totals with the
+    constant both add (`overhead_bytes`: CUDA context, NCCL buffers, allocator slack, which no
+    fake tensor holds) and the planner's difference; then the collectives."""
+    head = "rank  pp tp dp        " + "  ".join(f"{c[:6]:>7}" for c in CATEGORIES) + "   needs  planned   diff"
     lines = [head + "   (GiB)"]
     for r in records:
-        cats = "  ".join(f"{r['categories'][c] / GIB:7.2f}" for c in CATEGORIES)
-        sim, plan = r["simulated_peak_bytes"], r["planned_peak_bytes"]
-        diff = f"{(plan - sim) / sim:+6.1%}" if plan and sim else "     -"
+        sim = "  ".join(f"{r['categories'][c] / GIB:7.2f}" for c in CATEGORIES)
+        needs, plan = r["needs_bytes"], r["planned_peak_bytes"]
+        diff = f"{(plan - needs) / needs:+6.1%}" if plan and needs else "     -"
         lines.append(
-            f"{r['rank']:>4} {r['pp_stage']:>3} {r['tp_rank']:>2} {r['dp_rank']:>2}  {cats}  "
-            f"{_gib(sim):>9}  {_gib(plan):>7}  {diff}"
+            f"{r['rank']:>4} {r['pp_stage']:>3} {r['tp_rank']:>2} {r['dp_rank']:>2}  sim   {sim}  "
+            f"{_gib(needs):>6}  {_gib(plan):>7}  {diff}"
         )
+        if r.get("planned_categories"):
+            planned = "  ".join(f"{r['planned_categories'][c] / GIB:7.2f}" for c in CATEGORIES)
+            lines.append(f"{'':>14}plan  {planned}")
+    if records:
+        lines.append(f"needs = simulated peak + {records[0]['overhead_bytes'] / GIB:g} GiB for what the fake "
+                     "backend cannot hold (CUDA context, NCCL buffers, allocator slack); the planner adds the same")
     lines.append("collectives per step (count, GiB) by mesh dimension, per simulated rank:")
     for r in records:
         parts = []
@@ -243,10 +351,10 @@ def report_lines(records: list[dict], gpu_memory_gib: float | None) -> list[str]
 def not_fitting(records: list[dict], gpu_memory_gib: float) -> list[str]:
     limit = gpu_memory_gib * GIB
     return [
-        f"rank {r['rank']} (pp stage {r['pp_stage']}) needs {r['simulated_peak_bytes'] / GIB:.2f} GiB, "
-        f"{(r['simulated_peak_bytes'] - limit) / GIB:.2f} GiB more than --gpu-memory {gpu_memory_gib:g}"
+        f"rank {r['rank']} (pp stage {r['pp_stage']}) needs {r['needs_bytes'] / GIB:.2f} GiB, "
+        f"{(r['needs_bytes'] - limit) / GIB:.2f} GiB more than --gpu-memory {gpu_memory_gib:g}"
         for r in records
-        if r["simulated_peak_bytes"] > limit
+        if r["needs_bytes"] > limit
     ]
 
 
@@ -254,12 +362,14 @@ def dry_run(cfg, world_size: int, gpu_memory_gib: float | None = None, json_path
             echo=print) -> list[dict]:
     """Simulate, print the table, write --json; a rank that does not fit is a ConfigError whose
     message holds one line per such rank (the CLI prints it, exits 2)."""
-    steps = 2
     t0 = time.perf_counter()
-    records = simulate(cfg, world_size, steps=steps)
+    records = simulate(cfg, world_size)
     for line in report_lines(records, gpu_memory_gib):
         echo(line)
-    echo(f"dry run: {len(records)} ranks simulated of {world_size}, {steps} steps each, "
+    runs = records[0].get("microbatches_run")
+    how = f"run at {runs[0]} and {runs[1]} micro batches, extended to {records[0]['microbatches']}" if runs else (
+        f"{records[0]['microbatches']} micro batches")
+    echo(f"dry run: {len(records)} ranks simulated of {world_size}, one step each ({how}), "
          f"{time.perf_counter() - t0:.1f} s")
     if json_path:
         path = Path(json_path)
