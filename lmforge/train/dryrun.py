@@ -49,7 +49,7 @@ def build_step(cfg, ctx):
 
     dtype = compute_dtype(cfg.train.dtype, ctx.device)
     sharded = ctx.distributed and (ctx.shape.uses_fsdp or ctx.tp_size > 1)
-    model = build_parallel_model(cfg, ctx)
+    model = build_parallel_model(cfg.model, cfg.parallel, ctx, seed=cfg.run.seed, seq_len=cfg.data.seq_len)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_schedule(optimizer, cfg.optim, max(cfg.train.max_steps or 0, 10))
     step = build_train_step(
@@ -129,7 +129,7 @@ def microbatch_counts(cfg, shape) -> tuple[int, list[int]]:
         n, lo, gap = accum, 2, 1
     else:
         pcfg = cfg.parallel
-        n = microbatches(pcfg, accum)
+        n = microbatches(pcfg, cfg.train, shape.dp_size)
         if pcfg.pp_schedule in PP_MULTI_STAGE_SCHEDULES:
             lo, gap = (max(pcfg.pp_virtual_stages, 2) + 2) * shape.pp, shape.pp
         else:
@@ -283,7 +283,7 @@ def _rank_worker(job) -> dict:
     try:
         with fake_rank(rank, world_size):
             cfg = config_from_dict(tree, "<dry run>")
-            ctx = init_distributed(cfg)
+            ctx = init_distributed(cfg.parallel, cfg.train.device)
             where = f"rank {rank} (pp stage {ctx.pp_rank}, tp {ctx.tp_rank}, dp {ctx.dp_rank})"
             try:
                 with fake_tensors():
