@@ -38,7 +38,7 @@ import sys
 from pathlib import Path
 
 SHAPE = dict(hidden=256, layers=4, heads=8, kv_heads=4, ffn=704, vocab=6400, seq=512, batch=8)
-PEERS = ("lmforge", "torchtitan", "litgpt", "olmocore")
+PEERS = ("lmforge", "lmforge-plain", "torchtitan", "litgpt", "olmocore")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -52,11 +52,15 @@ def _batch(torch):
 # Workers: each builds its trainer's step and returns a zero-argument callable doing one step.
 
 
-def lmforge_step():
+def lmforge_step(controls: bool = True):
+    """The trainer's step (build_train_step) with the trainer's run controls (RunControls:
+    train.malloc_cache, train.gc_interval at their defaults); `lmforge-plain` runs without them
+    (malloc_cache false, gc_interval 0: glibc's and Python's defaults, the step before issue 19)."""
     import torch
 
     from lmforge.config import load_config
     from lmforge.parallel import build_parallel_model, init_distributed
+    from lmforge.train.controls import RunControls
     from lmforge.train.optim import build_optimizer
     from lmforge.train.schedule import build_schedule
     from lmforge.train.step import build_train_step
@@ -71,16 +75,26 @@ def lmforge_step():
             "model.tie_embeddings=false", f"data.seq_len={s['seq']}",
             f"train.global_batch_size={s['batch']}", "train.dtype=float32", "train.device=cpu",
             "optim.warmup_steps=0", "train.max_steps=1000",
-        ],
+        ] + ([] if controls else ["train.malloc_cache=false", "train.gc_interval=0"]),
     )
     ctx = init_distributed(cfg)
     model = build_parallel_model(cfg, ctx)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_schedule(optimizer, cfg.optim, 1000)
     step = build_train_step(cfg, ctx, model, optimizer, scheduler, amp=torch.autocast("cpu", enabled=False))
+    run_controls = RunControls(cfg, ctx, Path("/nonexistent"))  # profile_steps unset: writes nothing
     x, y = _batch(torch)
     batches = [{"input_ids": x, "labels": y}]
-    return lambda: step.step(batches).loss.item()
+    count = [0]
+
+    def one():
+        count[0] += 1
+        run_controls.step_begins(count[0])
+        loss = step.step(batches).loss.item()
+        run_controls.step_ends(count[0])
+        return loss
+
+    return one
 
 
 def torchtitan_step():
@@ -231,7 +245,13 @@ def olmocore_step():
     return step
 
 
-WORKERS = {"lmforge": lmforge_step, "torchtitan": torchtitan_step, "litgpt": litgpt_step, "olmocore": olmocore_step}
+WORKERS = {
+    "lmforge": lmforge_step,
+    "lmforge-plain": lambda: lmforge_step(controls=False),
+    "torchtitan": torchtitan_step,
+    "litgpt": litgpt_step,
+    "olmocore": olmocore_step,
+}
 
 
 def run_worker(name: str, steps: int, warmup: int, threads: int) -> dict:
@@ -259,7 +279,7 @@ def run_worker(name: str, steps: int, warmup: int, threads: int) -> dict:
 
 
 def _python_of(name: str, venvs: Path) -> Path | None:
-    if name == "lmforge":
+    if name.startswith("lmforge"):
         return Path(sys.executable)
     exe = venvs / name / "bin" / "python"
     return exe if exe.is_file() else None
@@ -269,7 +289,7 @@ def _one(name: str, exe: Path, args) -> dict:
     cmd = [str(exe), str(Path(__file__).resolve()), "--worker", name, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--threads", str(args.threads)]
     env = dict(os.environ)
-    if name == "lmforge":
+    if name.startswith("lmforge"):
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     else:  # the peer's venv only: no lmforge, no main venv packages on the path
         env.pop("PYTHONPATH", None)
