@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from lmforge.model.config import ModelConfig, RopeScaling
 
@@ -51,6 +52,10 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and not _sharded(x, self.weight):
+            # All fp32: the order above cannot matter, and torch's rms_norm is one kernel each way
+            # instead of five element-wise passes and their saved temporaries.
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -98,12 +103,52 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, heads, T, head_dim]; cos/sin: [T, head_dim] for the positions of those T tokens.
+    """x: [B, heads, T, head_dim]; cos/sin: [T, head_dim] (or [B, 1, T, head_dim]) for the
+    positions of those T tokens: x * cos + rotate_half(x) * sin.
 
     The tables come in the residual stream's dtype (the model casts them), as in HF: with bf16
     weights everything is bf16; under autocast the stream is fp32, so bf16 q/k are rotated in
-    fp32 (type promotion) and rounded once afterwards, rather than rounded at every product."""
-    return x * cos + rotate_half(x) * sin
+    fp32 (type promotion) and rounded once afterwards, rather than rounded at every product.
+    Eagerly this runs as _RotateHalf (two passes each way instead of the formula's five and its
+    temporaries); compiled or on sharded tensors, as the formula (inductor fuses it)."""
+    if torch.compiler.is_compiling() or _sharded(x, cos):
+        return x * cos + rotate_half(x) * sin
+    return _RotateHalf.apply(x, cos, sin)
+
+
+class _RotateHalf(torch.autograd.Function):
+    """x * cos + rotate_half(x) * sin written half by half. rope_tables repeats its frequencies
+    ([f, f] along head_dim), so with c, s the first halves of cos, sin and x = [x1, x2]:
+    out = [x1 c - x2 s, x2 c + x1 s], and the gradient is the inverse rotation
+    [g1 c + g2 s, g2 c - g1 s]."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        half = x.shape[-1] // 2
+        c, s = cos[..., :half], sin[..., :half]
+        x1, x2 = x[..., :half], x[..., half:]
+        shape = torch.broadcast_shapes(x.shape, cos.shape)
+        out = torch.empty(shape, dtype=torch.promote_types(x.dtype, cos.dtype), device=x.device)
+        torch.mul(x1, c, out=out[..., :half]).addcmul_(x2, s, value=-1)
+        torch.mul(x2, c, out=out[..., half:]).addcmul_(x1, s)
+        ctx.save_for_backward(cos, sin)
+        ctx.x_dtype = x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        half = grad.shape[-1] // 2
+        c, s = cos[..., :half], sin[..., :half]
+        g1, g2 = grad[..., :half], grad[..., half:]
+        out = torch.empty_like(grad)
+        torch.mul(g1, c, out=out[..., :half]).addcmul_(g2, s)
+        torch.mul(g2, c, out=out[..., half:]).addcmul_(g1, s, value=-1)
+        return out.to(ctx.x_dtype), None, None
+
+
+def _sharded(*tensors: torch.Tensor) -> bool:
+    return any(isinstance(t, DTensor) for t in tensors)
 
 
 # ---------------------------------------------------------------------------------------------
