@@ -52,14 +52,40 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and not _sharded(x, self.weight):
-            # All fp32: the order above cannot matter, and torch's rms_norm is one kernel each way
-            # instead of five element-wise passes and their saved temporaries.
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        fp32 = x.dtype == torch.float32 and self.weight.dtype == torch.float32
+        if fp32 and not _sharded(x, self.weight) and not torch.compiler.is_compiling():
+            # All fp32, the cast order cannot matter: _RMSNormFunction's hand-written backward
+            # makes a few passes where autograd's walk of the formula makes a dozen.
+            return _RMSNormFunction.apply(x, self.weight, self.eps)
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """y = x * r * w with r = rsqrt(mean(x^2) + eps) per row, for fp32 x and w. Backward, with
+    p = g * x: dw = sum over rows of r * p, and dx = r * (g * w - x * r^2 * (p . w) / D)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        out = torch.mul(x, r).mul_(weight)
+        ctx.save_for_backward(x, weight, r)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, r = ctx.saved_tensors
+        dim = x.shape[-1]
+        p = (grad * x).reshape(-1, dim)
+        rows = r.reshape(1, -1)
+        grad_w = (rows @ p).reshape(weight.shape) if ctx.needs_input_grad[1] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            coef = (p @ weight).reshape(r.shape).mul_(r * r / dim)  # r^2 (p . w) / D per row
+            grad_x = torch.mul(grad, weight).addcmul_(x, coef, value=-1).mul_(r)
+        return grad_x, grad_w, None
 
 
 # ---------------------------------------------------------------------------------------------
