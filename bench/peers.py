@@ -19,9 +19,10 @@ the busy machine's load falls on all of them alike). Inside it, --warmup untimed
 (RUSAGE_SELF: all threads of the process) around the timed steps. The table gives medians over
 rounds with the range. A peer whose venv is missing is reported as such, not skipped silently.
 
-Setup of the venvs (torch pinned FIRST so no peer can pull another build):
+Setup of the venvs (torch pinned FIRST, and `-c` a file holding `torch==2.13.0` on every later
+install, so no peer can pull another build; none of the three needed another torch):
     python3 -m venv V/<peer> && V/<peer>/bin/pip install torch==2.13.0
-    V/torchtitan/bin/pip install torchtitan==0.3.0
+    V/torchtitan/bin/pip install torchtitan==0.3.0 triton   # its MoE module imports triton at load
     V/litgpt/bin/pip install litgpt==0.5.13
     V/olmocore/bin/pip install ai2-olmo-core==3.0.0
 """
@@ -333,14 +334,14 @@ def main(argv: list[str] | None = None) -> int:
     base = [r["user"] + r["sys"] for r in results.get("lmforge", [])]
     print(f"\nshape {SHAPE}, fp32, eager, {args.threads} thread(s), {args.rounds} rounds x {args.steps} "
           f"steps after {args.warmup} warmup; median (range)")
-    print("| trainer | CPU-s / step | sys CPU-s / step | minor faults / step | lmforge / trainer |")
-    print("|---|---|---|---|---|")
+    print("| trainer | CPU-s / step | sys CPU-s / step | minor faults / step | peak RSS MiB | lmforge / trainer |")
+    print("|---|---|---|---|---|---|")
     for n in names:
         cpu = [r["user"] + r["sys"] for r in results[n]]
         ratio = "" if not base or n == "lmforge" else f"{statistics.median(base) / statistics.median(cpu):.2f}"
         flt = [r["minflt"] for r in results[n]]
         print(f"| {n} (torch {results[n][0]['torch']}) | {_fmt(cpu)} | {_fmt([r['sys'] for r in results[n]])} "
-              f"| {_fmt(flt, 0)} | {ratio} |")
+              f"| {_fmt(flt, 0)} | {_fmt([r['maxrss_mib'] for r in results[n]], 0)} | {ratio} |")
     return 0
 
 
