@@ -14,7 +14,7 @@ import pytest
 from lmforge.errors import ConfigError
 from lmforge.train.step import TrainStep
 from lmforge.train.trainer import run_training
-from tests.test_train_utils import make_dataset, tiny_config
+from test_train_utils import make_dataset, tiny_config
 
 
 def _run(tmp_path, **overrides):
