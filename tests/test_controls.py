@@ -10,11 +10,11 @@ import subprocess
 import sys
 
 import pytest
+from test_train_utils import make_dataset, tiny_config
 
 from lmforge.errors import ConfigError
 from lmforge.train.step import TrainStep
 from lmforge.train.trainer import run_training
-from test_train_utils import make_dataset, tiny_config
 
 
 def _run(tmp_path, **overrides):
