@@ -137,6 +137,13 @@ class TrainConfig(Section):
     eval_tasks_include_path: list[str] = Field(default_factory=list)
     eval_tasks_num_fewshot: int | None = Field(None, ge=0)
     eval_tasks_batch_size: int = Field(8, ge=1)
+    # Run controls (lmforge/train/controls.py). gc_interval: Python's automatic garbage collection
+    # is off during training and every rank collects every N steps (torchtitan's approach: no rank
+    # stalls alone mid-step); 0 keeps automatic collection.
+    gc_interval: int = Field(50, ge=0)
+    # glibc: freed host memory stays in the process for the next step (mallopt) instead of going
+    # back to the OS and being faulted in again; the resident size stays at the step's peak.
+    malloc_cache: bool = True
 
 
 class CheckpointConfig(Section):
@@ -240,6 +247,16 @@ class LogConfig(Section):
     wandb_project: str = "lmforge"
     wandb_mode: Literal["online", "offline"] = "offline"
     plots: bool | None = None  # the 'plot' extra (matplotlib): None = when installed, true = needed
+    # [first, last] optimizer steps (1-based, inclusive) to profile into <run>/profile/: a
+    # torch.profiler chrome trace per rank, plus a CUDA memory snapshot or a CPU memory table.
+    profile_steps: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _profile_steps(self) -> LogConfig:
+        steps = self.profile_steps
+        if steps is not None and (len(steps) != 2 or not 1 <= steps[0] <= steps[1]):
+            raise ValueError(f"@profile_steps expected [first, last] with 1 <= first <= last, got {steps}")
+        return self
 
 
 class RunConfig(Section):

@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from lmforge.model.config import ModelConfig, RopeScaling
 
@@ -51,10 +52,40 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fp32 = x.dtype == torch.float32 and self.weight.dtype == torch.float32
+        if fp32 and not _sharded(x, self.weight) and not torch.compiler.is_compiling():
+            # All fp32, the cast order cannot matter: _RMSNormFunction's hand-written backward
+            # makes a few passes where autograd's walk of the formula makes a dozen.
+            return _RMSNormFunction.apply(x, self.weight, self.eps)
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """y = x * r * w with r = rsqrt(mean(x^2) + eps) per row, for fp32 x and w. Backward, with
+    p = g * x: dw = sum over rows of r * p, and dx = r * (g * w - x * r^2 * (p . w) / D)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        out = torch.mul(x, r).mul_(weight)
+        ctx.save_for_backward(x, weight, r)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, r = ctx.saved_tensors
+        dim = x.shape[-1]
+        p = (grad * x).reshape(-1, dim)
+        rows = r.reshape(1, -1)
+        grad_w = (rows @ p).reshape(weight.shape) if ctx.needs_input_grad[1] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            coef = (p @ weight).reshape(r.shape).mul_(r * r / dim)  # r^2 (p . w) / D per row
+            grad_x = torch.mul(grad, weight).addcmul_(x, coef, value=-1).mul_(r)
+        return grad_x, grad_w, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,12 +129,52 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, heads, T, head_dim]; cos/sin: [T, head_dim] for the positions of those T tokens.
+    """x: [B, heads, T, head_dim]; cos/sin: [T, head_dim] (or [B, 1, T, head_dim]) for the
+    positions of those T tokens: x * cos + rotate_half(x) * sin.
 
     The tables come in the residual stream's dtype (the model casts them), as in HF: with bf16
     weights everything is bf16; under autocast the stream is fp32, so bf16 q/k are rotated in
-    fp32 (type promotion) and rounded once afterwards, rather than rounded at every product."""
-    return x * cos + rotate_half(x) * sin
+    fp32 (type promotion) and rounded once afterwards, rather than rounded at every product.
+    Eagerly this runs as _RotateHalf (two passes each way instead of the formula's five and its
+    temporaries); compiled or on sharded tensors, as the formula (inductor fuses it)."""
+    if torch.compiler.is_compiling() or _sharded(x, cos):
+        return x * cos + rotate_half(x) * sin
+    return _RotateHalf.apply(x, cos, sin)
+
+
+class _RotateHalf(torch.autograd.Function):
+    """x * cos + rotate_half(x) * sin written half by half. rope_tables repeats its frequencies
+    ([f, f] along head_dim), so with c, s the first halves of cos, sin and x = [x1, x2]:
+    out = [x1 c - x2 s, x2 c + x1 s], and the gradient is the inverse rotation
+    [g1 c + g2 s, g2 c - g1 s]."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        half = x.shape[-1] // 2
+        c, s = cos[..., :half], sin[..., :half]
+        x1, x2 = x[..., :half], x[..., half:]
+        shape = torch.broadcast_shapes(x.shape, cos.shape)
+        out = torch.empty(shape, dtype=torch.promote_types(x.dtype, cos.dtype), device=x.device)
+        torch.mul(x1, c, out=out[..., :half]).addcmul_(x2, s, value=-1)
+        torch.mul(x2, c, out=out[..., half:]).addcmul_(x1, s)
+        ctx.save_for_backward(cos, sin)
+        ctx.x_dtype = x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        half = grad.shape[-1] // 2
+        c, s = cos[..., :half], sin[..., :half]
+        g1, g2 = grad[..., :half], grad[..., half:]
+        out = torch.empty_like(grad)
+        torch.mul(g1, c, out=out[..., :half]).addcmul_(g2, s)
+        torch.mul(g2, c, out=out[..., half:]).addcmul_(g1, s, value=-1)
+        return out.to(ctx.x_dtype), None, None
+
+
+def _sharded(*tensors: torch.Tensor) -> bool:
+    return any(isinstance(t, DTensor) for t in tensors)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ def console_line(rec: dict, total_steps: int) -> str:
         + (f" ({fmt_count(rec['real_tokens_per_s'])} real)" if rec.get("real_tokens_per_s") is not None else ""),
         f"mfu {mfu}",
         f"mem {rec['mem'] / 2**20:.0f}MiB",
+        f"data {100 * rec.get('data_wait', 0.0):.0f}%",
         f"{fmt_duration(rec['elapsed'])} elapsed",
         f"eta {fmt_duration(rec.get('eta', 0))}",
     ]

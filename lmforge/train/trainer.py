@@ -27,6 +27,7 @@ from lmforge.interop.loading import load_weights
 from lmforge.parallel import build_parallel_model, init_distributed, load_full_state_dict, unwrap_model
 from lmforge.parallel.compile import compile_seconds
 from lmforge.train.checkpointer import Checkpointer
+from lmforge.train.controls import RunControls
 from lmforge.train.evaluation import load_sample_tokenizer, validate, write_samples
 from lmforge.train.messages import end_summary, start_banner, warmup_note
 from lmforge.train.metrics import MetricsLogger, console_line, fmt_ppl, peak_memory_bytes, use_tensorboard
@@ -172,9 +173,11 @@ class _Trainer:
         start_tokens = self.state.tokens
         self.state.start_clock()
         self.model.train()
+        self.controls = RunControls(self.cfg, self.ctx, self.run_dir)  # GC, allocator, data wait, profiler
         try:
             preempted, first_loss, last_loss, last_eval = self._loop()
         finally:
+            self.controls.close()
             self.logger.close()
         elapsed = self.state.elapsed()
         rate = (self.state.tokens - start_tokens) / max(elapsed - self.state.elapsed_before, 1e-9)
@@ -211,9 +214,11 @@ class _Trainer:
         real = torch.zeros((), device=self.ctx.device)  # target tokens since the last log, all ranks
         positions = 0  # positions computed since the last log, this rank (padded batches are trimmed)
         while state.step < self.total:
-            batches = [next(self.train_loader) for _ in range(cfg.train.grad_accum_steps)]
+            batches = self.controls.fetch(self.train_loader, cfg.train.grad_accum_steps)
             positions += sum(b["input_ids"].numel() for b in batches)
+            self.controls.step_begins(state.step + 1)
             result = self.train_step.step(batches)
+            self.controls.step_ends(state.step + 1)
             real += result.targets  # counted by the step for its loss normalisation: no second pass
             state.record_step(result.finite, self.tokens_per_step)
             if compile_pending:  # the first step compiled the graphs: one line with the cost
@@ -295,6 +300,7 @@ class _Trainer:
             "mem": peak_memory_bytes(ctx.device),
             "elapsed": state.elapsed(),
             "skipped": state.bad_steps,
+            "data_wait": self.controls.data_wait_share(now - t0),
         }
         eta = (now - t0) / max(state.step - step0, 1) * (self.total - state.step)
         self.logger.print(console_line({**rec, "eta": eta}, self.total))
