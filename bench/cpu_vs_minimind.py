@@ -47,6 +47,7 @@ def lmforge_runner(
     optim: dict | None = None,
     seed: int = 0,
     parts: dict | None = None,
+    document_mask: bool = False,
 ):
     from lmforge.config import config_from_dict
     from lmforge.data.loader import build_loader
@@ -62,7 +63,13 @@ def lmforge_runner(
             "norm_eps": 1e-6,
             "max_position_embeddings": 2048,
         },
-        "data": {"train": str(prepared), "mode": mode, "seq_len": SHAPE["seq"], "prefetch": 0},
+        "data": {
+            "train": str(prepared),
+            "mode": mode,
+            "seq_len": SHAPE["seq"],
+            "prefetch": 0,
+            "document_mask": document_mask and mode == "packed",
+        },
         "train": {"device": "cpu", "dtype": "float32", "global_batch_size": SHAPE["batch"]},
         "optim": optim or {"lr": 5e-4, "weight_decay": 0.01, "grad_clip": 1.0},
         "parallel": {"compile": compile_, "compile_mode": "model"},

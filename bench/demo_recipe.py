@@ -6,8 +6,8 @@ Each round starts both demos at the same moment, as two processes (so the shared
 falls on both alike), each the whole `lmforge demo` pipeline (fetch from the download cache,
 tokenizer, shards, train, evaluate, generate, export) with one torch thread; the order of the two in
 a round alternates. "today" is the packaged demo.yaml with TODAY's overrides, which restore the
-recipe the demo had before issue 19 (AdamW lr 6e-3 for every parameter, cosine, warmup 30, 500 steps
-of 16 x 128). Reported per run: the demo's own validation perplexity (its evaluator, 40 batches of the
+recipe the demo had before issue 19 (AdamW lr 6e-3 for every parameter, cosine, warmup 30, no document
+mask, 500 steps of 16 x 128). Reported per run: the demo's own validation perplexity (its evaluator, 40 batches of the
 val split), total and training wall seconds, and the process's CPU seconds.
 """
 
@@ -21,8 +21,16 @@ import tempfile
 from pathlib import Path
 
 TODAY = {
-    "optim": {"name": "adamw", "lr": 0.006, "min_lr_ratio": 0.1, "schedule": "cosine", "warmup_steps": 30,
-              "weight_decay": 0.1, "muon_lr": None},
+    "optim": {
+        "name": "adamw",
+        "lr": 0.006,
+        "min_lr_ratio": 0.1,
+        "schedule": "cosine",
+        "warmup_steps": 30,
+        "weight_decay": 0.1,
+        "muon_lr": None,
+    },
+    "data": {"document_mask": False},
     "train": {"global_batch_size": 16, "max_steps": 500},
 }
 
@@ -62,8 +70,12 @@ def main(argv=None) -> None:
         for r in range(args.rounds):
             names = list(configs) if r % 2 == 0 else list(configs)[::-1]
             procs = {
-                n: subprocess.Popen([sys.executable, "-c", CHILD, str(configs[n]), str(out / f"{n}_r{r}")],
-                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                n: subprocess.Popen(
+                    [sys.executable, "-c", CHILD, str(configs[n]), str(out / f"{n}_r{r}")],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                    text=True,
+                )
                 for n in names
             }
             for name, proc in procs.items():
@@ -71,11 +83,15 @@ def main(argv=None) -> None:
                 line = next(x for x in text.splitlines() if x.startswith("DEMO_RESULT "))
                 rows.append({"config": name, "round": r, **json.loads(line.split(" ", 1)[1])})
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    print("| config | round | steps | tokens | val ppl (demo's evaluator) | total wall s | train wall s | CPU s |")
+    print(
+        "| config | round | steps | tokens | val ppl (demo's evaluator) | total wall s | train wall s | CPU s |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for x in rows:
-        print(f"| {x['config']} | {x['round']} | {x['steps']} | {x['tokens']:,} | {x['val_ppl']:.1f} | "
-              f"{x['wall_s']:.0f} | {x['train_s']:.0f} | {x['cpu_s']:.0f} |")
+        print(
+            f"| {x['config']} | {x['round']} | {x['steps']} | {x['tokens']:,} | {x['val_ppl']:.1f} | "
+            f"{x['wall_s']:.0f} | {x['train_s']:.0f} | {x['cpu_s']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -34,10 +34,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# name -> overrides of the demo config. "today" is the demo config as it was before issue 19.
+# name -> overrides of TODAY, the demo recipe as it was before issue 19 (AdamW for every parameter,
+# cosine, no document mask), itself applied over lmforge/configs/demo.yaml; "demo" is the packaged
+# demo.yaml as it is now (the chosen recipe).
+TODAY = {"optim": {"name": "adamw", "muon_lr": None, "schedule": "cosine"}, "data": {"document_mask": False}}
+DEMO = {
+    "optim": {"name": "muon", "muon_lr": 0.01, "schedule": "wsd", "decay_ratio": 0.3},
+    "data": {"document_mask": True},
+}
 RECIPES: dict[str, dict] = {
     "today": {},
     "adamw": {},
+    "demo": DEMO,
     "muon": {"optim": {"name": "muon", "muon_lr": 0.02}},
     "muon_075": {"optim": {"name": "muon", "muon_lr": 0.02}, "train": {"max_steps": 375}},
     "muon_lr01": {"optim": {"name": "muon", "muon_lr": 0.01}},
@@ -93,7 +101,7 @@ def recipe_config(
     from lmforge.config import config_from_dict
     from lmforge.demo import demo_config_tree
 
-    tree = merge(demo_config_tree(), recipe_tree(name))
+    tree = merge(merge(demo_config_tree(), json.loads(json.dumps(TODAY))), recipe_tree(name))
     merge(
         tree,
         {

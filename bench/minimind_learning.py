@@ -16,7 +16,8 @@ process, one thread, so on an idle machine the two are the same); wall seconds a
 
 Recipes: MiniMind's train_pretrain.py (AdamW lr 5e-4 default betas and weight decay, its
 `get_lr` cosine lr/10 + ..., clip 1.0, no accumulation so both take 16 rows per step); lmforge the
-demo recipe (lmforge/configs/demo.yaml's optim section) on MiniMind's architecture.
+demo recipe (lmforge/configs/demo.yaml's optim section, and its data.document_mask for packed rows) on
+MiniMind's architecture.
 """
 
 from __future__ import annotations
@@ -84,11 +85,20 @@ class Runner:
         self.done += 1
 
 
-def lmforge_run(mode, prepared, fp, optim, seed, budget=None, steps=None) -> Runner:
+def lmforge_run(mode, prepared, fp, recipe, seed, budget=None, steps=None) -> Runner:
     from lmforge.train.schedule import lr_multiplier
 
     parts: dict = {}
-    _, step, _ = lmforge_runner(mode, prepared, fp, 0, optim=optim, seed=seed, parts=parts)
+    _, step, _ = lmforge_runner(
+        mode,
+        prepared,
+        fp,
+        0,
+        optim=recipe["optim"],
+        seed=seed,
+        parts=parts,
+        document_mask=recipe["data"].get("document_mask", False),
+    )
     batches = take_tokens(lambda: next(parts["loader"]), lambda b: real_tokens(b["labels"]), budget, steps)
     rule = lr_multiplier(parts["cfg"].optim, len(batches))
     return Runner(
@@ -152,7 +162,8 @@ def learn(args, root: Path) -> int:
     from lmforge.demo import demo_config_tree
 
     sys.path.insert(0, str(root))
-    optim = demo_config_tree()["optim"]
+    recipe = demo_config_tree()  # its optim section, and data.document_mask for packed rows
+    optim = recipe["optim"]
     tokenizer = AutoTokenizer.from_pretrained(str(root / "model"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -161,7 +172,7 @@ def learn(args, root: Path) -> int:
         prepared = Path(tmp) / "prepared"
         for seed in [int(s) for s in args.seeds.split(",")]:
             first = [
-                lmforge_run(m, prepared, fp, optim, seed, budget=args.tokens) for m in ("packed", "padded")
+                lmforge_run(m, prepared, fp, recipe, seed, budget=args.tokens) for m in ("packed", "padded")
             ]
             mm = minimind_run(root, train_path, seed, args.minimind_lr, args.tokens)
             interleave(first + [mm])
@@ -171,7 +182,7 @@ def learn(args, root: Path) -> int:
                     r.name.split()[1],
                     prepared,
                     fp,
-                    optim,
+                    recipe,
                     seed,
                     steps=max(1, round(mm.cpu / (r.cpu / r.done))),
                 )
