@@ -156,6 +156,11 @@ def row(budget: str, seed: int, r: Runner, docs) -> dict:
     }
 
 
+def show(rows: list[dict]) -> None:
+    for r in rows:  # as soon as a phase ends: a long run cut short keeps what it measured
+        print("RESULT", json.dumps(r), file=sys.stderr, flush=True)
+
+
 def learn(args, root: Path) -> int:
     from transformers import AutoTokenizer
 
@@ -177,6 +182,7 @@ def learn(args, root: Path) -> int:
             mm = minimind_run(root, train_path, seed, args.minimind_lr, args.tokens)
             interleave(first + [mm])
             rows += [row("equal real tokens", seed, r, docs) for r in first + [mm]]
+            show(rows[-3:])
             timed = [
                 lmforge_run(
                     r.name.split()[1],
@@ -191,8 +197,7 @@ def learn(args, root: Path) -> int:
             interleave(timed)
             rows += [row("equal CPU time (MiniMind's)", seed, r, docs) for r in timed]
             rows.append(row("equal CPU time (MiniMind's)", seed, mm, docs))
-            for r in rows[-6:]:
-                print("RESULT", json.dumps(r), file=sys.stderr, flush=True)
+            show(rows[-3:])
     print(
         f"optim (lmforge): {json.dumps(optim)}; MiniMind lr {args.minimind_lr}; {len(docs)} held-out docs; "
         f"shape {SHAPE}; torch {torch.__version__}, {args.threads} thread(s)"
