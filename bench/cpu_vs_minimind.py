@@ -1,6 +1,7 @@
 """CPU cost of a training step: lmforge (packed and padded) against MiniMind's own model and step.
 
     python bench/cpu_vs_minimind.py --minimind ../shared/reference/minimind --data corpus.jsonl
+    python bench/cpu_vs_minimind.py --learn ...   # learning mode: bench/minimind_learning.py
 
 Same architecture (MiniMind's: QK-norm, FFN ceil(h*pi/64)*64, rope theta 1e6, tied, 6,400 vocab,
 8 heads / 4 KV heads, RMSNorm eps 1e-6), hidden 128 / 4 layers / seq 256 / micro batch 16, fp32,
@@ -36,8 +37,18 @@ from lmforge.parallel.compile import compile_seconds
 SHAPE = dict(hidden=128, layers=4, seq=256, batch=16)
 
 
-def lmforge_runner(mode: str, prepared: Path, tok_fp: str, steps: int, fused: bool = True,
-                   compile_: bool = False):
+def lmforge_runner(
+    mode: str,
+    prepared: Path,
+    tok_fp: str,
+    steps: int,
+    fused: bool = True,
+    compile_: bool = False,
+    optim: dict | None = None,
+    seed: int = 0,
+    parts: dict | None = None,
+    document_mask: bool = False,
+):
     from lmforge.config import config_from_dict
     from lmforge.data.loader import build_loader
     from lmforge.parallel import build_parallel_model, clip_grad_norm, init_distributed
@@ -45,19 +56,33 @@ def lmforge_runner(mode: str, prepared: Path, tok_fp: str, steps: int, fused: bo
     from lmforge.train.step import accumulate_gradients, fused_loss_fn, loss_fn
 
     tree = {
-        "model": {"preset": "minimind3-64m", "hidden_size": SHAPE["hidden"], "num_layers": SHAPE["layers"],
-                  "norm_eps": 1e-6, "max_position_embeddings": 2048},
-        "data": {"train": str(prepared), "mode": mode, "seq_len": SHAPE["seq"], "prefetch": 0},
+        "model": {
+            "preset": "minimind3-64m",
+            "hidden_size": SHAPE["hidden"],
+            "num_layers": SHAPE["layers"],
+            "norm_eps": 1e-6,
+            "max_position_embeddings": 2048,
+        },
+        "data": {
+            "train": str(prepared),
+            "mode": mode,
+            "seq_len": SHAPE["seq"],
+            "prefetch": 0,
+            "document_mask": document_mask and mode == "packed",
+        },
         "train": {"device": "cpu", "dtype": "float32", "global_batch_size": SHAPE["batch"]},
-        "optim": {"lr": 5e-4, "weight_decay": 0.01, "grad_clip": 1.0},
+        "optim": optim or {"lr": 5e-4, "weight_decay": 0.01, "grad_clip": 1.0},
         "parallel": {"compile": compile_, "compile_mode": "model"},
+        "run": {"seed": seed},
     }
     cfg = config_from_dict(tree, "cpu_vs_minimind")
     ctx = init_distributed(cfg.parallel, cfg.train.device)
     model = build_parallel_model(cfg.model, cfg.parallel, ctx, seed=cfg.run.seed, seq_len=cfg.data.seq_len)
     optimizer = build_optimizer(model, cfg.optim)
-    loader = build_loader(cfg.data, "train", SHAPE["batch"], tokenizer_fingerprint=tok_fp)
+    loader = iter(build_loader(cfg.data, "train", SHAPE["batch"], seed=seed, tokenizer_fingerprint=tok_fp))
     batches = [next(loader) for _ in range(steps)]
+    if parts is not None:  # learning mode drives the schedule and scores the model itself
+        parts.update(cfg=cfg, model=model, optimizer=optimizer, loader=loader)
 
     def step(batch):
         loss = fused_loss_fn if fused else loss_fn
@@ -70,20 +95,22 @@ def lmforge_runner(mode: str, prepared: Path, tok_fp: str, steps: int, fused: bo
     return batches, step, sum(p.numel() for p in model.parameters())
 
 
-def minimind_runner(root: Path, data: str, steps: int):
+def minimind_runner(
+    root: Path, data: str, steps: int, seed: int = 42, lr: float = 5e-4, parts: dict | None = None
+):
     sys.path.insert(0, str(root))
     from dataset.lm_dataset import PretrainDataset
     from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
     from transformers import AutoTokenizer
 
-    torch.manual_seed(42)
+    torch.manual_seed(seed)
     config = MiniMindConfig(hidden_size=SHAPE["hidden"], num_hidden_layers=SHAPE["layers"], use_moe=False)
     model = MiniMindForCausalLM(config)
     tokenizer = AutoTokenizer.from_pretrained(str(root / "model"))
     # max_length seq+1: MiniMind shifts inside the model, so seq targets per sample like ours
     dataset = PretrainDataset(data, tokenizer, max_length=SHAPE["seq"] + 1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)
-    g = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)  # train_pretrain.py's optimizer
+    g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(dataset), generator=g).tolist()
     batches = []
     for s in range(steps):
@@ -100,6 +127,8 @@ def minimind_runner(root: Path, data: str, steps: int):
         optimizer.zero_grad(set_to_none=True)
         return int((labels[:, 1:] != -100).sum())
 
+    if parts is not None:
+        parts.update(model=model, optimizer=optimizer, dataset=dataset, order=order)
     return batches, step, sum(p.numel() for p in model.parameters())
 
 
@@ -127,12 +156,33 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="steps per runner per round")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--no-fused-loss", action="store_true", help="lmforge with the plain logits loss")
-    parser.add_argument("--compile", action="store_true",
-                        help="lmforge with parallel.compile (whole model, inductor); compile time is "
-                        "spent in the warm-up round and reported separately")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="lmforge with parallel.compile (whole model, inductor); compile time is "
+        "spent in the warm-up round and reported separately",
+    )
+    parser.add_argument(
+        "--learn",
+        action="store_true",
+        help="learning mode: train each to --tokens real tokens, and lmforge also to "
+        "MiniMind's wall time, then score held-out documents (bench/learning.py's evaluator)",
+    )
+    parser.add_argument("--tokens", type=int, default=400_000, help="--learn: real-token budget")
+    parser.add_argument("--seeds", default="1", help="--learn: comma-separated seeds")
+    parser.add_argument(
+        "--minimind-lr",
+        type=float,
+        default=5e-4,
+        help="--learn: MiniMind's lr (default: train_pretrain.py's 5e-4)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     root = Path(args.minimind).resolve()
+    if args.learn:
+        from minimind_learning import learn
+
+        return learn(args, root)
     total = args.steps * (args.pairs + 1)  # one warm-up round
     with tempfile.TemporaryDirectory() as tmp:
         fp = prepare(args.data, root / "model", Path(tmp) / "prepared")
@@ -151,11 +201,13 @@ def main(argv=None) -> int:
                 cpu, tokens = measure(step, batches[r * args.steps : (r + 1) * args.steps])
                 if r:  # round 0 warms allocators and caches
                     rounds[name].append((cpu, tokens))
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}; "
-          f"{args.threads} thread(s); fp32; hidden {SHAPE['hidden']}, {SHAPE['layers']} layers, seq "
-          f"{SHAPE['seq']}, micro batch {SHAPE['batch']}; {args.pairs} interleaved rounds of "
-          f"{args.steps} steps; medians; lmforge loss: {'plain' if args.no_fused_loss else 'fused'}"
-          + (f"; compiled (compile {compile_seconds():.0f} s, in the warm-up round)" if args.compile else ""))
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}; "
+        f"{args.threads} thread(s); fp32; hidden {SHAPE['hidden']}, {SHAPE['layers']} layers, seq "
+        f"{SHAPE['seq']}, micro batch {SHAPE['batch']}; {args.pairs} interleaved rounds of "
+        f"{args.steps} steps; medians; lmforge loss: {'plain' if args.no_fused_loss else 'fused'}"
+        + (f"; compiled (compile {compile_seconds():.0f} s, in the warm-up round)" if args.compile else "")
+    )
     print("| runner | params | CPU-s / step | real tokens / step | real tokens / CPU-s | vs MiniMind |")
     print("|---|---|---|---|---|---|")
     ref = statistics.median(t / c for c, t in rounds["MiniMind"])
@@ -163,7 +215,9 @@ def main(argv=None) -> int:
         cpu = statistics.median(c for c, _ in rounds[name])
         tokens = statistics.median(t for _, t in rounds[name])
         rate = statistics.median(t / c for c, t in rounds[name])
-        print(f"| {name} | {params / 1e6:.2f}M | {cpu:.3f} | {tokens:,.0f} | {rate:,.0f} | {rate / ref:.2f}x |")
+        print(
+            f"| {name} | {params / 1e6:.2f}M | {cpu:.3f} | {tokens:,.0f} | {rate:,.0f} | {rate / ref:.2f}x |"
+        )
     return 0
 
 

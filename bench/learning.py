@@ -28,15 +28,24 @@ import shutil
 import statistics
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-# name -> overrides of the demo config. "today" is the demo config as it was before issue 19.
+# name -> overrides of TODAY, the demo recipe as it was before issue 19 (AdamW for every parameter,
+# cosine, no document mask), itself applied over lmforge/configs/demo.yaml; "demo" is the packaged
+# demo.yaml as it is now (the chosen recipe).
+TODAY = {"optim": {"name": "adamw", "muon_lr": None, "schedule": "cosine"}, "data": {"document_mask": False}}
+DEMO = {
+    "optim": {"name": "muon", "muon_lr": 0.01, "schedule": "wsd", "decay_ratio": 0.3},
+    "data": {"document_mask": True},
+}
 RECIPES: dict[str, dict] = {
     "today": {},
     "adamw": {},
+    "demo": DEMO,
     "muon": {"optim": {"name": "muon", "muon_lr": 0.02}},
     "muon_075": {"optim": {"name": "muon", "muon_lr": 0.02}, "train": {"max_steps": 375}},
     "muon_lr01": {"optim": {"name": "muon", "muon_lr": 0.01}},
@@ -63,15 +72,40 @@ def merge(base: dict, extra: dict) -> dict:
     return base
 
 
-def recipe_config(name: str, seed: int, demo: Path, out: Path, max_steps: int | None = None):
+def parse_value(text: str):
+    """A command-line override value: JSON (numbers, true/false/null) or a bare string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def recipe_tree(spec: str) -> dict:
+    """`name+a.b=v+c.d=w`: RECIPES[name] plus dotted-key overrides, e.g.
+    `muon+optim.muon_lr=0.04+train.global_batch_size=32` (so a sweep needs no new table entry)."""
+    name, *overrides = spec.split("+")
+    tree = json.loads(json.dumps(RECIPES[name]))
+    for item in overrides:
+        key, _, value = item.partition("=")
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = parse_value(value)
+    return tree
+
+
+def recipe_config(
+    name: str, seed: int, demo: Path, out: Path, max_steps: int | None = None, tokens: int | None = None
+):
     from lmforge.config import config_from_dict
     from lmforge.demo import demo_config_tree
 
-    tree = merge(demo_config_tree(), json.loads(json.dumps(RECIPES[name])))
+    tree = merge(merge(demo_config_tree(), json.loads(json.dumps(TODAY))), recipe_tree(name))
     merge(
         tree,
         {
-            "run": {"name": f"{name}_s{seed}", "seed": seed, "out_dir": str(out)},
+            "run": {"name": f"r{zlib.crc32(name.encode())}_s{seed}", "seed": seed, "out_dir": str(out)},
             "tokenizer": {"path": str(demo / "tokenizer")},
             "data": {"train": [str(demo / "data")]},
             "train": {"sample_max_new_tokens": 0, "eval_interval": 0, "resume": "never"},
@@ -79,21 +113,32 @@ def recipe_config(name: str, seed: int, demo: Path, out: Path, max_steps: int | 
             "log": {"plots": False, "interval": 50},
         },
     )
+    if tokens is not None:  # a token budget: the steps this recipe's batch needs for it
+        per_step = tree["train"]["global_batch_size"] * tree["data"]["seq_len"]
+        tree["train"]["max_steps"] = max(1, round(tokens / per_step))
     if max_steps is not None:
         tree["train"]["max_steps"] = max_steps
     return config_from_dict(tree, f"<learning {name}>")
 
 
-@torch.no_grad()
 def heldout_loss(model, dataset, seq_len: int, batch_size: int = 32) -> dict:
     """Token-weighted mean loss over every val document, each scored from its first token."""
+    return documents_loss(model, [dataset.doc(i) for i in range(dataset.num_docs)], seq_len, batch_size)
+
+
+@torch.no_grad()
+def documents_loss(model, docs, seq_len: int, batch_size: int = 32) -> dict:
+    """The one evaluator: each document (a token-id sequence) cut into windows of seq_len+1 from its
+    start, every next token scored; `model(ids).logits` is all it needs (lmforge's and MiniMind's
+    models both answer it)."""
     from lmforge.loss import IGNORE_INDEX, summed_cross_entropy
 
     windows = []
-    for i in range(dataset.num_docs):
-        doc = np.asarray(dataset.doc(i), dtype=np.int64)
+    for doc in docs:
+        doc = np.asarray(doc, dtype=np.int64)
         windows += [doc[s : s + seq_len + 1] for s in range(0, len(doc) - 1, seq_len)]
     windows.sort(key=len)
+    was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for b in range(0, len(windows), batch_size):
@@ -104,8 +149,9 @@ def heldout_loss(model, dataset, seq_len: int, batch_size: int = 32) -> dict:
         for r, w in enumerate(group):
             ids[r, : len(w)] = torch.from_numpy(w)
             labels[r, : len(w) - 1] = torch.from_numpy(w[1:])
-        total += float(summed_cross_entropy(model(ids[:, :-1]).logits, labels))
+        total += float(summed_cross_entropy(model(ids[:, :-1]).logits.float(), labels))
         count += int((labels != IGNORE_INDEX).sum())
+    model.train(was_training)
     mean = total / count
     return {"loss": mean, "ppl": math.exp(mean), "tokens": count}
 
@@ -133,13 +179,15 @@ def cpu_seconds_per_step(name: str, seed: int, demo: Path, out: Path) -> float:
     return (marks[-1] - marks[2]) / (len(marks) - 3)
 
 
-def run_one(name: str, seed: int, demo: Path, out: Path, val, cpu_budget: float | None, steps=None) -> dict:
+def run_one(
+    name: str, seed: int, demo: Path, out: Path, val, cpu_budget: float | None, steps=None, tokens=None
+) -> dict:
     from lmforge.interop.loading import load_model_for_inference
     from lmforge.train.trainer import run_training
 
     if cpu_budget:
         steps = max(10, int(cpu_budget / cpu_seconds_per_step(name, seed, demo, out)))
-    cfg = recipe_config(name, seed, demo, out, steps)
+    cfg = recipe_config(name, seed, demo, out, steps, tokens)
     shutil.rmtree(out / cfg.run.name, ignore_errors=True)
     wall, cpu = time.perf_counter(), time.process_time()
     summary = run_training(cfg)
@@ -188,6 +236,12 @@ def main(argv=None) -> None:
     )
     ap.add_argument("--out", default="runs/learning")
     ap.add_argument("--max-steps", type=int, default=None, help="override every recipe's steps (smoke runs)")
+    ap.add_argument(
+        "--tokens",
+        type=int,
+        default=None,
+        help="token budget per run: each recipe gets tokens / (batch x seq_len) steps",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--report", action="store_true", help="only print the table of OUT/results.jsonl")
     args = ap.parse_args(argv)
@@ -205,7 +259,7 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for seed in [int(s) for s in args.seeds.split(",")]:
         for name in args.recipes.split(","):
-            row = run_one(name, seed, demo, out, val, args.cpu_seconds, args.max_steps)
+            row = run_one(name, seed, demo, out, val, args.cpu_seconds, args.max_steps, args.tokens)
             row["budget"] = f"cpu {args.cpu_seconds:.0f} s" if args.cpu_seconds else "tokens"
             rows.append(row)
             with log.open("a") as f:
