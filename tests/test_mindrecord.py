@@ -14,7 +14,8 @@ import torch
 
 from lmforge.config import DataConfig
 from lmforge.data.loader import build_loader
-from lmforge.data.mindrecord import MindRecord, MindRecordRows, decompress_ints, is_mindrecord
+from lmforge.data.mindrecord import MindRecord, MindRecordRows, is_mindrecord
+from lmforge.data.mindrecord_ints import decompress_ints
 from lmforge.data.token_dataset import TokenDataset
 from lmforge.errors import DataError
 from lmforge.loss import IGNORE_INDEX
