@@ -57,8 +57,9 @@ class CachedRows:
         self.max_id, self.max_row = int(header["max_id"]), int(header["max_row"])
 
     def rows(self, ids) -> list[np.ndarray]:
-        off, tok = self.offsets, self.tokens
-        return [tok[off[i] : off[i + 1]] for i in ids]
+        at = np.asarray(ids, dtype=np.int64)
+        tok = self.tokens
+        return [tok[a:b] for a, b in zip(self.offsets[at].tolist(), self.offsets[at + 1].tolist())]
 
 
 def open_cache(records: MindRecord, field: str, folder: Path) -> CachedRows | None:
