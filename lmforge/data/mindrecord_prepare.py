@@ -24,7 +24,7 @@ from lmforge.errors import DataError, LmforgeError
 from lmforge.tokenizer import Tokenizer, load_tokenizer
 from lmforge.weights.outdir import check_output_dir
 
-_BATCH_ROWS = 4096
+_BATCH_ROWS = 1024
 
 
 def prepare_mindrecord(
@@ -86,7 +86,7 @@ def _write(out: Path, sets: list[MindRecordRows], unit: dict, dtype: str, shard_
     ):
         for rows in sets:
             for lo in range(0, rows.num_docs, _BATCH_ROWS):
-                docs = [rows.doc(i) for i in range(lo, min(lo + _BATCH_ROWS, rows.num_docs))]
+                docs = rows.docs(np.arange(lo, min(lo + _BATCH_ROWS, rows.num_docs)))  # one decode
                 lengths = np.array([len(d) for d in docs], dtype=np.int64)
                 flat = np.concatenate(docs).astype(train_w.dtype) if docs else np.empty(0, train_w.dtype)
                 k = np.arange(j, j + len(docs), dtype=np.int64)
