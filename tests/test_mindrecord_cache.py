@@ -62,6 +62,16 @@ def test_a_batch_decodes_as_its_rows_one_by_one_at_every_width():
         assert all(decompress_ints(compress(r)).tolist() == r for r in rows)
 
 
+def test_a_shuffled_batch_across_the_files_of_a_set_reads_in_its_own_order():
+    records = MindRecord.open(FIX / "set.mindrecord1")
+    want = expected("set")
+    order = np.random.default_rng(1).permutation(len(want))
+    got = records.fields(order, "input_ids")
+    assert len(records.files) == 3 and all(np.array_equal(g, want[i]) and g.dtype == np.int32 for g, i in zip(got, order))
+    rows = MindRecordRows(records, "input_ids", "train", None).docs(order[:7])
+    assert all(np.array_equal(r, want[i]) for r, i in zip(rows, order[:7]))
+
+
 def test_a_byte_moved_between_two_rows_is_refused_not_misread():
     a, b = compress([5, 300, 7]), compress([400, 2, 3])
     # Row a loses its last body byte and row b gains one: the batch's total is still right.
