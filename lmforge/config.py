@@ -49,8 +49,8 @@ class DataConfig(Section):
     reset_positions: bool = False
     # MindRecord datasets (data.train: [x.mindrecord]): the integer array field holding token ids.
     token_field: str = "input_ids"
-    # ... decoded once into runs/<name>/mindrecord_cache/ (about the MindRecord's size) so they load at
-    # shard speed; false decodes each batch as it is read (no copy on disk, about half the loader rate).
+    # MindRecord rows decoded once into runs/<name>/mindrecord_cache/ (about its size) so they load at
+    # shard speed; false decodes each batch as it is read (no copy on disk, about a third of the rate).
     mindrecord_cache: bool = True
 
     @model_validator(mode="before")

@@ -3,7 +3,7 @@ from `data.train: [x.mindrecord]` reads them at the speed of lmforge's own shard
 
 MindRecord stores token ids compressed (1-8 bytes each, see mindrecord_ints.py); decoding them is
 several numpy passes per batch, where a shard row is one copy. bench/mindrecord_loader.py measures
-both: decoding on read costs the loader about half its rate, the cache none. The price is a
+both: decoding on read leaves the loader about a third of its rate, the cache all of it. The price is a
 decoded copy (2 bytes a token below 65,536 ids, else 4; about the MindRecord's own size) under
 `runs/<name>/mindrecord_cache/`; `data.mindrecord_cache: false` turns it off, and a disk without
 room for it is a note and reads the MindRecord as it is.
