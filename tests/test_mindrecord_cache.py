@@ -131,12 +131,12 @@ def test_loader_batches_are_the_same_with_and_without_the_cache(tmp_path):
     path = copy_set(tmp_path, "wiki64.mindrecord")
     for mode in ("packed", "padded"):
         cfg = DataConfig(train=str(path), seq_len=64, prefetch=0, mode=mode)
-        with build_loader(cfg, "train", 4, seed=5, vocab_size=800) as plain:
-            with build_loader(cfg, "train", 4, seed=5, vocab_size=800, cache_dir=tmp_path / "c") as cached:
-                assert cached.sources[0].ds.cache is not None and plain.sources[0].ds.cache is None
-                for _ in range(30):  # two epochs and more
-                    a, b = next(plain), next(cached)
-                    assert all(a[k].equal(b[k]) for k in a)
+        cached = build_loader(cfg, "train", 4, seed=5, vocab_size=800, cache_dir=tmp_path / "c")
+        with build_loader(cfg, "train", 4, seed=5, vocab_size=800) as plain, cached:
+            assert cached.sources[0].ds.cache is not None and plain.sources[0].ds.cache is None
+            for _ in range(30):  # two epochs and more
+                a, b = next(plain), next(cached)
+                assert all(a[k].equal(b[k]) for k in a)
 
 
 def test_a_disk_without_room_reads_the_mindrecord_as_it_is(tmp_path, monkeypatch, capsys):

@@ -79,6 +79,7 @@ def open_cache(records: MindRecord, field: str, folder: Path) -> CachedRows | No
         fcntl.flock(lock, fcntl.LOCK_EX)  # ranks that start together: one builds, the others find it
         found = _load(path, records, field, key)
         if found is None:
+            print(f"note: decoding the {records.num_rows:,} rows of {records.where} once into {path} (data.mindrecord_cache)", flush=True)
             _build(path, records, field, key)
             found = _load(path, records, field, key)
     if found is None:
