@@ -5,6 +5,7 @@ standard library: no MindSpore at run time.
     mr.num_rows, mr.schema                             # rows of the whole set; {field: {type, shape}}
     mr.row(i)                                          # {field: value}, as MindSpore's FileReader gives it
     mr.field(i, "input_ids")                           # one field of row i (numpy array)
+    mr.fields(rows, "input_ids")                       # of many rows: a batch's ints decoded in one call
 
 The layout, as MindSpore's FileWriter writes it (checked against FileReader in the tests):
 - `NAME` (or `NAME0..NAME{n-1}` for a set of n files) and beside each a SQLite index `NAME.db`.
@@ -22,8 +23,10 @@ The layout, as MindSpore's FileWriter writes it (checked against FileReader in t
   little-endian values as written.
 - Rows read in the order of shard_addresses, each file by ROW_ID: FileReader's order.
 
-Everything is memory-mapped; a row is decoded when it is read. A damaged file, a missing .db or
-a schema this reader does not know is a DataError of one line naming the file.
+Everything is memory-mapped; rows are decoded when read, a batch's integer arrays in one numpy
+call (mindrecord_ints.py); training reads token rows from a decoded cache (mindrecord_cache.py).
+A damaged file, a missing .db or a schema this reader does not know is a DataError of one line
+naming the file.
 """
 
 from __future__ import annotations
@@ -362,7 +365,8 @@ def _container(b: bytes, i: int, n: int, kind: str) -> tuple[Any, int]:
 class MindRecordRows:
     """A MindRecord set as one of the loader's datasets: each row is one sample, as MindFormers
     trains on it (its rows are seq_length + 1 tokens; no windows across rows). Token ids come from
-    the integer array field `field` and are checked against `vocab_size` as each row is read."""
+    the integer array field `field` and are checked against `vocab_size` as each batch is read, or
+    once when `cache` (mindrecord_cache.CachedRows, the decoded rows) is given."""
 
     rows_are_samples = True
     bos_id = eos_id = pad_id = None
