@@ -231,6 +231,15 @@ class MindRecord:
                 got[p] = v
         return got, pools
 
+    def row_chunks(self, max_bytes: int = 16 << 20) -> list[np.ndarray]:
+        """Consecutive row ids in runs of about `max_bytes` of stored records (at least one row
+        each): a whole-set pass decodes run by run, its temporaries bounded whatever the rows' size."""
+        sizes = np.concatenate([f.rows[:, 1] - f.rows[:, 0] + f.rows[:, 3] - f.rows[:, 2] for f in self.files])
+        if not len(sizes):
+            return []
+        cuts = np.flatnonzero(np.diff(np.cumsum(sizes) // max_bytes)) + 1
+        return np.split(np.arange(len(sizes)), cuts)
+
     def row_lengths(self, name: str) -> np.ndarray | None:
         """Every row's value count as its compressed field `name` stores it, when that is the only
         blob field (its count opens each blob record); else None."""

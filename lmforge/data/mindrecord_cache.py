@@ -35,7 +35,6 @@ from lmforge.errors import DataError
 
 FORMAT, VERSION = "lmforge-mindrecord-cache", 1
 HEADER_BYTES = 4096
-_CHUNK_ROWS = 512
 
 
 def cache_key(records: MindRecord, field: str) -> str:
@@ -141,21 +140,20 @@ def _write(tmp: Path, records: MindRecord, field: str, key: str, dtype: np.dtype
     limit = np.iinfo(dtype).max
     with open(tmp, "wb") as out:
         out.seek(HEADER_BYTES + offsets.nbytes)
-        for lo in range(0, records.num_rows, _CHUNK_ROWS):
-            ids = np.arange(lo, min(lo + _CHUNK_ROWS, records.num_rows))
-            rows, _ = records.int_arrays(ids, field)
-            for i, row in zip(ids.tolist(), rows):
-                if len(row):
-                    low, high = int(row.min()), int(row.max())
-                    if low < 0:
-                        raise DataError(f"{records.where}: row {i} holds token id {low}; token ids are never negative, check data.token_field")
-                    if high > limit:
-                        return False
-                    if high > max_id:
-                        max_id, max_row = high, i
-                    out.write(row.astype(dtype).tobytes())
-                count += len(row)
-                offsets[i + 1] = count
+        for ids in records.row_chunks():
+            rows, pools = records.int_arrays(ids, field)  # pools bound the rows' min and max
+            low, high = min(int(p.min()) for p in pools), max(int(p.max()) for p in pools)
+            if low < 0:
+                i = next(i for i, r in zip(ids.tolist(), rows) if len(r) and int(r.min()) < 0)
+                raise DataError(f"{records.where}: row {i} holds a negative token id; token ids never are, check data.token_field")
+            if high > limit:
+                return False
+            if high > max_id:
+                max_id = high
+                max_row = next(i for i, r in zip(ids.tolist(), rows) if len(r) and int(r.max()) == high)
+            out.write(np.concatenate(rows).astype(dtype).tobytes())
+            offsets[ids + 1] = count + np.cumsum([len(r) for r in rows])
+            count = int(offsets[ids[-1] + 1])
         out.seek(HEADER_BYTES)
         out.write(offsets.tobytes())
         header = {"format": FORMAT, "version": VERSION, "key": key, "field": field, "rows": records.num_rows,
