@@ -4,6 +4,8 @@ MindRecord rows from (mindrecord_cache.py), against FileReader's rows (tests/fix
 import os
 import shutil
 import struct
+import subprocess
+import sys
 from collections import namedtuple
 from pathlib import Path
 
@@ -158,3 +160,27 @@ def test_whole_set_passes_decode_in_bounded_runs_of_rows(tmp_path, monkeypatch):
     whole = open_cache(records, "input_ids", tmp_path / "one").path.read_bytes()
     monkeypatch.setattr(MindRecord, "row_chunks", lambda self: chunks)
     assert open_cache(records, "input_ids", tmp_path / "runs").path.read_bytes() == whole
+
+
+def test_ranks_starting_together_build_the_cache_once(tmp_path):
+    """Two processes open the same cache while the first is still writing it (its build is slowed):
+    the flock makes the second wait and read the finished file; a killed build's temporary goes."""
+    path = copy_set(tmp_path, "wiki64.mindrecord")
+    (tmp_path / "cache").mkdir()
+    key = mindrecord_cache.cache_key(MindRecord.open(path), "input_ids")
+    (tmp_path / "cache" / f".{path.name}-{key}.tokens.99999.tmp").write_bytes(b"left by a killed build")
+    code = (
+        "import sys, time\n"
+        "from lmforge.data import mindrecord_cache as mc\n"
+        "from lmforge.data.mindrecord import MindRecord\n"
+        "build = mc._build\n"
+        "mc._build = lambda *a: (time.sleep(2), build(*a))\n"
+        "print(mc.open_cache(MindRecord.open(sys.argv[1]), 'input_ids', mc.Path(sys.argv[2])).path)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(path), str(tmp_path / "cache")], stdout=subprocess.PIPE, text=True, env=env) for _ in range(2)]  # fmt: skip
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert sum(o.count("note: decoding") for o in outs) == 1
+    assert len({o.strip().splitlines()[-1] for o in outs}) == 1
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [".lock", Path(outs[0].strip().splitlines()[-1]).name]

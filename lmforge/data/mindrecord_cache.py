@@ -78,6 +78,8 @@ def open_cache(records: MindRecord, field: str, folder: Path) -> CachedRows | No
         fcntl.flock(lock, fcntl.LOCK_EX)  # ranks that start together: one builds, the others find it
         found = _load(path, records, field, key)
         if found is None:
+            for stale in folder.glob(f".{path.name}.*.tmp"):  # a killed build's (no builder runs now)
+                stale.unlink(missing_ok=True)
             print(f"note: decoding the {records.num_rows:,} rows of {records.where} once into {path} (data.mindrecord_cache)", flush=True)
             _build(path, records, field, key)
             found = _load(path, records, field, key)
