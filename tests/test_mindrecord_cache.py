@@ -1,6 +1,7 @@
 """The batched MindRecord integer decode (mindrecord_ints.py) and the decoded cache the trainer reads
 MindRecord rows from (mindrecord_cache.py), against FileReader's rows (tests/fixtures/mindrecord/)."""
 
+import json
 import os
 import shutil
 import struct
@@ -105,9 +106,15 @@ def test_a_damaged_or_stale_cache_is_rebuilt_never_trusted(tmp_path):
     offsets_at = HEADER_BYTES + 8  # offsets[1]: the end of row 0
     moved = bytearray(good)
     moved[offsets_at : offsets_at + 8] = struct.pack("<q", len(want[0]) + 1)  # rows 0/1 split one token later
-    header_rows = good.replace(b'"rows": 55', b'"rows": 54', 1)
-    assert header_rows != good
-    for damaged in (good[:-2], good[:100], bytes(moved), header_rows, b"\xff" * HEADER_BYTES + good[HEADER_BYTES:]):
+    header = json.loads(good[8 : 8 + struct.unpack("<Q", good[:8])[0]])
+
+    def with_header(**changes) -> bytes:
+        text = json.dumps({**header, **changes}).encode()
+        return struct.pack("<Q", len(text)) + text + bytes(HEADER_BYTES - 8 - len(text)) + good[HEADER_BYTES:]
+
+    assert with_header() == good
+    headers = [with_header(rows=54), with_header(max_id=float("inf")), with_header(dtype="<u8"), with_header(key="0" * 20)]
+    for damaged in (good[:-2], good[:100], bytes(moved), *headers, b"\xff" * HEADER_BYTES + good[HEADER_BYTES:]):
         cache.path.write_bytes(damaged)
         again = open_cache(MindRecord.open(path), "input_ids", tmp_path / "cache")
         assert again.path.read_bytes() == good

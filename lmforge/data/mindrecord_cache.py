@@ -104,7 +104,7 @@ def _load(path: Path, records: MindRecord, field: str, key: str) -> CachedRows |
         rows, count, dtype = int(header["rows"]), int(header["tokens"]), np.dtype(header["dtype"])
         good = (header["format"], header["version"], header["key"], header["field"]) == (FORMAT, VERSION, key, field)
         int(header["max_id"]), int(header["max_row"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, OverflowError):
         return None
     if not good or rows != records.num_rows or dtype not in (np.dtype("<u2"), np.dtype("<u4")) or count < 0:
         return None
