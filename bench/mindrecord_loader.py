@@ -2,9 +2,10 @@
 
     # 1. write the MindRecord with MindSpore's FileWriter (a venv with mindspore==2.9.0):
     python bench/mindrecord_loader.py write --out /tmp/mr --rows 2000
-    # 2. measure (lmforge's venv; no MindSpore): the MindRecord read as it is, and the same rows
-    #    converted by `prepare --input x.mindrecord` and read as shards (padded: one row per sample)
-    python bench/mindrecord_loader.py measure --data /tmp/mr --batches 300
+    # 2. measure (lmforge's venv; no MindSpore): the MindRecord decoded as it is read, the same
+    #    MindRecord through the decoded cache training uses by default, and the same rows converted
+    #    by `prepare --input x.mindrecord` and read as shards; interleaved rounds, medians
+    python bench/mindrecord_loader.py measure --data /tmp/mr --batches 300 --rounds 5
 
 Rows are Llama-2-shaped: seq_length 4096 + 1 ids in [0, 32000) with a newline id (13) every ~50
 tokens, so most rows mix 1- and 2-byte widths as real text does; FileWriter's default header (16
@@ -40,7 +41,7 @@ def write(out: Path, rows: int) -> None:
     w.commit()
 
 
-def measure(data: Path, batches: int, micro: int) -> None:
+def measure(data: Path, batches: int, micro: int, rounds: int) -> None:
     from lmforge.config import DataConfig
     from lmforge.data.loader import build_loader
     from lmforge.data.mindrecord_prepare import prepare_mindrecord
@@ -55,20 +56,33 @@ def measure(data: Path, batches: int, micro: int) -> None:
         tok.path = Path(tmp)
         t0 = time.perf_counter()
         prepare_mindrecord([mr], tok, Path(tmp) / "shards", val_fraction=0, progress=False)
-        print(f"prepare --input {mr.name}: {time.perf_counter() - t0:.1f} s")
-        print(f"| source | mode | prefetch | batches/s ({micro} x {SEQ}) | tokens/s |\n|---|---|---|---|---|")
-        for source, path, modes in (("MindRecord", mr, ("packed",)), ("lmforge shards", Path(tmp) / "shards", ("padded", "packed"))):
-            for mode in modes:
+        print(f"prepare --input {mr.name}: {time.perf_counter() - t0:.2f} s")
+        cache = Path(tmp) / "run" / "mindrecord_cache"
+        t0 = time.perf_counter()
+        build_loader(DataConfig(train=str(mr), mode="padded", seq_len=SEQ), "train", micro, cache_dir=cache).close()
+        print(f"first open with the cache (decodes every row into {cache.name}/): {time.perf_counter() - t0:.2f} s")
+        cases = [
+            ("MindRecord, decoded as read (data.mindrecord_cache: false)", mr, None, "padded"),
+            ("MindRecord, decoded once into the run's cache (default)", mr, cache, "padded"),
+            ("lmforge shards, padded (one row per sample)", Path(tmp) / "shards", None, "padded"),
+            ("lmforge shards, packed", Path(tmp) / "shards", None, "packed"),
+        ]
+        rates: dict[tuple[str, int], list[float]] = {}
+        for _ in range(rounds):  # interleaved rounds: the shared machine's load moves between them
+            for name, path, cache_dir, mode in cases:
                 for prefetch in (0, 2):
                     cfg = DataConfig(train=str(path), mode=mode, seq_len=SEQ, prefetch=prefetch)
-                    with build_loader(cfg, "train", micro, seed=0) as loader:
+                    with build_loader(cfg, "train", micro, seed=0, cache_dir=cache_dir) as loader:
                         for _ in range(10):
                             next(loader)
                         start = time.perf_counter()
                         for _ in range(batches):
                             next(loader)
-                        rate = batches / (time.perf_counter() - start)
-                    print(f"| {source} | {mode} | {prefetch} | {rate:,.0f} | {rate * micro * SEQ / 1e6:,.1f}M |", flush=True)
+                        rates.setdefault((name, prefetch), []).append(batches / (time.perf_counter() - start))
+        print(f"| source | prefetch | batches/s ({micro} x {SEQ}), median of {rounds} | tokens/s |\n|---|---|---|---|")
+        for (name, prefetch), got in rates.items():
+            rate = float(np.median(got))
+            print(f"| {name} | {prefetch} | {rate:,.0f} | {rate * micro * SEQ / 1e6:,.1f}M |", flush=True)
 
 
 def main() -> None:
@@ -81,11 +95,12 @@ def main() -> None:
     m.add_argument("--data", type=Path, required=True)
     m.add_argument("--batches", type=int, default=300)
     m.add_argument("--micro", type=int, default=8)
+    m.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     if args.cmd == "write":
         write(args.out, args.rows)
     else:
-        measure(args.data, args.batches, args.micro)
+        measure(args.data, args.batches, args.micro, args.rounds)
 
 
 if __name__ == "__main__":

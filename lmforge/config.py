@@ -49,6 +49,9 @@ class DataConfig(Section):
     reset_positions: bool = False
     # MindRecord datasets (data.train: [x.mindrecord]): the integer array field holding token ids.
     token_field: str = "input_ids"
+    # MindRecord rows decoded once into runs/<name>/mindrecord_cache/ (about its size) so they load at
+    # shard speed; false decodes each batch as it is read (no copy on disk, about a third of the rate).
+    mindrecord_cache: bool = True
 
     @model_validator(mode="before")
     @classmethod

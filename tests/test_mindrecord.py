@@ -14,7 +14,8 @@ import torch
 
 from lmforge.config import DataConfig
 from lmforge.data.loader import build_loader
-from lmforge.data.mindrecord import MindRecord, MindRecordRows, decompress_ints, is_mindrecord
+from lmforge.data.mindrecord import MindRecord, MindRecordRows, is_mindrecord
+from lmforge.data.mindrecord_ints import decompress_ints
 from lmforge.data.token_dataset import TokenDataset
 from lmforge.errors import DataError
 from lmforge.loss import IGNORE_INDEX
@@ -223,3 +224,5 @@ def test_converted_mindformers_yaml_trains_from_its_dataset_dir_unchanged(tmp_pa
     assert mapped and mapped[0].split()[1] == "data.train" and str(FIX / "wiki64.mindrecord") in mapped[0]
     metrics = (tmp_path / "runs" / "tiny_llama" / "metrics.jsonl").read_text()
     assert '"step": 2' in metrics
+    # Training read the rows through the decoded cache in the run folder (data.mindrecord_cache).
+    assert len(list((tmp_path / "runs" / "tiny_llama" / "mindrecord_cache").glob("wiki64.mindrecord-*.tokens"))) == 1

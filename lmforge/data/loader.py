@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmforge.data.mindrecord import MindRecordRows, is_mindrecord
+from lmforge.data.mindrecord import MindRecord, MindRecordRows, is_mindrecord
+from lmforge.data.mindrecord_cache import open_cache
 from lmforge.data.token_dataset import TokenDataset
 from lmforge.errors import DataError
 from lmforge.loss import IGNORE_INDEX
@@ -67,16 +68,24 @@ class _Source:
             self.pad_id = int(pad) if pad is not None else 0
         self._perms: dict[int, np.ndarray] = {}
 
-    def sample(self, i: int) -> tuple[np.ndarray, int]:
+    def samples_of(self, ids: list[int]) -> list[tuple[np.ndarray, int]]:
+        """(tokens, real length) of samples `ids`; a MindRecord batch's rows are decoded in one call."""
+        if not self.rows:
+            return [self.sample(i) for i in ids]
         n = self.seq_len + 1
-        if self.rows:
-            row = self.ds.doc(i)
+        rows = self.ds.docs(ids)
+        for i, row in zip(ids, rows):
             if len(row) > n:
                 raise DataError(
                     f"{self.path}: row {i} holds {len(row)} tokens, more than data.seq_len + 1 = {n}; "
                     f"set data.seq_len to {len(row) - 1} (MindFormers' seq_length)"
                 )
-            return row, len(row)
+        return [(row, len(row)) for row in rows]
+
+    def sample(self, i: int) -> tuple[np.ndarray, int]:
+        n = self.seq_len + 1
+        if self.rows:
+            return self.samples_of([i])[0]
         if self.mode == "packed":
             start = i * self.seq_len
             return self.ds.tokens(start, start + n), n
@@ -173,7 +182,11 @@ class _BatchMaker:
         rows = self.global_rows(taken)
         lo = self.dp_rank * self.micro_batch_size
         mine = rows[lo : lo + self.micro_batch_size]
-        samples = [self.sources[d].sample(i) for d, i in mine]
+        samples: list[tuple[np.ndarray, int]] = [None] * len(mine)  # type: ignore[list-item]
+        for d, src in enumerate(self.sources):  # per source, so a MindRecord batch decodes at once
+            at = [b for b, (e, _) in enumerate(mine) if e == d]
+            for b, got in zip(at, src.samples_of([mine[b][1] for b in at])):
+                samples[b] = got
         width = self.seq_len
         if self.sources[0].mode == "padded":  # trim to the longest sample (multiple of 8: few shapes)
             longest = max(length for _, length in samples) - 1
@@ -397,10 +410,12 @@ def build_loader(
     device: str | torch.device | None = None,
     tokenizer_fingerprint: str | None = None,
     vocab_size: int | None = None,
+    cache_dir: str | Path | None = None,
 ) -> DataLoader:
     """Loader for `split` ("train": data_cfg.train mixed by weight, shuffled, endless; "val": the
     val splits of data_cfg.valid (one or more folders) or of the first train dataset, in order, one
-    pass per reset())."""
+    pass per reset()). MindRecord sets are decoded once into `cache_dir` when given (the trainer
+    gives the run folder's, unless data.mindrecord_cache is false), else as their rows are read."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     if split == "train":
         if not data_cfg.train:
@@ -420,7 +435,10 @@ def build_loader(
         if is_mindrecord(path):  # read as it is, every row (MindRecord sets have no val split)
             if split == "val" and data_cfg.valid is None:
                 raise DataError(f"{path}: a MindRecord set has no val split; set data.valid (a MindRecord or a prepared folder)")
-            ds = MindRecordRows.open(path, getattr(data_cfg, "token_field", "input_ids"), split, vocab_size)
+            records, field = MindRecord.open(path), getattr(data_cfg, "token_field", "input_ids")
+            ds = MindRecordRows(records, field, split, vocab_size)  # checks the field before any cache
+            if cache_dir is not None:
+                ds = MindRecordRows(records, field, split, vocab_size, open_cache(records, field, Path(cache_dir)))
         else:
             ds = TokenDataset.open(
                 Path(path), split, expect_fingerprint=tokenizer_fingerprint, vocab_size=vocab_size

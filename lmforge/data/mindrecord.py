@@ -5,6 +5,7 @@ standard library: no MindSpore at run time.
     mr.num_rows, mr.schema                             # rows of the whole set; {field: {type, shape}}
     mr.row(i)                                          # {field: value}, as MindSpore's FileReader gives it
     mr.field(i, "input_ids")                           # one field of row i (numpy array)
+    mr.fields(rows, "input_ids")                       # of many rows: a batch's ints decoded in one call
 
 The layout, as MindSpore's FileWriter writes it (checked against FileReader in the tests):
 - `NAME` (or `NAME0..NAME{n-1}` for a set of n files) and beside each a SQLite index `NAME.db`.
@@ -22,8 +23,10 @@ The layout, as MindSpore's FileWriter writes it (checked against FileReader in t
   little-endian values as written.
 - Rows read in the order of shard_addresses, each file by ROW_ID: FileReader's order.
 
-Everything is memory-mapped; a row is decoded when it is read. A damaged file, a missing .db or
-a schema this reader does not know is a DataError of one line naming the file.
+Everything is memory-mapped; rows are decoded when read, a batch's integer arrays in one numpy
+call (mindrecord_ints.py); training reads token rows from a decoded cache (mindrecord_cache.py).
+A damaged file, a missing .db or a schema this reader does not know is a DataError of one line
+naming the file.
 """
 
 from __future__ import annotations
@@ -37,12 +40,12 @@ from typing import Any
 
 import numpy as np
 
+from lmforge.data.mindrecord_ints import decode_ints
 from lmforge.errors import DataError
 
 NAME_RE = re.compile(r"mindrecord\d*$")  # MindFormers' rule for MindRecord files in dataset_dir
 _TYPES = {"int32": "<i4", "int64": "<i8", "float32": "<f4", "float64": "<f8", "bytes": None, "string": None}
-_INT_DTYPES = (np.dtype("<i1"), np.dtype("<i2"), np.dtype("<i4"), np.dtype("<i8"))
-_UINT_DTYPES = (np.dtype("<u1"), np.dtype("<u2"), np.dtype("<u4"), np.dtype("<u8"))
+_LENGTH_BYTES = np.arange(8)
 _INDEX_SQL = (
     "SELECT ROW_ID, PAGE_ID_BLOB, PAGE_OFFSET_BLOB, PAGE_OFFSET_BLOB_END, "
     "PAGE_ID_RAW, PAGE_OFFSET_RAW, PAGE_OFFSET_RAW_END FROM INDEXES ORDER BY ROW_ID"
@@ -117,11 +120,16 @@ class _File:
                 raise DataError(f"{self.path}: rows reach past the end of the file or of their page; {_REDO}")
         return np.stack(ranges, axis=1)
 
-    def record(self, start: int, end: int) -> np.ndarray:
-        (length,) = struct.unpack("<Q", self.data[start : start + 8].tobytes())
-        if length != end - start - 8:
-            raise DataError(f"{self.path}: a row at byte {start} holds {length} bytes, its index says {end - start - 8}; {_REDO}")
-        return self.data[start + 8 : end]
+    def records(self, rows: np.ndarray, blob: bool) -> list[np.ndarray]:
+        """The blob (or raw) records of `rows` of this file, each checked against its own length."""
+        ranges = self.rows[rows, :2] if blob else self.rows[rows, 2:]
+        starts, ends = ranges[:, 0], ranges[:, 1]
+        lengths = self.data[starts[:, None] + _LENGTH_BYTES].view("<u8")[:, 0].astype(np.int64)
+        bad = np.flatnonzero(lengths != ends - starts - 8)
+        if len(bad):
+            b = int(bad[0])
+            raise DataError(f"{self.path}: a row at byte {int(starts[b])} holds {int(lengths[b])} bytes, its index says {int(ends[b] - starts[b] - 8)}; {_REDO}")
+        return [self.data[a + 8 : b] for a, b in zip(starts.tolist(), ends.tolist())]
 
 
 def _check_schema(path: Path, entry: dict) -> tuple[dict, list[str]]:
@@ -174,61 +182,114 @@ class MindRecord:
                     files.append(_File(member))
         return cls(files, str(path))
 
-    def _locate(self, i: int) -> tuple[_File, int]:
-        if not 0 <= i < self.num_rows:
-            raise IndexError(f"row {i} out of range [0, {self.num_rows})")
-        k = int(np.searchsorted(self._starts, i, side="right")) - 1
-        return self.files[k], i - int(self._starts[k])
+    def _locate(self, rows: list[int] | np.ndarray) -> list[tuple[_File, np.ndarray, np.ndarray]]:
+        """(file, row numbers within it, positions in `rows`) for each file that `rows` fall in."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= self.num_rows):
+            bad = int(rows.min()) if int(rows.min()) < 0 else int(rows.max())
+            raise IndexError(f"row {bad} out of range [0, {self.num_rows})")
+        if len(self.files) == 1:
+            return [(self.files[0], rows, np.arange(len(rows)))]
+        ks = np.searchsorted(self._starts, rows, side="right") - 1
+        out = []
+        for k in np.unique(ks).tolist():
+            pos = np.flatnonzero(ks == k)
+            out.append((self.files[k], rows[pos] - self._starts[k], pos))
+        return out
 
     def field(self, i: int, name: str) -> Any:
         """Field `name` of row i: a numpy array (arrays), bytes, or a Python scalar/string."""
+        return self.fields([i], name)[0]
+
+    def fields(self, rows: list[int] | np.ndarray, name: str) -> list[Any]:
+        """Field `name` of each of `rows`, in that order; integer arrays are decoded together."""
         if name not in self.schema:
             raise DataError(f"{self.where}: no field {name!r} (fields: {', '.join(self.schema)}); name the token field")
-        f, j = self._locate(i)
-        if name in self.blob_fields:
-            return self._blob_field(f, f.record(*f.rows[j, :2]), name)
-        return _unpack_raw(f, f.record(*f.rows[j, 2:])).get(name)
+        if self.compressed and name in self.blob_fields and self.schema[name]["type"] in ("int32", "int64"):
+            dtype = _TYPES[self.schema[name]["type"]]
+            return [self._shaped(name, v.astype(dtype)) for v in self.int_arrays(rows, name)[0]]
+        got: list[Any] = [None] * len(rows)
+        for f, js, pos in self._locate(rows):
+            if name in self.blob_fields:
+                values = [self._blob_value(f, self._blob_part(f, b, name), name) for b in f.records(js, blob=True)]
+            else:
+                values = [_unpack_raw(f, r).get(name) for r in f.records(js, blob=False)]
+            for p, v in zip(pos.tolist(), values):
+                got[p] = v
+        return got
+
+    def int_arrays(self, rows: list[int] | np.ndarray, name: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(values of the compressed integer field `name` of each of `rows`, flat and of the narrowest
+        type that holds them; pools whose min/max bound them all), one decode per file touched."""
+        got: list[Any] = [None] * len(rows)
+        pools = []
+        for f, js, pos in self._locate(rows):
+            parts = [self._blob_part(f, b, name) for b in f.records(js, blob=True)]
+            values, pool = decode_ints(parts, f.path)
+            pools.append(pool)
+            for p, v in zip(pos.tolist(), values):
+                got[p] = v
+        return got, pools
+
+    def row_chunks(self, max_bytes: int = 16 << 20) -> list[np.ndarray]:
+        """Consecutive row ids in runs of about `max_bytes` of stored records (at least one row
+        each): a whole-set pass decodes run by run, its temporaries bounded whatever the rows' size."""
+        sizes = np.concatenate([f.rows[:, 1] - f.rows[:, 0] + f.rows[:, 3] - f.rows[:, 2] for f in self.files])
+        if not len(sizes):
+            return []
+        cuts = np.flatnonzero(np.diff(np.cumsum(sizes) // max_bytes)) + 1
+        return np.split(np.arange(len(sizes)), cuts)
+
+    def row_lengths(self, name: str) -> np.ndarray | None:
+        """Every row's value count as its compressed field `name` stores it, when that is the only
+        blob field (its count opens each blob record); else None."""
+        if not (self.compressed and self.blob_fields == [name]):
+            return None
+        counts = []
+        for f in self.files:
+            starts, ends = f.rows[:, 0] + 8, f.rows[:, 1]
+            if np.any(ends - starts < 4):
+                return None  # a damaged row: reading it says so
+            head = f.data[starts[:, None] + np.arange(4)].astype(np.int64)
+            counts.append(head @ np.array([1 << 24, 1 << 16, 1 << 8, 1], dtype=np.int64))
+        return np.concatenate(counts) if counts else np.empty(0, dtype=np.int64)
 
     def row(self, i: int) -> dict[str, Any]:
-        f, j = self._locate(i)
-        out = {}
-        if len(self.blob_fields) < len(self.schema):
-            raw = _unpack_raw(f, f.record(*f.rows[j, 2:]))
-            out = {k: raw.get(k) for k in self.schema if k not in self.blob_fields}
-        if self.blob_fields:
-            blob = f.record(*f.rows[j, :2])
-            out.update({k: self._blob_field(f, blob, k) for k in self.blob_fields})
-        return out
+        return {k: self.field(i, k) for k in self.schema}
 
-    def _blob_field(self, f: _File, blob: np.ndarray, name: str) -> Any:
-        part = blob
-        if len(self.blob_fields) > 1:
-            pos = 0
-            for other in self.blob_fields:
-                if pos + 8 > len(blob):
-                    raise DataError(f"{f.path}: a row's blob ends inside field {other!r}; {_REDO}")
-                (n,) = struct.unpack(">Q", blob[pos : pos + 8].tobytes())
-                if other == name:
-                    part = blob[pos + 8 : pos + 8 + n]
-                    if len(part) != n:
-                        raise DataError(f"{f.path}: a row's field {name!r} is cut short; {_REDO}")
-                    break
-                pos += 8 + n
+    def _blob_part(self, f: _File, blob: np.ndarray, name: str) -> np.ndarray:
+        """Field `name`'s bytes in a blob record (the whole record when it is the only blob field)."""
+        if len(self.blob_fields) == 1:
+            return blob
+        pos = 0
+        for other in self.blob_fields:
+            if pos + 8 > len(blob):
+                raise DataError(f"{f.path}: a row's blob ends inside field {other!r}; {_REDO}")
+            (n,) = struct.unpack(">Q", blob[pos : pos + 8].tobytes())
+            if other == name:
+                part = blob[pos + 8 : pos + 8 + n]
+                if len(part) != n:
+                    raise DataError(f"{f.path}: a row's field {name!r} is cut short; {_REDO}")
+                return part
+            pos += 8 + n
+        raise AssertionError(name)  # _blob_part is only asked for blob fields
+
+    def _blob_value(self, f: _File, part: np.ndarray, name: str) -> Any:
+        """A bytes or plain (uncompressed) array field's value; fields() decodes compressed ints."""
         spec = self.schema[name]
         if spec["type"] == "bytes":
             return part.tobytes()
-        if self.compressed and spec["type"] in ("int32", "int64"):
-            values = decompress_ints(part, f.path).astype(_TYPES[spec["type"]], copy=False)
-        else:
-            dtype = np.dtype(_TYPES[spec["type"]])
-            if len(part) % dtype.itemsize:
-                raise DataError(f"{f.path}: field {name!r} holds {len(part)} bytes, not a whole number of {spec['type']}; {_REDO}")
-            values = part.view(dtype)
-        shape = spec.get("shape") or [-1]
+        dtype = np.dtype(_TYPES[spec["type"]])
+        if len(part) % dtype.itemsize:
+            raise DataError(f"{f.path}: field {name!r} holds {len(part)} bytes, not a whole number of {spec['type']}; {_REDO}")
+        return self._shaped(name, part.view(dtype), f.path)
+
+    def _shaped(self, name: str, values: np.ndarray, where: Path | str | None = None) -> np.ndarray:
+        shape = self.schema[name].get("shape") or [-1]
         try:
             return values.reshape(shape) if len(shape) > 1 else values
         except ValueError:
-            raise DataError(f"{f.path}: field {name!r} has {values.size} values, not of shape {shape}; {_REDO}") from None
+            raise DataError(f"{where or self.where}: field {name!r} has {values.size} values, not of shape {shape}; {_REDO}") from None
 
 
 def _set_of(path: Path) -> list[Path]:
@@ -246,39 +307,6 @@ def _set_of(path: Path) -> list[Path]:
         if not m.is_file():
             raise DataError(f"{m}: missing; {path} is one file of a set of {len(members)} ({', '.join(Path(a).name for a in addresses)})")
     return members
-
-
-def decompress_ints(buf: np.ndarray, where: Path | str = "MindRecord") -> np.ndarray:
-    """MindRecord's compressed integer array (see the module docs) -> int64 values."""
-    if len(buf) < 4:
-        raise DataError(f"{where}: a compressed integer field is {len(buf)} bytes long; {_REDO}")
-    n = int.from_bytes(buf[:4].tobytes(), "big")
-    nmap = (n + 3) // 4
-    if 4 + nmap > len(buf):
-        raise DataError(f"{where}: a compressed integer field claims {n} values in {len(buf)} bytes; {_REDO}")
-    if n == 0:
-        return np.empty(0, dtype=np.int64)
-    bits = np.unpackbits(buf[4 : 4 + nmap])[: 2 * n]
-    codes = (bits[0::2] << 1) | bits[1::2]
-    body = buf[4 + nmap :]
-    widths = np.left_shift(1, codes, dtype=np.int64)
-    ends = np.cumsum(widths)
-    if int(ends[-1]) != len(body):
-        raise DataError(f"{where}: a compressed integer field's widths add up to {int(ends[-1])} bytes, it holds {len(body)}; {_REDO}")
-    top = int(codes.max())
-    if top == int(codes.min()):  # one width throughout: a plain view
-        return body.view(_INT_DTYPES[top]).astype(np.int64)
-    # Assemble every value from little-endian bytes as the widest width present (byte gathers are
-    # numpy's fast path), then shift left and arithmetically right by the bits past each value's
-    # own width: that drops the next values' bytes and extends the sign.
-    starts, wide, size = ends - widths, _UINT_DTYPES[top], 1 << top
-    padded = np.zeros(len(body) + size, dtype=np.uint8)
-    padded[: len(body)] = body
-    raw = padded[starts].astype(wide)
-    for k in range(1, size):
-        raw |= padded[starts + k].astype(wide) << wide.type(8 * k)
-    shift = ((size - widths) << 3).astype(_INT_DTYPES[top])
-    return ((raw.view(_INT_DTYPES[top]) << shift) >> shift).astype(np.int64)
 
 
 def _unpack_raw(f: _File, record: np.ndarray) -> dict:
@@ -346,12 +374,13 @@ def _container(b: bytes, i: int, n: int, kind: str) -> tuple[Any, int]:
 class MindRecordRows:
     """A MindRecord set as one of the loader's datasets: each row is one sample, as MindFormers
     trains on it (its rows are seq_length + 1 tokens; no windows across rows). Token ids come from
-    the integer array field `field` and are checked against `vocab_size` as each row is read."""
+    the integer array field `field` and are checked against `vocab_size` as each batch is read, or
+    once when `cache` (mindrecord_cache.CachedRows, the decoded rows) is given."""
 
     rows_are_samples = True
     bos_id = eos_id = pad_id = None
 
-    def __init__(self, records: MindRecord, field: str, split: str, vocab_size: int | None):
+    def __init__(self, records: MindRecord, field: str, split: str, vocab_size: int | None, cache=None):
         spec = records.schema.get(field)
         if spec is None:
             raise DataError(
@@ -362,17 +391,32 @@ class MindRecordRows:
         self.records, self.field, self.split, self.vocab_size = records, field, split, vocab_size
         self.folder = Path(records.where)
         self.num_docs = records.num_rows
+        self.cache = cache  # rows decoded once (mindrecord_cache.CachedRows), or None: decoded when read
+        if self.cache is not None and vocab_size is not None and self.cache.max_id >= vocab_size:
+            self._out_of_vocab(self.cache.max_row, self.cache.max_id)
 
     @classmethod
     def open(cls, path: str | Path, field: str = "input_ids", split: str = "train", vocab_size: int | None = None) -> MindRecordRows:
         return cls(MindRecord.open(path), field, split, vocab_size)
 
     def doc(self, i: int) -> np.ndarray:
-        ids = self.records.field(i, self.field)
-        if len(ids) and (int(ids.min()) < 0 or (self.vocab_size is not None and int(ids.max()) >= self.vocab_size)):
-            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
-            raise DataError(
-                f"{self.folder}: row {i} holds token id {bad}, outside vocab_size {self.vocab_size}; check "
-                "model.vocab_size (training) or --tokenizer (prepare), and the token field"
-            )
+        return self.docs([i])[0]
+
+    def docs(self, rows: list[int] | np.ndarray) -> list[np.ndarray]:
+        """Token ids of each of `rows` (flat, of the narrowest integer type that holds them), decoded
+        together and range-checked with one min/max over the batch."""
+        if self.cache is not None:  # ranges checked when the cache was written and opened
+            return self.cache.rows(rows)
+        ids, pools = self.records.int_arrays(rows, self.field)
+        lo, hi = min(int(p.min()) for p in pools), max(int(p.max()) for p in pools)
+        if lo < 0 or (self.vocab_size is not None and hi >= self.vocab_size):
+            for i, row in zip(np.asarray(rows).tolist(), ids):
+                if len(row) and (int(row.min()) < 0 or (self.vocab_size is not None and int(row.max()) >= self.vocab_size)):
+                    self._out_of_vocab(i, int(row.min()) if int(row.min()) < 0 else int(row.max()))
         return ids
+
+    def _out_of_vocab(self, i: int, bad: int) -> None:
+        raise DataError(
+            f"{self.folder}: row {i} holds token id {bad}, outside vocab_size {self.vocab_size}; check "
+            "model.vocab_size (training) or --tokenizer (prepare), and the token field"
+        )

@@ -24,8 +24,6 @@ from lmforge.errors import DataError, LmforgeError
 from lmforge.tokenizer import Tokenizer, load_tokenizer
 from lmforge.weights.outdir import check_output_dir
 
-_BATCH_ROWS = 4096
-
 
 def prepare_mindrecord(
     inputs,
@@ -85,8 +83,8 @@ def _write(out: Path, sets: list[MindRecordRows], unit: dict, dtype: str, shard_
         ShardWriter(out, "val", dtype, shard_tokens, prefix="val-u00000") as val_w,
     ):
         for rows in sets:
-            for lo in range(0, rows.num_docs, _BATCH_ROWS):
-                docs = [rows.doc(i) for i in range(lo, min(lo + _BATCH_ROWS, rows.num_docs))]
+            for ids in rows.records.row_chunks():
+                docs = rows.docs(ids)  # one decode per ~16 MiB of records
                 lengths = np.array([len(d) for d in docs], dtype=np.int64)
                 flat = np.concatenate(docs).astype(train_w.dtype) if docs else np.empty(0, train_w.dtype)
                 k = np.arange(j, j + len(docs), dtype=np.int64)

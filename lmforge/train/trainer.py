@@ -114,6 +114,7 @@ class _Trainer:
             device=ctx.device,
             tokenizer_fingerprint=fingerprint,
             vocab_size=cfg.model.vocab_size,
+            cache_dir=self.run_dir / "mindrecord_cache" if cfg.data.mindrecord_cache else None,
         )
         self.train_loader = build_loader(cfg.data, "train", micro, **loader_args)
         self.val_loader, self.no_val_reason = None, None
