@@ -1,17 +1,28 @@
-"""GGUF against llama.cpp itself (llama-cpp-python, in the dev extra): every supported pre-tokenizer
-name tokenizes like llama.cpp, export -> import -> export is byte-identical, a SmolLM2-style Hugging
-Face folder runs in llama.cpp with transformers' greedy text, and K-quant / 4-bit exports are as
-close to f32 as llama.cpp's own quantiser makes them."""
+"""GGUF against llama.cpp itself (llama-cpp-python, which .ci/llamacpp installs): every supported
+pre-tokenizer name tokenizes like llama.cpp, export -> import -> export is byte-identical, a
+SmolLM2-style Hugging Face folder runs in llama.cpp with transformers' greedy text, and K-quant /
+4-bit exports are as close to f32 as llama.cpp's own quantiser makes them."""
 
+import importlib
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
 
-gguf = pytest.importorskip("gguf")
-llama_cpp = pytest.importorskip("llama_cpp")
-transformers = pytest.importorskip("transformers")
+
+def _required(name):
+    """Skipped where llama.cpp is not installed, except in CI (CI=true), where .ci/llamacpp has
+    installed it and a missing module fails the run instead of hiding these tests."""
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        return importlib.import_module(name)
+    return pytest.importorskip(name, reason=f"no {name}: bash .ci/llamacpp .venv installs llama.cpp")
+
+
+gguf = _required("gguf")
+llama_cpp = _required("llama_cpp")
+transformers = _required("transformers")
 
 from test_gguf import train_test_tokenizer  # noqa: E402
 
