@@ -150,7 +150,7 @@ def device_checks(device: str) -> list[str]:
         lines.append(f"host syncs in a step's forward/backward (set_sync_debug_mode): {len(syncs)}"
                      + (f" (first: {syncs[0]})" if syncs else ""))
     else:
-        lines.append("host syncs: set_sync_debug_mode is CUDA-only (tests/test_speed.py counts them on CPU)")
+        lines.append("host syncs: set_sync_debug_mode is CUDA-only (tests/unit/test_speed.py counts them on CPU)")
     return lines
 
 

@@ -10,7 +10,7 @@ runs a hand-written splitter for a regex (GPT-2, Llama-3, Qwen2, Qwen3.5, Kimi-K
 we write the regex that splitter implements, and where it runs std::regex on a rewritten regex we
 write the rewritten one, since that is what it executes (including its quirks: Kimi-K2's letters
 without marks, DeepSeek's ranges that skip the spaces llama.cpp rewrites to U+000B).
-tests/test_gguf_llamacpp.py checks every name against llama.cpp's own tokenizer.
+tests/integration/test_gguf_llamacpp.py checks every name against llama.cpp's own tokenizer.
 
 Export names a tokenizer as llama.cpp's converter does, by what it does to a fixed text: first
 the converter's own hash table (ids of CHK_TXT, so a real model's tokenizer gets the exact name

@@ -15,7 +15,7 @@ dispatch at full shape. Past the schedule's warm-up (at most `pp` micro batches 
 gpipe/1F1B) a step's peak memory and its collectives grow linearly with the micro batch count
 (torch's pipeline stages keep one receive buffer per micro batch; each micro batch issues the same
 collectives), so a rank is run at two counts past the warm-up and its figures are extended along
-that line to the configured count (`microbatch_counts`); tests/test_dryrun.py checks the
+that line to the configured count (`microbatch_counts`); tests/integration/test_dryrun.py checks the
 extension against a direct run.
 
 The coupling to the train step is one function, `_run_one_step`: what the trainer calls per step.
