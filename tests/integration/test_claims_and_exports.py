@@ -42,8 +42,10 @@ def step(tmp_path_factory):
 
 def _generate_with_rss(target: Path) -> tuple[subprocess.CompletedProcess, float, float]:
     code = (
-        "import resource, sys, atexit\n"
-        "atexit.register(lambda: print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr))\n"
+        # VmHWM is this process's own peak; ru_maxrss would include the forking pytest's.
+        "import sys, atexit\n"
+        "hwm = lambda: [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]\n"
+        "atexit.register(lambda: print('MAXRSS_KB', hwm(), file=sys.stderr))\n"
         "from lmforge.cli import main\n"
         f"sys.exit(main(['generate', '--checkpoint', {str(target)!r}, '--prompt', 'x']))\n"
     )

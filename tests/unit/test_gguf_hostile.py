@@ -16,11 +16,14 @@ from lmforge.interop.gguf_export import export_gguf  # noqa: E402
 
 # What `python -m lmforge` costs with torch imported, plus room; a claimed model would be GBs.
 MAX_RSS_MB = 1200
+# VmHWM, not ru_maxrss: Linux carries the forking parent's peak into the child's ru_maxrss across
+# exec, so a pytest process grown large by earlier tests would be measured instead of this one.
 _RUN = (
-    "import resource, sys\n"
+    "import sys\n"
     "from lmforge.cli import main\n"
     "rc = main(sys.argv[1:])\n"
-    "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
+    "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]\n"
+    "print(int(hwm.split()[1]) // 1024)\n"
     "sys.exit(rc)\n"
 )
 
