@@ -45,9 +45,8 @@ def build_step(cfg, ctx):
     from lmforge.train.optim import build_optimizer
     from lmforge.train.schedule import build_schedule
     from lmforge.train.step import autocast_context, build_train_step, make_scaler
-    from lmforge.weights.dtypes import compute_dtype
 
-    dtype = compute_dtype(cfg.train.dtype, ctx.device)
+    dtype = step_dtype(cfg, ctx)
     sharded = ctx.distributed and (ctx.shape.uses_fsdp or ctx.tp_size > 1)
     model = build_parallel_model(cfg.model, cfg.parallel, ctx, seed=cfg.run.seed, seq_len=cfg.data.seq_len)
     optimizer = build_optimizer(model, cfg.optim)
@@ -63,6 +62,23 @@ def build_step(cfg, ctx):
     )
     model.train()
     return model, optimizer, step
+
+
+def gpu_rules(cfg) -> bool:
+    """Whether the dry run picks dtypes as on a GPU: the config targets one (train.device auto or
+    cuda). Tensors stay fake CPU tensors either way; train.device=cpu simulates lmforge's CPU rule
+    (FSDP2 gathers and reduces in fp32), which is what the real gloo runs of the tests do."""
+    return cfg.train.device != "cpu"
+
+
+def step_dtype(cfg, ctx) -> torch.dtype:
+    """The trainer's compute dtype (train.dtype); under `ctx.gpu_rules`, auto is bf16 as on the
+    GPUs the planner costs (A100 / H100 and later all support it), whatever this machine has."""
+    from lmforge.weights.dtypes import compute_dtype
+
+    if ctx.gpu_rules and cfg.train.dtype == "auto":
+        return torch.bfloat16
+    return compute_dtype(cfg.train.dtype, ctx.device)
 
 
 def _run_one_step(train_step, batches: list[dict]):
@@ -283,7 +299,8 @@ def _rank_worker(job) -> dict:
     try:
         with fake_rank(rank, world_size):
             cfg = config_from_dict(tree, "<dry run>")
-            ctx = init_distributed(cfg.parallel, cfg.train.device)
+            ctx = init_distributed(cfg.parallel, "cpu")  # fake CPU tensors, whatever the machine has
+            ctx.gpu_rules = gpu_rules(cfg)
             where = f"rank {rank} (pp stage {ctx.pp_rank}, tp {ctx.tp_rank}, dp {ctx.dp_rank})"
             try:
                 with fake_tensors():
@@ -306,6 +323,7 @@ def _rank_worker(job) -> dict:
         "tp_rank": ctx.tp_rank,
         "dp_rank": ctx.dp_rank,
         "microbatches": k,
+        "dtype_rules": "cuda" if ctx.gpu_rules else "cpu",
         "simulated_peak_bytes": measured["peak_bytes"],
         "categories": measured["categories"],
         "collectives": measured["collectives"],
@@ -369,7 +387,9 @@ def dry_run(cfg, world_size: int, gpu_memory_gib: float | None = None, json_path
     runs = records[0].get("microbatches_run")
     how = f"run at {runs[0]} and {runs[1]} micro batches, extended to {records[0]['microbatches']}" if runs else (
         f"{records[0]['microbatches']} micro batches")
-    echo(f"dry run: {len(records)} ranks simulated of {world_size}, one step each ({how}), "
+    rules = ("dtypes as on a GPU (train.device auto/cuda; train.device=cpu for the CPU's fp32 FSDP2 rule)"
+             if gpu_rules(cfg) else "dtypes as on the CPU (train.device cpu)")
+    echo(f"dry run: {len(records)} ranks simulated of {world_size}, one step each ({how}), {rules}, "
          f"{time.perf_counter() - t0:.1f} s")
     if json_path:
         path = Path(json_path)
