@@ -149,6 +149,26 @@ def test_not_fitting_is_one_line_per_rank_exit_2(tmp_path):
             "categories", "collectives"} <= set(records[0])
 
 
+def test_gpu_dtype_rules_gather_in_param_dtype():
+    """train.device auto simulates a GPU's FSDP2 dtypes (bf16 gathers, fp32 reduce-scatters) on
+    fake CPU tensors; train.device cpu keeps lmforge's CPU rule (fp32 gathers)."""
+    from lmforge.config import config_from_dict
+    from lmforge.train.dryrun import simulate
+
+    runs = {}
+    for device in ("cpu", "auto"):
+        tree = _tree({"strategy": "fsdp", "param_dtype": "bfloat16"})
+        tree["train"]["device"] = device
+        runs[device] = simulate(config_from_dict(tree, device), 2, ranks=[0])[0]
+    assert runs["cpu"]["dtype_rules"] == "cpu" and runs["auto"]["dtype_rules"] == "cuda"
+    gather = {d: r["collectives"]["dp_shard"]["allgather_base"] for d, r in runs.items()}
+    assert gather["auto"]["count"] == gather["cpu"]["count"]
+    assert gather["auto"]["bytes"] * 2 == gather["cpu"]["bytes"]
+    scatter = {d: r["collectives"]["dp_shard"]["reduce_scatter_base"]["bytes"] for d, r in runs.items()}
+    assert scatter["auto"] == scatter["cpu"]
+    assert runs["auto"]["simulated_peak_bytes"] < runs["cpu"]["simulated_peak_bytes"]
+
+
 def _saved_checkpoint(tmp_path) -> str:
     """A real one-process checkpoint of TINY (model and AdamW moments), as the trainer saves it."""
     from lmforge.config import config_from_dict
