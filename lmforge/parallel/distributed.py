@@ -35,6 +35,14 @@ class ParallelContext:
     backend: str | None = None  # None: no process group
     dp_group: object | None = None  # process group over data-parallel ranks (same pp and tp rank)
     pp_group: object | None = None  # process group over the pipeline stages (same dp and tp rank)
+    # The dry run simulating a GPU on CPU tensors: dtypes are chosen as on a CUDA device (FSDP2's
+    # param/reduce dtypes, the pipeline's activation dtype) while tensors stay on `device`.
+    gpu_rules: bool = False
+
+    @property
+    def precision_device(self) -> torch.device:
+        """The device whose precision rules apply: `device`, or CUDA under `gpu_rules`."""
+        return torch.device("cuda") if self.gpu_rules else self.device
 
     @property
     def dp_size(self) -> int:

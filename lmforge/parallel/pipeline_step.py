@@ -141,7 +141,7 @@ class PipelineSchedule:
         self.seq_len, self.n_micro, self.rows = seq_len, n_micro, rows  # microbatches() checked n_micro | rows
         self.vocab_parallel = bool(pcfg.loss_parallel) and ctx.tp_size > 1
         self.tp_mesh = ctx.mesh["tp"] if self.vocab_parallel else None
-        self.act_dtype = fsdp_param_dtype(pcfg, ctx.device) if ctx.shape.fsdp_wrapped else torch.float32
+        self.act_dtype = fsdp_param_dtype(pcfg, ctx.precision_device) if ctx.shape.fsdp_wrapped else torch.float32
         self.logits_dtype = logits_dtype
         last = model.stages[-1] if model.has_last else None
         self.hidden_out = last is not None and loss.uses_hidden(last)

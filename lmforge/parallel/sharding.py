@@ -82,11 +82,11 @@ def apply_fsdp(model: nn.Module, ctx: ParallelContext, pcfg, offload: bool = Fal
 
     shape = ctx.shape
     mesh = ctx.mesh["dp_replicate", "dp_shard"] if shape.dp_replicate > 1 else ctx.mesh["dp_shard"]
-    reduce_dtype = _DTYPES[pcfg.reduce_dtype] if ctx.device.type == "cuda" else torch.float32
+    reduce_dtype = _DTYPES[pcfg.reduce_dtype] if ctx.precision_device.type == "cuda" else torch.float32
     kwargs = {
         "mesh": mesh,
         "mp_policy": MixedPrecisionPolicy(
-            param_dtype=fsdp_param_dtype(pcfg, ctx.device), reduce_dtype=reduce_dtype
+            param_dtype=fsdp_param_dtype(pcfg, ctx.precision_device), reduce_dtype=reduce_dtype
         ),
     }
     if offload:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.errors import ConfigError, LmforgeError
+from lmforge.errors import CheckpointError, ConfigError, LmforgeError
 from lmforge.parallel.dryrun import CATEGORIES, StepMeasure, fake_rank, fake_tensors
 
 GIB = 1024**3
@@ -45,9 +45,8 @@ def build_step(cfg, ctx):
     from lmforge.train.optim import build_optimizer
     from lmforge.train.schedule import build_schedule
     from lmforge.train.step import autocast_context, build_train_step, make_scaler
-    from lmforge.weights.dtypes import compute_dtype
 
-    dtype = compute_dtype(cfg.train.dtype, ctx.device)
+    dtype = step_dtype(cfg, ctx)
     sharded = ctx.distributed and (ctx.shape.uses_fsdp or ctx.tp_size > 1)
     model = build_parallel_model(cfg.model, cfg.parallel, ctx, seed=cfg.run.seed, seq_len=cfg.data.seq_len)
     optimizer = build_optimizer(model, cfg.optim)
@@ -63,6 +62,23 @@ def build_step(cfg, ctx):
     )
     model.train()
     return model, optimizer, step
+
+
+def gpu_rules(cfg) -> bool:
+    """Whether the dry run picks dtypes as on a GPU: the config targets one (train.device auto or
+    cuda). Tensors stay fake CPU tensors either way; train.device=cpu simulates lmforge's CPU rule
+    (FSDP2 gathers and reduces in fp32), which is what the real gloo runs of the tests do."""
+    return cfg.train.device != "cpu"
+
+
+def step_dtype(cfg, ctx) -> torch.dtype:
+    """The trainer's compute dtype (train.dtype); under `ctx.gpu_rules`, auto is bf16 as on the
+    GPUs the planner costs (A100 / H100 and later all support it), whatever this machine has."""
+    from lmforge.weights.dtypes import compute_dtype
+
+    if ctx.gpu_rules and cfg.train.dtype == "auto":
+        return torch.bfloat16
+    return compute_dtype(cfg.train.dtype, ctx.device)
 
 
 def _run_one_step(train_step, batches: list[dict]):
@@ -96,9 +112,10 @@ def prime_optimizer(model, optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def measure_rank(cfg, ctx, fake: bool, batches: list[dict] | None = None) -> dict:
+def measure_rank(cfg, ctx, fake: bool, batches: list[dict] | None = None, checkpoint=None) -> dict:
     """Build this rank's model and step, prime the optimizer and measure one full training step
-    (real or fake tensors)."""
+    (real or fake tensors). `checkpoint`: (path, config key, with optimizer) to plan this rank's
+    load of (`dryrun_ckpt.plan_problems`), listed under "checkpoint_problems"."""
     model, optimizer, step = build_step(cfg, ctx)
     prime_optimizer(model, optimizer)
     batches = batches or loader_batches(cfg, ctx)
@@ -107,7 +124,13 @@ def measure_rank(cfg, ctx, fake: bool, batches: list[dict] | None = None) -> dic
         extra[model.tied_group.group_name] = "pp"  # tied embedding: first <-> last stage
     with StepMeasure(ctx, model, optimizer, fake, extra) as m:
         _run_one_step(step, batches)
-    return m.result()
+    out = m.result()
+    if checkpoint is not None:
+        from lmforge.train.dryrun_ckpt import plan_problems
+
+        path, key, with_optim = checkpoint
+        out["checkpoint_problems"] = plan_problems(Path(path), key, model, optimizer if with_optim else None, ctx.rank)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,7 +265,8 @@ def simulate(cfg, world_size: int, ranks: list[int] | None = None, workers: int 
     n, default_counts = microbatch_counts(cfg, shape)
     counts = counts or default_counts
     trees = {k: tree if k == n else tree_with_microbatches(tree, cfg, shape, k) for k in counts}
-    jobs = [(trees[k], world_size, r, k) for r in ranks for k in counts]
+    checkpoint, ckpt_problems = checkpoint_check(cfg)
+    jobs = [(trees[k], world_size, r, k, checkpoint if k == counts[0] else None) for r in ranks for k in counts]
     pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), maxtasksperchild=1)
     try:
         results = pool.map(_rank_worker, jobs, chunksize=1)
@@ -259,6 +283,9 @@ def simulate(cfg, world_size: int, ranks: list[int] | None = None, workers: int 
         else:
             res = extend(by[(r, counts[0])], by[(r, counts[1])], counts[0], counts[1], n)
         res["microbatches"] = n
+        if checkpoint is not None:
+            res["checkpoint"] = str(checkpoint[0])
+            res["checkpoint_problems"] = ckpt_problems + by[(r, counts[0])].get("checkpoint_problems", [])
         res["overhead_bytes"] = OVERHEAD
         res["needs_bytes"] = res["simulated_peak_bytes"] + OVERHEAD
         if planned is not None:
@@ -273,21 +300,37 @@ def simulate(cfg, world_size: int, ranks: list[int] | None = None, workers: int 
     return records
 
 
+def checkpoint_check(cfg) -> tuple[tuple[str, str, bool] | None, list[str]]:
+    """The checkpoint the trainer would load at step 1, if any, as (path, key, with optimizer),
+    its index vetted here once (an unsafe or damaged one is refused before any rank is built), and
+    the model config keys it differs in."""
+    from lmforge.train.dryrun_ckpt import checkpoint_to_load, config_problems
+    from lmforge.weights.safe_meta import vetted_metadata
+
+    found = checkpoint_to_load(cfg)
+    if found is None:
+        return None, []
+    path, key, with_optim = found
+    vetted_metadata(path)
+    return (str(path), key, with_optim), config_problems(path, key, cfg)
+
+
 def _rank_worker(job) -> dict:
     """Simulate one rank in this (fresh) process; errors come back as one line."""
     from lmforge.config import config_from_dict
     from lmforge.parallel import init_distributed
 
-    tree, world_size, rank, k = job
+    tree, world_size, rank, k, checkpoint = job
     t0, cpu0 = time.perf_counter(), time.process_time()
     try:
         with fake_rank(rank, world_size):
             cfg = config_from_dict(tree, "<dry run>")
-            ctx = init_distributed(cfg.parallel, cfg.train.device)
+            ctx = init_distributed(cfg.parallel, "cpu")  # fake CPU tensors, whatever the machine has
+            ctx.gpu_rules = gpu_rules(cfg)
             where = f"rank {rank} (pp stage {ctx.pp_rank}, tp {ctx.tp_rank}, dp {ctx.dp_rank})"
             try:
                 with fake_tensors():
-                    measured = measure_rank(cfg, ctx, fake=True)
+                    measured = measure_rank(cfg, ctx, fake=True, checkpoint=checkpoint)
             except LmforgeError:
                 raise
             except Exception as exc:  # noqa: BLE001 - torch refusing the layout is the finding
@@ -306,9 +349,11 @@ def _rank_worker(job) -> dict:
         "tp_rank": ctx.tp_rank,
         "dp_rank": ctx.dp_rank,
         "microbatches": k,
+        "dtype_rules": "cuda" if ctx.gpu_rules else "cpu",
         "simulated_peak_bytes": measured["peak_bytes"],
         "categories": measured["categories"],
         "collectives": measured["collectives"],
+        "checkpoint_problems": measured.get("checkpoint_problems", []),
         "seconds": round(time.perf_counter() - t0, 2),
         "cpu_seconds": round(time.process_time() - cpu0, 2),
     }
@@ -369,13 +414,22 @@ def dry_run(cfg, world_size: int, gpu_memory_gib: float | None = None, json_path
     runs = records[0].get("microbatches_run")
     how = f"run at {runs[0]} and {runs[1]} micro batches, extended to {records[0]['microbatches']}" if runs else (
         f"{records[0]['microbatches']} micro batches")
-    echo(f"dry run: {len(records)} ranks simulated of {world_size}, one step each ({how}), "
+    rules = ("dtypes as on a GPU (train.device auto/cuda; train.device=cpu for the CPU's fp32 FSDP2 rule)"
+             if gpu_rules(cfg) else "dtypes as on the CPU (train.device cpu)")
+    echo(f"dry run: {len(records)} ranks simulated of {world_size}, one step each ({how}), {rules}, "
          f"{time.perf_counter() - t0:.1f} s")
     if json_path:
         path = Path(json_path)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps({"world_size": world_size, "ranks": records}, indent=1))
         tmp.replace(path)
+    if records and records[0].get("checkpoint"):
+        from lmforge.train.dryrun_ckpt import refusal
+
+        problem = refusal([p for r in records for p in r["checkpoint_problems"]], records[0]["checkpoint"])
+        if problem:
+            raise CheckpointError(problem)
+        echo(f"dry run: checkpoint {records[0]['checkpoint']} plans onto every simulated rank (DCP load plan)")
     if gpu_memory_gib is not None:
         short = not_fitting(records, gpu_memory_gib)
         if short:

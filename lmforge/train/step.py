@@ -198,7 +198,7 @@ def logits_dtype(amp, pcfg, ctx) -> torch.dtype:
     if ctx.shape.fsdp_wrapped:
         from lmforge.parallel.sharding import fsdp_param_dtype
 
-        return fsdp_param_dtype(pcfg, ctx.device)
+        return fsdp_param_dtype(pcfg, ctx.precision_device)
     return torch.float32
 
 

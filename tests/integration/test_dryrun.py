@@ -149,6 +149,74 @@ def test_not_fitting_is_one_line_per_rank_exit_2(tmp_path):
             "categories", "collectives"} <= set(records[0])
 
 
+def test_gpu_dtype_rules_gather_in_param_dtype():
+    """train.device auto simulates a GPU's FSDP2 dtypes (bf16 gathers, fp32 reduce-scatters) on
+    fake CPU tensors; train.device cpu keeps lmforge's CPU rule (fp32 gathers)."""
+    from lmforge.config import config_from_dict
+    from lmforge.train.dryrun import simulate
+
+    runs = {}
+    for device in ("cpu", "auto"):
+        tree = _tree({"strategy": "fsdp", "param_dtype": "bfloat16"})
+        tree["train"]["device"] = device
+        runs[device] = simulate(config_from_dict(tree, device), 2, ranks=[0])[0]
+    assert runs["cpu"]["dtype_rules"] == "cpu" and runs["auto"]["dtype_rules"] == "cuda"
+    gather = {d: r["collectives"]["dp_shard"]["allgather_base"] for d, r in runs.items()}
+    assert gather["auto"]["count"] == gather["cpu"]["count"]
+    assert gather["auto"]["bytes"] * 2 == gather["cpu"]["bytes"]
+    scatter = {d: r["collectives"]["dp_shard"]["reduce_scatter_base"]["bytes"] for d, r in runs.items()}
+    assert scatter["auto"] == scatter["cpu"]
+    assert runs["auto"]["simulated_peak_bytes"] < runs["cpu"]["simulated_peak_bytes"]
+
+
+def _saved_checkpoint(tmp_path) -> str:
+    """A real one-process checkpoint of TINY (model and AdamW moments), as the trainer saves it."""
+    from lmforge.config import config_from_dict
+    from lmforge.parallel import init_distributed
+    from lmforge.train.dryrun import build_step, prime_optimizer
+    from lmforge.weights.checkpoint import save_checkpoint
+
+    cfg = config_from_dict(_tree({}), "one")
+    ctx = init_distributed(cfg.parallel, cfg.train.device)
+    model, optimizer, _ = build_step(cfg, ctx)
+    prime_optimizer(model, optimizer)
+    return str(save_checkpoint(tmp_path / "ckpt", 1, model, optimizer, {"config": cfg.model_dump(mode="json")}, {}, 1))
+
+
+@pytest.mark.parametrize("name", ["fsdp2", "pp2"])
+def test_resume_checkpoint_plans_onto_another_layout(tmp_path, name):
+    """A checkpoint saved by one process plans onto FSDP2 x 2 / PP 2 shards; the same checkpoint
+    against a wider model is one line per key (path, key, what to do), exit 2, no traceback."""
+    import subprocess
+
+    import yaml
+
+    from lmforge.config import config_from_dict
+    from lmforge.train.dryrun import dry_run
+
+    path = _saved_checkpoint(tmp_path)
+    world, parallel = LAYOUTS[name]
+    tree = _tree(parallel)
+    tree["train"]["resume"] = path
+    said = []
+    dry_run(config_from_dict(tree, name), world, echo=said.append)
+    assert any("plans onto every simulated rank" in line for line in said), said
+    if name != "fsdp2":
+        return
+    tree["model"]["intermediate_size"] = 96
+    cfg_file = tmp_path / "wider.yaml"
+    cfg_file.write_text(yaml.safe_dump(tree))
+    proc = subprocess.run([sys.executable, "-m", "lmforge", "train", "--config", str(cfg_file), "--dry-run",
+                           "--world-size", str(world)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith(path)]
+    assert any("model.intermediate_size" in ln for ln in lines), proc.stderr
+    assert any("'model.layers.0.feed_forward.w1.weight' is saved as (" in ln for ln in lines), proc.stderr
+    assert "more keys" in proc.stderr  # 4 layers x 3 matrices x (weight, exp_avg, exp_avg_sq)
+    assert all("train.resume=never" in ln for ln in lines)
+
+
 def _worker(spec: str, out: str) -> None:
     from lmforge.config import config_from_dict
     from lmforge.parallel import init_distributed
