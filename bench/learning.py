@@ -37,10 +37,17 @@ import torch
 # name -> overrides of TODAY, the demo recipe as it was before issue 19 (AdamW for every parameter,
 # cosine, no document mask), itself applied over lmforge/configs/demo.yaml; "demo" is the packaged
 # demo.yaml as it is now (the chosen recipe).
-TODAY = {"optim": {"name": "adamw", "muon_lr": None, "schedule": "cosine"}, "data": {"document_mask": False}}
+# TODAY pins every value the demo recipe has changed since (lr and tied embeddings too), so it
+# stays the pre-issue-19 recipe whatever demo.yaml now says.
+TODAY = {
+    "optim": {"name": "adamw", "muon_lr": None, "schedule": "cosine", "lr": 0.006},
+    "data": {"document_mask": False},
+    "model": {"tie_embeddings": True},
+}
 DEMO = {
-    "optim": {"name": "muon", "muon_lr": 0.01, "schedule": "wsd", "decay_ratio": 0.3},
+    "optim": {"name": "muon", "muon_lr": 0.005, "lr": 0.012, "schedule": "wsd", "decay_ratio": 0.3},
     "data": {"document_mask": True},
+    "model": {"tie_embeddings": False},
 }
 RECIPES: dict[str, dict] = {
     "today": {},

@@ -128,6 +128,9 @@ class TrainConfig(Section):
     # Output layer + loss fused and chunked over tokens (lmforge/loss.py): same loss, no
     # [tokens, vocab] logits; tensor-parallel output layers use the plain logits path anyway.
     fused_loss: bool = True
+    # z-loss coefficient: coef x mean(logsumexp(logits)^2) over the target tokens joins the training
+    # loss (and the logged train loss); validation stays plain CE. PaLM used 1e-4; 0 is off.
+    z_loss: float = Field(0.0, ge=0.0)
     # The trainer refuses a run whose estimated per-rank memory (parallel/plan.py) exceeds the
     # device's (RAM on CPU) before it allocates anything; true goes on anyway.
     skip_memory_check: bool = False
@@ -298,6 +301,11 @@ class Config(Section):
             raise ValueError(
                 f"@parallel.pp {p.pp} x pp_virtual_stages {p.pp_virtual_stages} = {stages} stages but the model "
                 f"has {self.model.num_layers} layers; every stage needs at least one layer"
+            )
+        if self.train.z_loss and p.loss_parallel:
+            raise ValueError(
+                "@train.z_loss with parallel.loss_parallel (vocab-sharded logits) is not supported; "
+                "set train.z_loss 0 or parallel.loss_parallel false"
             )
         # With the data-parallel size still unknown (set by the launch), grad_accum_steps alone.
         dp = self.static_dp_size() or 1

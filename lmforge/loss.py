@@ -10,6 +10,10 @@ chunks, and each chunk's loss AND its gradients (w.r.t. the hidden states and th
 computed in the forward, so backward only scales what was kept. At Llama-3's 128,256 vocabulary
 that removes the largest activation of a step. On CUDA, Liger-Kernel's Triton implementation
 is used when it is installed (`pip install lmforge[liger]`); everywhere else our PyTorch one.
+
+z-loss (train.z_loss, PaLM's stabiliser): coef x logsumexp(logits)^2 per target token, added to
+the summed training loss on both paths, so the step's division by the target count makes it a mean
+over the loss-masked tokens. Only while gradients are taken: validation reports plain CE.
 """
 
 from __future__ import annotations
@@ -35,6 +39,12 @@ def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     )
 
 
+def summed_z_loss(logits: torch.Tensor, labels: torch.Tensor, coef: float) -> torch.Tensor:
+    """coef x the sum of logsumexp(logits)^2 over targets that are not IGNORE_INDEX (fp32)."""
+    lse = torch.logsumexp(logits.float().reshape(-1, logits.size(-1)), dim=-1)
+    return coef * (lse.square() * (labels.reshape(-1) != IGNORE_INDEX)).sum()
+
+
 def _chunk_size(num_tokens: int, vocab: int, chunk_tokens: int | None) -> int:
     if chunk_tokens is None:
         chunk_tokens = max(1, _CHUNK_ELEMENTS // vocab)
@@ -42,18 +52,27 @@ def _chunk_size(num_tokens: int, vocab: int, chunk_tokens: int | None) -> int:
 
 
 def _chunk_loss_and_logit_grad(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, need_grad: bool
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, need_grad: bool, z_loss: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Summed CE of one chunk and, if asked, d(loss)/d(logits) = softmax - one_hot in the compute
-    dtype, NOT yet zeroed on ignored rows (the caller masks the two [n, H]-sized products instead
-    of this [n, V] block)."""
+    """Summed CE (+ z-loss) of one chunk and, if asked, d(loss)/d(logits) = softmax - one_hot
+    (z-loss: softmax x (1 + 2 coef lse) - one_hot) in the compute dtype, NOT yet zeroed on ignored
+    rows (the caller masks the two [n, H]-sized products instead of this [n, V] block)."""
     safe = labels.clamp(min=0).unsqueeze(1)
-    # log_softmax is one vectorised pass; its output becomes the gradient in place
-    logp = torch.log_softmax((hidden @ weight.t()).float(), dim=-1)
-    loss = -(logp.gather(1, safe).squeeze(1) * (labels != IGNORE_INDEX)).sum()
+    valid = labels != IGNORE_INDEX
+    if z_loss:
+        logp = (hidden @ weight.t()).float()
+        lse = torch.logsumexp(logp, dim=-1, keepdim=True)
+        logp.sub_(lse)
+        loss = -(logp.gather(1, safe).squeeze(1) * valid).sum() + z_loss * (lse.squeeze(1).square() * valid).sum()
+    else:
+        # log_softmax is one vectorised pass; its output becomes the gradient in place
+        logp = torch.log_softmax((hidden @ weight.t()).float(), dim=-1)
+        loss = -(logp.gather(1, safe).squeeze(1) * valid).sum()
     if not need_grad:
         return loss, None
     grad = logp.exp_()
+    if z_loss:
+        grad.mul_(1.0 + 2.0 * z_loss * lse)
     grad.scatter_add_(1, safe, torch.full(safe.shape, -1.0, device=grad.device))
     return loss, grad.to(hidden.dtype)
 
@@ -71,7 +90,7 @@ def set_loss_compile(enabled: bool) -> None:
     )
 
 
-def _chunked_loss(hidden, weight, labels, chunk, need_h=False, need_w=False):
+def _chunked_loss(hidden, weight, labels, chunk, need_h=False, need_w=False, z_loss=0.0):
     """(summed loss, d loss / d hidden or None, d loss / d weight or None), one chunk of rows at a
     time so that only a [chunk, vocab] block of logits exists at once."""
     total = torch.zeros((), device=hidden.device, dtype=torch.float32)
@@ -81,7 +100,7 @@ def _chunked_loss(hidden, weight, labels, chunk, need_h=False, need_w=False):
     for start in range(0, hidden.shape[0], chunk):
         h = hidden[start : start + chunk]
         y = labels[start : start + chunk]
-        loss, grad = _chunk_kernel(h, weight, y, need_h or need_w)
+        loss, grad = _chunk_kernel(h, weight, y, need_h or need_w, z_loss)
         total += loss
         if not (need_h or need_w):
             continue
@@ -103,9 +122,9 @@ def _chunked_loss(hidden, weight, labels, chunk, need_h=False, need_w=False):
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk):
+    def forward(ctx, hidden, weight, labels, chunk, z_loss):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        total, grad_hidden, grad_weight = _chunked_loss(hidden, weight, labels, chunk, need_h, need_w)
+        total, grad_hidden, grad_weight = _chunked_loss(hidden, weight, labels, chunk, need_h, need_w, z_loss)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.needs = (need_h, need_w)
         return total
@@ -117,6 +136,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return (
             grad_hidden * grad_out.to(grad_hidden.dtype) if need_h else None,
             grad_weight * grad_out.to(grad_weight.dtype) if need_w else None,
+            None,
             None,
             None,
         )
@@ -143,12 +163,14 @@ def fused_linear_cross_entropy(
     *,
     chunk_tokens: int | None = None,
     use_liger: bool | None = None,
+    z_loss: float = 0.0,
 ) -> torch.Tensor:
-    """`summed_cross_entropy(hidden @ weight.T, labels)` without the [tokens, vocab] logits.
+    """`summed_cross_entropy(hidden @ weight.T, labels)` (+ `summed_z_loss(..., z_loss)`) without
+    the [tokens, vocab] logits.
 
     hidden [..., H] (final-normed states), weight [V, H], labels [...] with IGNORE_INDEX.
     Under autocast the matmul runs in the autocast dtype like F.linear would; the softmax and the
-    sum are fp32. use_liger: None = Liger on CUDA when installed; False = always ours.
+    sum are fp32. use_liger: None = Liger on CUDA when installed (never with z_loss); False = always ours.
     """
     global _LIGER, _LIGER_CHECKED
     hidden = hidden.reshape(-1, hidden.shape[-1])
@@ -159,7 +181,7 @@ def fused_linear_cross_entropy(
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     if use_liger is None:
         use_liger = device_type == "cuda"
-    if use_liger:
+    if use_liger and not z_loss:  # Liger's kernel is used without z-loss only; ours computes it
         if not _LIGER_CHECKED:
             _LIGER, _LIGER_CHECKED = _liger_loss(), True
         if _LIGER is not None:
@@ -177,8 +199,8 @@ def fused_linear_cross_entropy(
     chunk = _chunk_size(hidden.shape[0], weight.shape[0], chunk_tokens)
     with torch.autocast(device_type, enabled=False):
         if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
-            return _chunked_loss(hidden, weight, labels, chunk)[0]  # no gradients to keep
-        return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk)
+            return _chunked_loss(hidden, weight, labels, chunk, z_loss=z_loss)[0]  # no gradients to keep
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk, z_loss)
 
 
 def _distributed(*tensors) -> bool:
@@ -210,10 +232,12 @@ class LanguageModelLoss:
 
     fused: compute the CE from hidden states with `fused_linear_cross_entropy` unless the output
     weight is tensor-parallel (then the plain logits path, whose gather the TP plan does).
+    z_loss: train.z_loss, added to the summed CE while gradients are enabled (training), never
+    under no_grad (validation); vocab-sharded logits (parallel.loss_parallel) are refused by config.
     """
 
-    def __init__(self, fused: bool = True):
-        self.fused = fused
+    def __init__(self, fused: bool = True, z_loss: float = 0.0):
+        self.fused, self.z_loss = fused, z_loss
 
     def uses_hidden(self, model) -> bool:
         """Whether `model`'s forward should return hidden states (HiddenOutput) for this loss."""
@@ -225,14 +249,16 @@ class LanguageModelLoss:
     def forward_kwargs(self, model) -> dict:
         return {"return_hidden": True} if self.uses_hidden(model) else {}
 
-    @staticmethod
-    def from_output(output, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(summed CE, aux) from a ModelOutput (logits) or HiddenOutput (hidden, output weight)."""
+    def from_output(self, output, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed CE [+ z-loss when training], aux) from a ModelOutput (logits) or HiddenOutput
+        (hidden, output weight)."""
+        z = self.z_loss if torch.is_grad_enabled() else 0.0
         if len(output) == 3:  # HiddenOutput
             hidden, weight, aux = output
-            return fused_linear_cross_entropy(hidden, weight, labels), aux.float()
+            return fused_linear_cross_entropy(hidden, weight, labels, z_loss=z), aux.float()
         logits, aux = output
-        return summed_cross_entropy(logits, labels), aux.float()
+        ce = summed_cross_entropy(logits, labels)
+        return (ce + summed_z_loss(logits, labels, z) if z else ce), aux.float()
 
     def __call__(self, model, batch: dict, **model_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         for key in ("doc_ids", "position_ids"):

@@ -172,6 +172,8 @@ def build_train_step(cfg, ctx, model, optimizer, scheduler, *, amp, scaler=None,
     else `TrainStep`. `loss` defaults to the loss object `train.fused_loss` selects."""
     if loss is None:
         loss = fused_loss_fn if cfg.train.fused_loss else loss_fn
+        if cfg.train.z_loss:
+            loss = LanguageModelLoss(fused=cfg.train.fused_loss, z_loss=cfg.train.z_loss)
     args = (model, optimizer, scheduler, scaler, ctx, amp, cfg.optim.grad_clip, loss)
     if ctx.pp_size == 1:
         return TrainStep(*args)

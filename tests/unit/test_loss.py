@@ -20,6 +20,7 @@ from lmforge.loss import (
     fused_linear_cross_entropy,
     output_weight_is_tensor_parallel,
     summed_cross_entropy,
+    summed_z_loss,
 )
 from lmforge.model import Transformer
 
@@ -185,3 +186,58 @@ def _fsdp_worker(out_path: str) -> None:
 
 if __name__ == "__main__":
     _fsdp_worker(sys.argv[1])
+
+
+def _direct_z_loss(logits, labels, coef):
+    """coef x sum over target tokens of logsumexp(logits)^2, written out from the definition."""
+    total = torch.zeros((), dtype=torch.float64)
+    for row, label in zip(logits.reshape(-1, logits.shape[-1]).double(), labels.reshape(-1)):
+        if label != IGNORE_INDEX:
+            total += torch.log(torch.exp(row).sum()) ** 2
+    return coef * total
+
+
+@pytest.mark.parametrize("chunk", [1, 7, None])
+def test_z_loss_equals_a_direct_computation_on_both_paths(chunk):
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 11, 24, requires_grad=True)
+    weight = torch.randn(50, 24, requires_grad=True)
+    labels = _labels((3, 11), 50)
+    coef = 0.01
+    logits = hidden @ weight.t()
+    ref = summed_cross_entropy(logits, labels) + _direct_z_loss(logits, labels, coef).float()
+    ref_h, ref_w = torch.autograd.grad(ref * 0.5, (hidden, weight))
+    plain = summed_cross_entropy(logits, labels) + summed_z_loss(logits, labels, coef)
+    fused = fused_linear_cross_entropy(hidden, weight, labels, chunk_tokens=chunk, use_liger=False, z_loss=coef)
+    got_h, got_w = torch.autograd.grad(fused * 0.5, (hidden, weight))
+    assert float(_direct_z_loss(logits.detach(), labels, coef)) > 1.0  # the term is large enough to be seen
+    torch.testing.assert_close(plain, ref, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(fused, ref, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(got_h, ref_h, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_w, ref_w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_model_z_loss_in_training_only_and_zero_changes_nothing(fused):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**TINY))
+    batch = {"input_ids": torch.randint(0, 97, (2, 12)), "labels": _labels((2, 12), 97)}
+    base, _ = LanguageModelLoss(fused)(model, batch)
+    off, _ = LanguageModelLoss(fused, z_loss=0.0)(model, batch)
+    on, _ = LanguageModelLoss(fused, z_loss=1e-3)(model, batch)
+    logits = model(batch["input_ids"]).logits
+    assert torch.equal(off, base)  # 0.0 is bitwise the plain loss
+    torch.testing.assert_close(on, base + _direct_z_loss(logits, batch["labels"], 1e-3).float(), rtol=1e-6, atol=1e-5)
+    with torch.no_grad():  # validation: plain CE
+        assert torch.equal(LanguageModelLoss(fused, z_loss=1e-3)(model, batch)[0], LanguageModelLoss(fused)(model, batch)[0])
+
+
+def test_z_loss_with_vocab_parallel_logits_is_refused():
+    from lmforge.config import config_from_dict
+    from lmforge.errors import ConfigError
+
+    tree = {"model": dict(TINY), "data": {"seq_len": 64}, "parallel": {"strategy": "fsdp+tp", "tp": 2, "loss_parallel": True}, "train": {"z_loss": 1e-4}}
+    with pytest.raises(ConfigError, match="train.z_loss"):
+        config_from_dict(tree, "<test>")
+    tree["train"]["z_loss"] = 0.0
+    assert config_from_dict(tree, "<test>").train.z_loss == 0.0
