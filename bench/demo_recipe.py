@@ -53,7 +53,7 @@ print("DEMO_RESULT " + json.dumps({"val_ppl": r["val_ppl_after"], "val_loss": r[
 def write_configs(tmp: Path, seed: int | None = None) -> dict[str, Path]:
     import yaml
 
-    from lmforge.demo import DEMO_YAML, _merge, demo_config_tree
+    from lmforge.demo import _merge, demo_config_tree
 
     extra = {"run": {"seed": seed}} if seed is not None else {}
     today, new = tmp / f"today_{seed}.yaml", tmp / f"new_{seed}.yaml"

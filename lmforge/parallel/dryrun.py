@@ -259,10 +259,26 @@ def group_labels(ctx, extra: dict | None = None) -> dict[str, str]:
     return labels
 
 
+def _complete_now(out, functional: bool) -> None:
+    """Wait for a collective just issued: its work handles (c10d ops) or its output tensors
+    (functional collectives). The fake backend completes every collective when it is issued; a
+    real gloo run measured against it must too, or gloo's threads release the collective's
+    buffers at a moment that varies from run to run (seen as +3-6% activations on a TP rank)."""
+    from torch.utils._pytree import tree_leaves
+
+    work_type = torch._C._distributed_c10d.Work
+    for leaf in tree_leaves(out):
+        if isinstance(leaf, torch.ScriptObject):  # c10d ops return their work
+            work_type.unbox(leaf).wait()
+        elif functional and isinstance(leaf, torch.Tensor):  # functional ones register outputs
+            torch.ops._c10d_functional.wait_tensor(leaf)
+
+
 class _CollectiveRecorder:
     """A TorchDispatchMode (built lazily) recording each collective and point-to-point op as
     (kind, group label, bytes). Under fake tensors it also answers what depends on values: a scalar
-    read (the step's finiteness check: True, a count: 1) and `nonzero` (every element)."""
+    read (the step's finiteness check: True, a count: 1) and `nonzero` (every element). In a real
+    run it completes each collective (not point-to-point op) when issued, as the fake backend does."""
 
     def __new__(cls, labels: dict[str, str], fake: bool):
         from torch.distributed.tensor import DTensor
@@ -270,6 +286,7 @@ class _CollectiveRecorder:
         from torch.utils._python_dispatch import TorchDispatchMode
 
         kinds = set(_comm_mode.c10d_collective_ops) | set(_comm_mode.NATIVE_TO_PY_MAPPING)
+        collectives = frozenset(kinds)
         kinds |= {torch.ops.c10d.send, torch.ops.c10d.recv_}
         local_scalar = torch.ops.aten._local_scalar_dense.default
         device_query = torch.ops.prim.device.default
@@ -298,6 +315,8 @@ class _CollectiveRecorder:
                     label = next((labels[g] for g in names if g in labels), "other")
                     kind = str(packet).split(".")[-1].strip("_")
                     self.ops.append((kind, label, _tensor_bytes(args)))
+                    if not fake and packet in collectives:
+                        _complete_now(out, packet in _comm_mode.NATIVE_TO_PY_MAPPING)
                 return out
 
         return Recorder()

@@ -84,20 +84,21 @@ def test_one_process_matches_real():
     assert sim["planned_peak_bytes"] > 0
 
 
-# Known gap (open): under FSDP2 the real gloo run frees collective buffers when gloo's threads
-# complete the asynchronous all-gathers / reduce-scatters, so its peak moment and breakdown vary
-# between runs (3.11 and 3.16 MB on rank 0, temporaries 0.76 / 0.67 MB), while fake collectives
-# complete at once (simulated 3.06 MB, temporaries 0.54 MB). Totals agree within 3-5%; the
-# categories do not within 5%. Not strict: the real side itself varies from run to run.
-_ASYNC = pytest.mark.xfail(strict=False, reason="real FSDP2 frees async collective buffers later")
-
-
-@pytest.mark.parametrize("name", [pytest.param("fsdp2", marks=_ASYNC), "tp2", "pp2"])
+# Known gap (open): the real run completes each collective when issued, as the fake backend does
+# (`_complete_now`; before that, gloo's threads freed TP buffers late in about 1 run in 15, +3-6%
+# activations). Under FSDP2 the peak still falls at a different moment of the step: real
+# parameters 0.50 MB and temporaries 0.76 MB (or 0.70 / 0.67 MB) where the simulation has
+# 0.70 / 0.54 MB. The total agrees within 5% (asserted); the categories are an expected failure.
+@pytest.mark.parametrize("name", ["fsdp2", "tp2", "pp2"])
 def test_two_process_memory_matches_real(tmp_path, name):
     real = _real(tmp_path, name)
     sim = _simulated(name, sorted(real))
     for rank, rec in real.items():
-        assert not _close(sim[rank], rec), (rank, _close(sim[rank], rec))
+        assert abs(sim[rank]["simulated_peak_bytes"] - rec["peak_bytes"]) <= 0.05 * rec["peak_bytes"], (rank, sim[rank], rec)
+    bad = {rank: _close(sim[rank], rec) for rank, rec in real.items() if _close(sim[rank], rec)}
+    if name == "fsdp2" and bad:
+        pytest.xfail(f"FSDP2 peak breakdown differs (known gap): {bad}")
+    assert not bad, bad
 
 
 @pytest.mark.parametrize("name", ["pp2xtp2", "fsdp2xtp2"])
