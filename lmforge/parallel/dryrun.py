@@ -262,8 +262,12 @@ def group_labels(ctx, extra: dict | None = None) -> dict[str, str]:
 def _complete_now(out, functional: bool) -> None:
     """Wait for a collective just issued: its work handles (c10d ops) or its output tensors
     (functional collectives). The fake backend completes every collective when it is issued; a
-    real gloo run measured against it must too, or gloo's threads release the collective's
-    buffers at a moment that varies from run to run (seen as +3-6% activations on a TP rank)."""
+    real gloo run measured against it must too, or the collective's buffers are released at a
+    moment that varies from run to run (seen as +3-6% activations on a TP rank). A gloo worker
+    thread keeps its work, and with it the tensors, a little past completion; the short sleep
+    lets it drop them before the step goes on."""
+    import time
+
     from torch.utils._pytree import tree_leaves
 
     work_type = torch._C._distributed_c10d.Work
@@ -272,6 +276,7 @@ def _complete_now(out, functional: bool) -> None:
             work_type.unbox(leaf).wait()
         elif functional and isinstance(leaf, torch.Tensor):  # functional ones register outputs
             torch.ops._c10d_functional.wait_tensor(leaf)
+    time.sleep(0.005)
 
 
 class _CollectiveRecorder:
