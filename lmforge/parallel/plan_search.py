@@ -25,8 +25,8 @@ from lmforge.parallel.plan import AC_MODES, GIB, Layout, plan
 FIT_MARGIN = 0.07
 
 
-def fits(cost: dict, gpu_memory_gib: float) -> bool:
-    return cost["total"] <= (1 - FIT_MARGIN) * gpu_memory_gib * GIB
+def fits(cost: dict, gpu_memory_gib: float, margin: float = FIT_MARGIN) -> bool:
+    return cost["total"] <= (1 - margin) * gpu_memory_gib * GIB
 
 
 @dataclass
@@ -202,14 +202,17 @@ def _family(layout: Layout) -> tuple:
     return (layout.strategy, layout.dp_replicate, layout.dp_shard, layout.tp, layout.pp)
 
 
-def recommend(cfg, gpus: int, gpu: Accelerator, gpu_memory_gib: float, mfu: float = 0.4):
+def recommend(cfg, gpus: int, gpu: Accelerator, gpu_memory_gib: float, mfu: float = 0.4,
+              margin: float = FIT_MARGIN):
     """(best Option or None, one Option per layout family, refused {family: reason}). Within a
-    family the fastest fitting option represents it; if none fits, the smallest."""
+    family the fastest fitting option represents it; if none fits, the smallest. `margin`: the
+    share of the memory a fitting plan leaves free (the trainer's preflight, which judges the run
+    by the same plan with none, asks with none so its advice passes its own check)."""
     layouts, refused = candidates(cfg, gpus, gpu)
     families: dict[tuple, Option] = {}
     for lay in layouts:
         opt = Option(lay, plan(cfg, lay, gpu, mfu), False)
-        opt.fits = fits(opt.cost, gpu_memory_gib)
+        opt.fits = fits(opt.cost, gpu_memory_gib, margin)
         held = families.get(_family(lay))
         if held is None or _better(opt, held):
             families[_family(lay)] = opt

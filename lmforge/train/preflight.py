@@ -69,7 +69,7 @@ def _advice(cfg, world_size: int, device: torch.device, limit: int) -> str:
     if device.type != "cuda":  # the planner counts a GPU's OVERHEAD, estimate_bytes does not
         limit = limit + OVERHEAD - CPU_BASELINE
     try:
-        best, _, _ = recommend(cfg, world_size, _accelerator(device), limit / GIB)
+        best, _, _ = recommend(cfg, world_size, _accelerator(device), limit / GIB, margin=0.0)
     except ConfigError:
         best = None
     if best is not None:
