@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections import defaultdict
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from lmforge.errors import LmforgeError
 
@@ -266,10 +268,6 @@ def _complete_now(out, functional: bool) -> None:
     moment that varies from run to run (seen as +3-6% activations on a TP rank). A gloo worker
     thread keeps its work, and with it the tensors, a little past completion; the short sleep
     lets it drop them before the step goes on."""
-    import time
-
-    from torch.utils._pytree import tree_leaves
-
     work_type = torch._C._distributed_c10d.Work
     for leaf in tree_leaves(out):
         if isinstance(leaf, torch.ScriptObject):  # c10d ops return their work
@@ -292,6 +290,7 @@ class _CollectiveRecorder:
 
         kinds = set(_comm_mode.c10d_collective_ops) | set(_comm_mode.NATIVE_TO_PY_MAPPING)
         collectives = frozenset(kinds)
+        functional = frozenset(_comm_mode.NATIVE_TO_PY_MAPPING)
         kinds |= {torch.ops.c10d.send, torch.ops.c10d.recv_}
         local_scalar = torch.ops.aten._local_scalar_dense.default
         device_query = torch.ops.prim.device.default
@@ -321,7 +320,7 @@ class _CollectiveRecorder:
                     kind = str(packet).split(".")[-1].strip("_")
                     self.ops.append((kind, label, _tensor_bytes(args)))
                     if not fake and packet in collectives:
-                        _complete_now(out, packet in _comm_mode.NATIVE_TO_PY_MAPPING)
+                        _complete_now(out, packet in functional)
                 return out
 
         return Recorder()

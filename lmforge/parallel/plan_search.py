@@ -278,7 +278,7 @@ def _gib(x: float) -> str:
     return f"{x / GIB:.1f}"
 
 
-def _row(label: str, o: Option, limit_gib: float) -> str:
+def _row(label: str, o: Option) -> str:
     c = o.cost
     cells = "".join(
         f"{_gib(c[k]):>8}"
@@ -287,7 +287,7 @@ def _row(label: str, o: Option, limit_gib: float) -> str:
     stages = ""
     if o.layout.pp > 1:
         stages = f"  stages {_gib(c['stage_totals'][0])}..{_gib(c['stage_totals'][-1])}"
-    verdict = "fits" if fits(c, limit_gib) else "too big"
+    verdict = "fits" if o.fits else "too big"
     return f"{label:<58}{cells}{c['step_time_s']:9.3g}{c['bubble']:7.0%}  {verdict}{stages}"
 
 
@@ -336,7 +336,7 @@ def plan_report(
     ordered = sorted(
         options, key=lambda o: (not o.fits, o.cost["step_time_s"] if o.fits else o.cost["total"])
     )
-    lines += [_row(describe(o.layout), o, gpu_memory_gib) for o in ordered]
+    lines += [_row(describe(o.layout), o) for o in ordered]
     own, why_not = configured_layout(cfg, gpus)
     if own is None:
         lines += ["", f"the config's own layout does not run on {gpus} GPU(s): {why_not}"]
@@ -344,7 +344,7 @@ def plan_report(
         if check_layout(cfg, own) is None:
             mine = Option(own, plan(cfg, own, gpu, mfu), False)
             mine.fits = fits(mine.cost, gpu_memory_gib)
-            lines += ["", "the config's own layout:", _row(describe(own), mine, gpu_memory_gib)]
+            lines += ["", "the config's own layout:", _row(describe(own), mine)]
             if best is not None:
                 lines.append(
                     f"  vs recommended: {_explain(mine, best, gpu_memory_gib)}"
